@@ -1,0 +1,463 @@
+//! The debounced evictor: one long-lived eviction task per cache.
+
+use std::fmt;
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use futures_util::FutureExt as _;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::{Instant, MissedTickBehavior};
+
+use crate::store::{EvictionPass, EvictionStore, Removal};
+use crate::{Error, EvictionPolicy, Result, StoreOp};
+
+/// How many explicit pass requests may wait at once before `evict_now` callers queue on the
+/// channel itself (they are all served by one pass anyway).
+const EXPLICIT_QUEUE: usize = 16;
+
+/// A handle to a cache's single eviction task.
+///
+/// [`spawn`](Self::spawn) starts the task; the handle is cheap to clone and every clone talks
+/// to the same task. The task holds no sender of its own, so it ends when the last handle is
+/// dropped (finishing the entry it is removing, never stopping halfway through one).
+///
+/// # Guarantees
+///
+/// - **At most one pass runs at any moment** for this evictor: background passes (pokes,
+///   retries, the safety tick) and explicit ones ([`evict_now`](Self::evict_now)) all run on
+///   the one task.
+/// - **Coalescing**: pokes go through a capacity-1 channel; a poke that finds one already
+///   queued is dropped, so any burst of stores costs at most one pending pass.
+/// - **Convergence**: a poke is dropped only while another is queued, and that queued poke is
+///   consumed (taken off the channel) *before* the pass reads the total. A store that commits
+///   and then pokes is therefore always seen by a pass that starts after its commit.
+/// - **Resilience**: a failing store call is logged with `tracing`, counted, and retried with
+///   bounded exponential backoff; a panicking store is caught. The task only ends when the
+///   last handle drops or the runtime shuts down.
+///
+/// # Example
+///
+/// ```
+/// use dunite_core::{DebouncedEvictor, EvictionPolicy, MemoryStore};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), dunite_core::Error> {
+/// let store = MemoryStore::new();
+/// let evictor = DebouncedEvictor::spawn(store.clone(), EvictionPolicy::new(1_000))?;
+/// store.insert("a", 800);
+/// store.insert("b", 800);
+/// evictor.poke();
+/// evictor.evict_now().await?;
+/// assert_eq!(store.total_bytes(), 800);
+/// assert!(!store.contains("a"));
+/// # Ok(())
+/// # }
+/// ```
+pub struct DebouncedEvictor<S: EvictionStore> {
+    shared: Arc<Shared<S>>,
+    pokes: mpsc::Sender<()>,
+    requests: mpsc::Sender<oneshot::Sender<Result<PassReport>>>,
+}
+
+impl<S: EvictionStore> Clone for DebouncedEvictor<S> {
+    fn clone(&self) -> Self {
+        Self { shared: Arc::clone(&self.shared), pokes: self.pokes.clone(), requests: self.requests.clone() }
+    }
+}
+
+impl<S: EvictionStore> fmt::Debug for DebouncedEvictor<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DebouncedEvictor")
+            .field("policy", &self.shared.policy)
+            .field("stats", &self.stats())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Counters of an evictor since it was spawned; see [`DebouncedEvictor::stats`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct EvictorStats {
+    /// Calls to [`DebouncedEvictor::poke`].
+    pub pokes: u64,
+    /// Pokes dropped because one was already pending.
+    pub pokes_coalesced: u64,
+    /// Passes run (background and explicit).
+    pub passes: u64,
+    /// Entries removed by passes.
+    pub entries_evicted: u64,
+    /// Bytes removed by passes.
+    pub bytes_evicted: u64,
+    /// Passes that failed (store errors or panics).
+    pub errors: u64,
+    /// The most recent pass that ran to an outcome.
+    pub last_pass: Option<PassReport>,
+}
+
+/// What one eviction pass did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct PassReport {
+    /// How the pass ended.
+    pub outcome: PassOutcome,
+    /// The accounted total the pass read when it started.
+    pub total_before: u64,
+    /// The total by the pass's own accounting when it ended (stores that committed during
+    /// the pass are not included; their pokes schedule the next pass).
+    pub total_after: u64,
+    /// Entries removed.
+    pub entries_evicted: u64,
+    /// Bytes removed.
+    pub bytes_evicted: u64,
+    /// Selected entries left alone because they changed or were pinned after selection.
+    pub entries_skipped: u64,
+    /// Wall time of the pass.
+    pub duration: Duration,
+}
+
+/// How a pass ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum PassOutcome {
+    /// The total was at or under the cap; nothing to do.
+    UnderCap,
+    /// The pass evicted down to the low watermark.
+    Evicted,
+    /// The pass used its time budget; a fresh pass continues at once.
+    TimeBudgetSpent,
+    /// No removable entry was left (all pinned, being written, or changing); the pass is
+    /// retried with backoff.
+    NoProgress,
+    /// The last handle was dropped; the pass stopped at an entry boundary.
+    ShutDown,
+}
+
+impl<S: EvictionStore> DebouncedEvictor<S> {
+    /// Spawn the eviction task for `store` on the current Tokio runtime.
+    ///
+    /// Call it once per cache and share the handle (it is `Clone`).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::NoRuntime`] when called outside a Tokio runtime, [`Error::InvalidPolicy`] when
+    /// the policy is inconsistent.
+    pub fn spawn(store: S, policy: EvictionPolicy) -> Result<Self> {
+        policy.validate()?;
+        let runtime = tokio::runtime::Handle::try_current().map_err(|_| Error::NoRuntime)?;
+        let (pokes, poke_rx) = mpsc::channel(1);
+        let (requests, request_rx) = mpsc::channel(EXPLICIT_QUEUE);
+        let shared = Arc::new(Shared { store, policy, stats: StatsCell::default() });
+        runtime.spawn(run(Arc::clone(&shared), poke_rx, request_rx));
+        Ok(Self { shared, pokes, requests })
+    }
+
+    /// Ask for a pass; never blocks and never fails.
+    ///
+    /// # Contract
+    ///
+    /// Call `poke` **after** the store's metadata commit is visible to other connections.
+    /// The pending poke is taken before a pass reads the total, so a poke made after the
+    /// commit guarantees a pass that sees it. If the task is gone (the runtime is shutting
+    /// down) the poke is ignored: the caller's store must not fail because of eviction.
+    pub fn poke(&self) {
+        self.shared.stats.pokes.fetch_add(1, Ordering::Relaxed);
+        match self.pokes.try_send(()) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(())) => {
+                self.shared.stats.pokes_coalesced.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(mpsc::error::TrySendError::Closed(())) => {
+                tracing::debug!("evictor task gone; poke ignored");
+            }
+        }
+    }
+
+    /// Run a pass now on the eviction task and wait for its report.
+    ///
+    /// If a pass is already running, this waits for it to finish and then runs one more, so
+    /// the returned report always comes from a pass that started after this call. Concurrent
+    /// callers may share one pass.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe: dropping the future abandons only the wait. The pass, once requested,
+    /// still runs to completion on the task.
+    ///
+    /// # Errors
+    ///
+    /// The store's error wrapped in [`Error::Store`] (the task then also retries in the
+    /// background), [`Error::Panicked`] if the store panicked, [`Error::Stopped`] if the task
+    /// is gone.
+    pub async fn evict_now(&self) -> Result<PassReport> {
+        let (tx, rx) = oneshot::channel();
+        self.requests.send(tx).await.map_err(|_| Error::Stopped)?;
+        rx.await.map_err(|_| Error::Stopped)?
+    }
+
+    /// A snapshot of the evictor's counters.
+    #[must_use]
+    pub fn stats(&self) -> EvictorStats {
+        self.shared.stats.snapshot()
+    }
+
+    /// The policy the evictor runs with.
+    #[must_use]
+    pub fn policy(&self) -> &EvictionPolicy {
+        &self.shared.policy
+    }
+
+    /// The store the evictor passes over.
+    #[must_use]
+    pub fn store(&self) -> &S {
+        &self.shared.store
+    }
+}
+
+struct Shared<S> {
+    store: S,
+    policy: EvictionPolicy,
+    stats: StatsCell,
+}
+
+#[derive(Default)]
+struct StatsCell {
+    pokes: AtomicU64,
+    pokes_coalesced: AtomicU64,
+    passes: AtomicU64,
+    entries_evicted: AtomicU64,
+    bytes_evicted: AtomicU64,
+    errors: AtomicU64,
+    last_pass: Mutex<Option<PassReport>>,
+}
+
+impl StatsCell {
+    fn snapshot(&self) -> EvictorStats {
+        EvictorStats {
+            pokes: self.pokes.load(Ordering::Relaxed),
+            pokes_coalesced: self.pokes_coalesced.load(Ordering::Relaxed),
+            passes: self.passes.load(Ordering::Relaxed),
+            entries_evicted: self.entries_evicted.load(Ordering::Relaxed),
+            bytes_evicted: self.bytes_evicted.load(Ordering::Relaxed),
+            errors: self.errors.load(Ordering::Relaxed),
+            last_pass: self.last_pass.lock().unwrap_or_else(PoisonError::into_inner).clone(),
+        }
+    }
+
+    fn record(&self, result: &Result<PassReport>) {
+        self.passes.fetch_add(1, Ordering::Relaxed);
+        match result {
+            Ok(report) => {
+                self.entries_evicted.fetch_add(report.entries_evicted, Ordering::Relaxed);
+                self.bytes_evicted.fetch_add(report.bytes_evicted, Ordering::Relaxed);
+                *self.last_pass.lock().unwrap_or_else(PoisonError::into_inner) = Some(report.clone());
+            }
+            Err(_) => {
+                self.errors.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+/// Why the task woke up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Trigger {
+    Poke,
+    Explicit,
+    Retry,
+    Continue,
+    Tick,
+}
+
+/// What the task does after a pass.
+enum Next {
+    Idle,
+    ContinueNow,
+    RetryAfterBackoff,
+}
+
+async fn run<S: EvictionStore>(
+    shared: Arc<Shared<S>>,
+    mut pokes: mpsc::Receiver<()>,
+    mut requests: mpsc::Receiver<oneshot::Sender<Result<PassReport>>>,
+) {
+    let policy = &shared.policy;
+    let mut tick = policy.safety_tick().map(|period| {
+        let mut interval = tokio::time::interval_at(Instant::now() + period, period);
+        interval.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        interval
+    });
+    let mut retry: Option<(Instant, u32)> = None;
+    let mut continue_now = false;
+    loop {
+        let mut waiters = Vec::new();
+        let trigger = if continue_now {
+            if pokes.is_closed() {
+                break;
+            }
+            Trigger::Continue
+        } else {
+            let retry_at = retry.map(|(at, _)| at);
+            tokio::select! {
+                biased;
+                request = requests.recv() => match request {
+                    Some(waiter) => {
+                        waiters.push(waiter);
+                        Trigger::Explicit
+                    }
+                    None => break,
+                },
+                poke = pokes.recv() => match poke {
+                    // While backing off, a poke does not cut the backoff short: the retry
+                    // pass will see this store's commit anyway.
+                    Some(()) if retry.is_some() => continue,
+                    Some(()) => Trigger::Poke,
+                    None => break,
+                },
+                () = sleep_until_opt(retry_at), if retry_at.is_some() => Trigger::Retry,
+                _ = tick_opt(tick.as_mut()), if tick.is_some() && retry.is_none() => Trigger::Tick,
+            }
+        };
+        // Everything asked for before the pass reads the total is served by it: take the
+        // pending poke and every queued explicit request now.
+        if pokes.try_recv().is_ok() {
+            tracing::trace!("pending poke folded into this pass");
+        }
+        while let Ok(waiter) = requests.try_recv() {
+            waiters.push(waiter);
+        }
+
+        tracing::debug!(?trigger, "eviction pass starting");
+        let result =
+            AssertUnwindSafe(run_pass(&shared, &pokes)).catch_unwind().await.unwrap_or(Err(Error::Panicked));
+        shared.stats.record(&result);
+
+        let next = match &result {
+            Ok(report) => {
+                tracing::debug!(?report, "eviction pass finished");
+                match report.outcome {
+                    PassOutcome::UnderCap | PassOutcome::Evicted => Next::Idle,
+                    PassOutcome::TimeBudgetSpent => Next::ContinueNow,
+                    PassOutcome::NoProgress => {
+                        tracing::warn!(
+                            total = report.total_after,
+                            max_bytes = policy.max_bytes(),
+                            "eviction pass found nothing removable while over the cap; retrying later"
+                        );
+                        Next::RetryAfterBackoff
+                    }
+                    PassOutcome::ShutDown => break,
+                }
+            }
+            Err(error) => {
+                tracing::warn!(%error, source = ?std::error::Error::source(error), "eviction pass failed; retrying later");
+                Next::RetryAfterBackoff
+            }
+        };
+        continue_now = matches!(next, Next::ContinueNow);
+        retry = match next {
+            Next::Idle | Next::ContinueNow => None,
+            Next::RetryAfterBackoff => {
+                let attempt = retry.map_or(0, |(_, attempt)| attempt.saturating_add(1));
+                Some((Instant::now() + policy.retry_delay(attempt), attempt))
+            }
+        };
+        for waiter in waiters {
+            // A caller that stopped waiting is fine: the pass ran regardless.
+            let _ = waiter.send(result.clone());
+        }
+    }
+    tracing::debug!("last evictor handle dropped; eviction task ends");
+}
+
+async fn sleep_until_opt(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn tick_opt(tick: Option<&mut tokio::time::Interval>) {
+    match tick {
+        Some(tick) => {
+            tick.tick().await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
+/// One pass: read the total once, then remove least-recently-used entries in batches until
+/// the total is at the low watermark, the time budget is spent, or the handles are gone.
+async fn run_pass<S: EvictionStore>(shared: &Shared<S>, pokes: &mpsc::Receiver<()>) -> Result<PassReport> {
+    let policy = &shared.policy;
+    let started = Instant::now();
+    let mut pass = shared.store.begin_pass().await.map_err(|e| Error::store(StoreOp::BeginPass, None, e))?;
+    let total_before =
+        pass.total_size_bytes().await.map_err(|e| Error::store(StoreOp::TotalSize, None, e))?;
+    let mut report = PassReport {
+        outcome: PassOutcome::UnderCap,
+        total_before,
+        total_after: total_before,
+        entries_evicted: 0,
+        bytes_evicted: 0,
+        entries_skipped: 0,
+        duration: Duration::ZERO,
+    };
+    if total_before > policy.max_bytes() {
+        report.outcome = evict_to_watermark(&mut pass, policy, started, pokes, &mut report).await?;
+    }
+    report.duration = started.elapsed();
+    Ok(report)
+}
+
+async fn evict_to_watermark<P: EvictionPass>(
+    pass: &mut P,
+    policy: &EvictionPolicy,
+    started: Instant,
+    pokes: &mpsc::Receiver<()>,
+    report: &mut PassReport,
+) -> Result<PassOutcome> {
+    let target = policy.low_watermark();
+    while report.total_after > target {
+        let victims = pass
+            .least_recently_used(policy.batch_size())
+            .await
+            .map_err(|e| Error::store(StoreOp::SelectVictims, None, e))?;
+        if victims.is_empty() {
+            return Ok(PassOutcome::NoProgress);
+        }
+        let mut removed_in_batch = 0u64;
+        for victim in &victims {
+            // Entry boundaries are the only places a pass stops early.
+            if pokes.is_closed() {
+                return Ok(PassOutcome::ShutDown);
+            }
+            if started.elapsed() >= policy.pass_time_budget() {
+                return Ok(PassOutcome::TimeBudgetSpent);
+            }
+            match pass
+                .remove(victim)
+                .await
+                .map_err(|e| Error::store(StoreOp::Remove, Some(&victim.key), e))?
+            {
+                Removal::Removed { bytes } => {
+                    removed_in_batch += 1;
+                    report.entries_evicted += 1;
+                    report.bytes_evicted += bytes;
+                    report.total_after = report.total_after.saturating_sub(bytes);
+                    if report.total_after <= target {
+                        return Ok(PassOutcome::Evicted);
+                    }
+                }
+                Removal::Skipped => report.entries_skipped += 1,
+            }
+        }
+        if removed_in_batch == 0 {
+            // Every candidate changed under us; a fresh selection next time may do better,
+            // but never spin on one connection.
+            return Ok(PassOutcome::NoProgress);
+        }
+    }
+    Ok(PassOutcome::Evicted)
+}

@@ -1,0 +1,56 @@
+//! The shared core of dunite's bounded, content-addressed caches.
+//!
+//! Every dunite cache must stay under a byte cap. The naive way, spawning one eviction task
+//! per stored item, falls over under a burst of stores: N tasks race for N database
+//! connections against a bounded pool and lose with `PoolTimedOut`, so the cap stops being
+//! enforced exactly when it matters. This crate fixes that once for every cache:
+//!
+//! - [`DebouncedEvictor`] is one long-lived task per cache. Stores [`poke`] it through a
+//!   capacity-1 channel; extra pokes are dropped, so a burst of stores collapses into one
+//!   pending pass, and a pass holds at most one connection.
+//! - [`EvictionStore`] and [`EvictionPass`] are what a pass needs from a cache's metadata and
+//!   payloads. A SQL implementation runs a whole pass on one connection and removes an entry
+//!   only if it was not re-stored or touched after it was selected.
+//! - [`EvictionPolicy`] says how large the cache may grow and how far a pass evicts.
+//! - [`MemoryStore`] is an in-memory reference implementation of the store traits, for tests
+//!   and for reading alongside the trait docs.
+//!
+//! [`poke`]: DebouncedEvictor::poke
+//!
+//! # Example
+//!
+//! ```
+//! use dunite_core::{DebouncedEvictor, EvictionPolicy, MemoryStore};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), dunite_core::Error> {
+//! let store = MemoryStore::new();
+//! let evictor = DebouncedEvictor::spawn(store.clone(), EvictionPolicy::new(100).with_low_watermark(80))?;
+//!
+//! // A cache commits its entry first, then pokes.
+//! for i in 0..10 {
+//!     store.insert(format!("entry-{i}"), 30);
+//!     evictor.poke();
+//! }
+//!
+//! // An explicit pass shares the task with the pokes, so it also waits for any pass in flight.
+//! let report = evictor.evict_now().await?;
+//! assert!(report.total_after <= 80);
+//! assert!(store.total_bytes() <= 100);
+//! # Ok(())
+//! # }
+//! ```
+
+#![warn(missing_docs, missing_debug_implementations, unreachable_pub)]
+
+mod error;
+mod evictor;
+mod memory;
+mod policy;
+mod store;
+
+pub use error::{BoxError, Error, Result, StoreOp};
+pub use evictor::{DebouncedEvictor, EvictorStats, PassOutcome, PassReport};
+pub use memory::{MemoryPass, MemoryStore, MemoryStoreError};
+pub use policy::EvictionPolicy;
+pub use store::{EvictionPass, EvictionStore, Removal, Victim};

@@ -1,0 +1,218 @@
+//! The evictor's life: one pass at a time, shutdown, failures, retries and the safety tick.
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use dunite_core::{DebouncedEvictor, Error, EvictionPolicy, MemoryStore, PassOutcome};
+
+use crate::support::{TestStore, legacy_evict_if_over_cap};
+
+/// Polls `condition` on (possibly paused) Tokio time until it holds, failing after
+/// `deadline`; at most about 2,000 polls whatever the deadline.
+pub async fn eventually(deadline: Duration, mut condition: impl FnMut() -> bool) {
+    let give_up = tokio::time::Instant::now() + deadline;
+    let step = (deadline / 2_000).max(Duration::from_millis(1));
+    while !condition() {
+        assert!(tokio::time::Instant::now() < give_up, "condition not reached within {deadline:?}");
+        tokio::time::sleep(step).await;
+    }
+}
+
+#[test]
+fn spawning_outside_a_runtime_is_a_clear_error() {
+    let err = DebouncedEvictor::spawn(MemoryStore::new(), EvictionPolicy::new(10)).unwrap_err();
+    assert!(matches!(err, Error::NoRuntime), "{err:?}");
+    assert!(err.to_string().contains("Tokio runtime"));
+}
+
+#[tokio::test]
+async fn an_inconsistent_policy_is_refused() {
+    let err = DebouncedEvictor::spawn(MemoryStore::new(), EvictionPolicy::new(10).with_low_watermark(20));
+    assert!(matches!(err, Err(Error::InvalidPolicy(_))), "{err:?}");
+}
+
+/// Background and explicit passes under heavy concurrent poking on a multi-threaded runtime:
+/// never more than one pass at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_most_one_pass_runs_at_a_time() {
+    let store = TestStore::new(Duration::ZERO, 64, Duration::from_secs(30));
+    let evictor =
+        DebouncedEvictor::spawn(store.clone(), EvictionPolicy::new(2_000).with_batch_size(3)).unwrap();
+    let mut tasks = tokio::task::JoinSet::new();
+    for t in 0..4 {
+        let (store, evictor) = (store.clone(), evictor.clone());
+        tasks.spawn(async move {
+            for i in 0..300 {
+                store.store(&format!("{t}-{i}"), 97).await.unwrap();
+                evictor.poke();
+            }
+        });
+    }
+    for _ in 0..4 {
+        let evictor = evictor.clone();
+        tasks.spawn(async move {
+            for _ in 0..25 {
+                evictor.evict_now().await.unwrap();
+            }
+        });
+    }
+    while let Some(done) = tasks.join_next().await {
+        done.unwrap();
+    }
+    evictor.evict_now().await.unwrap();
+    let stats = evictor.stats();
+    assert!(stats.passes > 10, "the test must actually run many passes: {stats:?}");
+    assert!(stats.entries_evicted > 0, "{stats:?}");
+    assert_eq!(store.counters().max_active_passes.load(Ordering::SeqCst), 1, "{stats:?}");
+    assert!(store.inner.total_bytes() <= 2_000);
+}
+
+/// The instrumentation above does see overlap when there is some: the legacy driver,
+/// deterministically on the paused clock.
+#[tokio::test(start_paused = true)]
+async fn overlap_instrumentation_catches_the_legacy_driver() {
+    let store = TestStore::new(Duration::from_millis(1), 64, Duration::from_secs(30));
+    let policy = EvictionPolicy::new(200);
+    let mut passes = Vec::new();
+    for i in 0..8 {
+        store.store(&format!("k{i}"), 97).await.unwrap();
+        passes.push(tokio::spawn(legacy_evict_if_over_cap(store.clone(), policy.clone())));
+    }
+    for pass in passes {
+        pass.await.unwrap().unwrap();
+    }
+    assert!(store.counters().max_active_passes.load(Ordering::SeqCst) > 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn task_ends_when_the_last_handle_drops() {
+    let store = TestStore::new(Duration::from_millis(1), 4, Duration::from_secs(1));
+    let alive = store.weak();
+    let evictor = DebouncedEvictor::spawn(store.clone(), EvictionPolicy::new(100)).unwrap();
+    drop(store);
+    let clone = evictor.clone();
+    drop(evictor);
+    clone.poke();
+    clone.evict_now().await.unwrap();
+    assert!(alive.upgrade().is_some(), "one handle is left: the task must still run");
+    drop(clone);
+    eventually(Duration::from_secs(5), || alive.upgrade().is_none()).await;
+}
+
+/// Dropping the last handle mid-pass lets the entry being removed finish, then stops at the
+/// next entry boundary.
+#[tokio::test(start_paused = true)]
+async fn dropping_the_handle_mid_pass_stops_at_an_entry_boundary() {
+    let store = TestStore::new(Duration::from_millis(1), 4, Duration::from_secs(1));
+    for i in 0..5 {
+        store.store(&format!("k{i}"), 100).await.unwrap();
+    }
+    let (entered, release) = store.gate_removals();
+    let evictor =
+        DebouncedEvictor::spawn(store.clone(), EvictionPolicy::new(150).with_low_watermark(0)).unwrap();
+    evictor.poke();
+    entered.notified().await;
+    drop(evictor);
+    release.add_permits(100);
+    let alive = store.weak();
+    let inner = store.inner.clone();
+    let removals = store.counters().removals.lock().unwrap().len();
+    assert_eq!(removals, 0, "the first removal is still gated");
+    drop(store);
+    eventually(Duration::from_secs(5), || alive.upgrade().is_none()).await;
+    assert_eq!(inner.len(), 4, "exactly the entry in flight was removed");
+    assert_eq!(inner.total_bytes(), inner.recount_bytes());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failing_store_is_retried_with_backoff_and_converges() {
+    let store = TestStore::new(Duration::from_millis(1), 4, Duration::from_secs(1));
+    let policy = EvictionPolicy::new(250)
+        .without_safety_tick()
+        .with_retry_backoff(Duration::from_millis(10), Duration::from_millis(200));
+    let evictor = DebouncedEvictor::spawn(store.clone(), policy).unwrap();
+    store.counters().faults_left.store(7, Ordering::SeqCst);
+    for i in 0..5 {
+        store.store(&format!("k{i}"), 100).await.unwrap();
+        evictor.poke();
+    }
+    eventually(Duration::from_secs(60), || store.inner.total_bytes() <= 250).await;
+    let stats = evictor.stats();
+    assert!(stats.errors >= 1, "faults were injected: {stats:?}");
+    assert!(stats.passes < 20, "backoff must bound the retries: {stats:?}");
+    assert_eq!(evictor.evict_now().await.unwrap().outcome, PassOutcome::UnderCap);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_explicit_pass_reports_the_store_error() {
+    let store = TestStore::new(Duration::from_millis(1), 4, Duration::from_secs(1));
+    let evictor = DebouncedEvictor::spawn(store.clone(), EvictionPolicy::new(250)).unwrap();
+    store.counters().faults_left.store(1, Ordering::SeqCst);
+    let err = evictor.evict_now().await.unwrap_err();
+    assert!(err.to_string().contains("begin a pass"), "{err}");
+    evictor.evict_now().await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_panicking_store_does_not_kill_the_task() {
+    let store = TestStore::new(Duration::from_millis(1), 4, Duration::from_secs(1));
+    let evictor = DebouncedEvictor::spawn(store.clone(), EvictionPolicy::new(250)).unwrap();
+    store.counters().panic_next.store(true, Ordering::SeqCst);
+    assert!(matches!(evictor.evict_now().await, Err(Error::Panicked)));
+    for i in 0..5 {
+        store.store(&format!("k{i}"), 100).await.unwrap();
+    }
+    evictor.poke();
+    eventually(Duration::from_secs(60), || store.inner.total_bytes() <= 250).await;
+}
+
+/// An idle cache gets no pokes; the safety tick still finishes the job.
+#[tokio::test(start_paused = true)]
+async fn the_safety_tick_evicts_without_pokes() {
+    let store = TestStore::new(Duration::from_millis(1), 4, Duration::from_secs(1));
+    let policy = EvictionPolicy::new(250).with_safety_tick(Duration::from_secs(10));
+    let _evictor = DebouncedEvictor::spawn(store.clone(), policy).unwrap();
+    for i in 0..5 {
+        store.store(&format!("k{i}"), 100).await.unwrap();
+    }
+    eventually(Duration::from_secs(30), || store.inner.total_bytes() <= 250).await;
+}
+
+/// Everything pinned: the pass makes no progress and is retried (without a poke) once the
+/// pins are released.
+#[tokio::test(start_paused = true)]
+async fn a_pass_blocked_by_pins_is_retried() {
+    let store = MemoryStore::new();
+    let policy = EvictionPolicy::new(250)
+        .without_safety_tick()
+        .with_retry_backoff(Duration::from_millis(10), Duration::from_millis(100));
+    let evictor = DebouncedEvictor::spawn(store.clone(), policy).unwrap();
+    for i in 0..5 {
+        store.insert(format!("k{i}"), 100);
+        store.pin(&format!("k{i}"));
+    }
+    assert_eq!(evictor.evict_now().await.unwrap().outcome, PassOutcome::NoProgress);
+    for i in 0..5 {
+        store.unpin(&format!("k{i}"));
+    }
+    eventually(Duration::from_secs(10), || store.total_bytes() <= 250).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn stats_count_pokes_coalescing_and_evictions() {
+    let store = MemoryStore::new();
+    let evictor =
+        DebouncedEvictor::spawn(store.clone(), EvictionPolicy::new(100).with_low_watermark(50)).unwrap();
+    for i in 0..4 {
+        store.insert(format!("k{i}"), 40);
+        evictor.poke();
+    }
+    let report = evictor.evict_now().await.unwrap();
+    let stats = evictor.stats();
+    assert_eq!(stats.pokes, 4);
+    assert_eq!(stats.pokes_coalesced, 3, "the task had no chance to run between pokes");
+    assert_eq!(stats.entries_evicted, 3);
+    assert_eq!(stats.bytes_evicted, 120);
+    assert_eq!(store.total_bytes(), 40);
+    assert_eq!(stats.last_pass.as_ref(), Some(&report));
+}

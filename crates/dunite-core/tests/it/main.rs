@@ -1,0 +1,8 @@
+//! Integration tests of the debounced evictor: one binary, one module per concern.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests report failure by panicking")]
+
+mod burst;
+mod convergence;
+mod lifecycle;
+mod support;

@@ -1,0 +1,1 @@
+//! The download cache (skeleton; filled by its own issue).

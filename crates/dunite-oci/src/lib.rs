@@ -1,0 +1,1 @@
+//! The OCI blob cache (skeleton; filled by its own issue).
