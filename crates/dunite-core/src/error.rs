@@ -1,6 +1,7 @@
 //! The error type of `dunite-core`.
 
 use std::fmt;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 /// A boxed error from an [`EvictionStore`](crate::EvictionStore) implementation.
@@ -39,6 +40,68 @@ pub enum Error {
     /// The evictor task is gone (the runtime shut down).
     #[error("the evictor task has stopped")]
     Stopped,
+    /// A database operation failed.
+    #[error("database error while trying to {op}")]
+    Database {
+        /// What was being done.
+        op: &'static str,
+        /// The driver's error.
+        #[source]
+        source: Arc<sqlx::Error>,
+    },
+    /// A file-system operation on the cache's own files failed (a full disk shows up here).
+    #[error("i/o error while trying to {op} {}", .path.display())]
+    Io {
+        /// What was being done.
+        op: &'static str,
+        /// The file or directory concerned.
+        path: PathBuf,
+        /// The operating system's error.
+        #[source]
+        source: Arc<std::io::Error>,
+    },
+    /// Reading the stream being stored failed (for example, an upstream cut the connection).
+    #[error("reading the source stream failed after {received} bytes")]
+    Source {
+        /// Bytes received before the failure.
+        received: u64,
+        /// The reader's error.
+        #[source]
+        source: Arc<std::io::Error>,
+    },
+    /// An entry would exceed the cache's byte cap on its own.
+    #[error("entry of {size} bytes (or more) exceeds the cache cap of {max_bytes} bytes")]
+    TooLarge {
+        /// The entry's size, or the bytes received when the cap was crossed.
+        size: u64,
+        /// The cap.
+        max_bytes: u64,
+    },
+    /// The stream ended before the expected size.
+    #[error("stream truncated: got {received} of {expected} bytes")]
+    Truncated {
+        /// The size the caller said to expect.
+        expected: u64,
+        /// Bytes received.
+        received: u64,
+    },
+    /// The stream was longer than the expected size.
+    #[error("size mismatch: expected {expected} bytes, got more")]
+    TooLong {
+        /// The size the caller said to expect.
+        expected: u64,
+    },
+    /// The content's digest is not the expected one.
+    #[error("digest mismatch: expected {expected}, computed {actual}")]
+    DigestMismatch {
+        /// The expected digest.
+        expected: String,
+        /// The digest of the bytes received.
+        actual: String,
+    },
+    /// A configuration value is unusable.
+    #[error("invalid configuration: {0}")]
+    InvalidConfig(String),
 }
 
 /// Which [`EvictionStore`](crate::EvictionStore) or [`EvictionPass`](crate::EvictionPass)
@@ -79,6 +142,27 @@ impl fmt::Display for EntrySuffix<'_> {
 }
 
 impl Error {
+    /// Whether this is a file-system error caused by a full disk (`ENOSPC`).
+    #[must_use]
+    pub fn is_disk_full(&self) -> bool {
+        matches!(self, Self::Io { source, .. } if source.kind() == std::io::ErrorKind::StorageFull)
+    }
+
+    /// Whether this is the pool's `PoolTimedOut`: no connection within the acquire timeout.
+    #[must_use]
+    pub fn is_pool_timeout(&self) -> bool {
+        matches!(self, Self::Database { source, .. } if matches!(**source, sqlx::Error::PoolTimedOut))
+    }
+
+    pub(crate) fn db(op: &'static str) -> impl FnOnce(sqlx::Error) -> Self {
+        move |source| Self::Database { op, source: Arc::new(source) }
+    }
+
+    pub(crate) fn io(op: &'static str, path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> Self {
+        let path = path.into();
+        move |source| Self::Io { op, path, source: Arc::new(source) }
+    }
+
     pub(crate) fn store<E>(op: StoreOp, key: Option<&str>, source: E) -> Self
     where
         E: std::error::Error + Send + Sync + 'static,

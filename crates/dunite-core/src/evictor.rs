@@ -29,7 +29,10 @@ const EXPLICIT_QUEUE: usize = 16;
 ///   retries, the safety tick) and explicit ones ([`evict_now`](Self::evict_now)) all run on
 ///   the one task.
 /// - **Coalescing**: pokes go through a capacity-1 channel; a poke that finds one already
-///   queued is dropped, so any burst of stores costs at most one pending pass.
+///   queued is dropped, so any burst of stores costs at most one pending pass. A poke starts
+///   its pass after a short debounce window
+///   ([`EvictionPolicy::with_debounce`](crate::EvictionPolicy::with_debounce)), so stores that
+///   finish a few milliseconds apart share one pass.
 /// - **Convergence**: a poke is dropped only while another is queued, and that queued poke is
 ///   consumed (taken off the channel) *before* the pass reads the total. A store that commits
 ///   and then pokes is therefore always seen by a pass that starts after its commit.
@@ -319,6 +322,14 @@ async fn run<S: EvictionStore>(
                 _ = tick_opt(tick.as_mut()), if tick.is_some() && retry.is_none() => Trigger::Tick,
             }
         };
+        if trigger == Trigger::Poke && !policy.debounce().is_zero() {
+            // Let the rest of a burst land before the pass; an explicit request cuts it short.
+            tokio::select! {
+                biased;
+                Some(waiter) = requests.recv() => waiters.push(waiter),
+                () = tokio::time::sleep(policy.debounce()) => {}
+            }
+        }
         // Everything asked for before the pass reads the total is served by it: take the
         // pending poke and every queued explicit request now.
         if pokes.try_recv().is_ok() {

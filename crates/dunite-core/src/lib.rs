@@ -14,6 +14,9 @@
 //! - [`EvictionPolicy`] says how large the cache may grow and how far a pass evicts.
 //! - [`MemoryStore`] is an in-memory reference implementation of the store traits, for tests
 //!   and for reading alongside the trait docs.
+//! - [`EntryStore`] and [`EntryCache`] are the SQL-backed store and the cache built on it that
+//!   every cache kind shares: payload files, rows, the crash-safe store sequence, reads that
+//!   survive eviction, reconciliation. Cache kinds add only their keys and verification.
 //!
 //! [`poke`]: DebouncedEvictor::poke
 //!
@@ -43,14 +46,21 @@
 
 #![warn(missing_docs, missing_debug_implementations, unreachable_pub)]
 
+mod entries;
 mod error;
 mod evictor;
+mod hash;
 mod memory;
 mod policy;
 mod store;
 
+pub use entries::{
+    CacheOptions, CacheStats, Database, DatabaseOptions, EntryCache, EntryInfo, EntryPass, EntryStats,
+    EntryStore, Expected, OnConflict, OpenEntry, Pin, ReconcileReport, StoreOutcome, Stored,
+};
 pub use error::{BoxError, Error, Result, StoreOp};
 pub use evictor::{DebouncedEvictor, EvictorStats, PassOutcome, PassReport};
+pub use hash::{ContentDigest, DigestAlgorithm};
 pub use memory::{MemoryPass, MemoryStore, MemoryStoreError};
 pub use policy::EvictionPolicy;
 pub use store::{EvictionPass, EvictionStore, Removal, Victim};

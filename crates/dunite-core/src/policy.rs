@@ -27,6 +27,7 @@ pub struct EvictionPolicy {
     low_watermark: u64,
     batch_size: usize,
     pass_time_budget: Duration,
+    debounce: Duration,
     safety_tick: Option<Duration>,
     retry_initial: Duration,
     retry_max: Duration,
@@ -34,15 +35,16 @@ pub struct EvictionPolicy {
 
 impl EvictionPolicy {
     /// A policy with cap `max_bytes` and defaults for everything else: a low watermark at 90%
-    /// of the cap, batches of 256 entries, a pass time budget of one second, a safety tick
-    /// every five minutes and retries backing off from 100 ms to 30 s.
+    /// of the cap, batches of 256 entries, a pass time budget of 250 ms, a 20 ms debounce
+    /// window, a safety tick every five minutes and retries backing off from 100 ms to 30 s.
     #[must_use]
     pub fn new(max_bytes: u64) -> Self {
         Self {
             max_bytes,
             low_watermark: max_bytes / 10 * 9 + (max_bytes % 10) * 9 / 10,
             batch_size: 256,
-            pass_time_budget: Duration::from_secs(1),
+            pass_time_budget: Duration::from_millis(250),
+            debounce: Duration::from_millis(20),
             safety_tick: Some(Duration::from_secs(300)),
             retry_initial: Duration::from_millis(100),
             retry_max: Duration::from_secs(30),
@@ -68,6 +70,15 @@ impl EvictionPolicy {
     #[must_use]
     pub fn with_pass_time_budget(mut self, budget: Duration) -> Self {
         self.pass_time_budget = budget;
+        self
+    }
+
+    /// After a poke, wait `window` before starting the pass, so the rest of a burst of stores
+    /// lands in the same pass. The cap may be exceeded for about this long; an explicit pass
+    /// ([`evict_now`](crate::DebouncedEvictor::evict_now)) does not wait. Zero disables it.
+    #[must_use]
+    pub fn with_debounce(mut self, window: Duration) -> Self {
+        self.debounce = window;
         self
     }
 
@@ -116,6 +127,12 @@ impl EvictionPolicy {
     #[must_use]
     pub fn pass_time_budget(&self) -> Duration {
         self.pass_time_budget
+    }
+
+    /// The debounce window after a poke.
+    #[must_use]
+    pub fn debounce(&self) -> Duration {
+        self.debounce
     }
 
     /// The period of the safety tick, if any.

@@ -1,1 +1,55 @@
-//! The OCI blob cache (skeleton; filled by its own issue).
+//! A digest-addressed, byte-capped OCI blob cache.
+//!
+//! [`BlobCache`] stores container image blobs under their OCI [`Digest`], verifies every byte
+//! against it, and stays under a byte cap through `dunite-core`'s [`DebouncedEvictor`]: a
+//! burst of stores (a `docker pull`) collapses into one pending eviction pass holding one
+//! database connection, instead of one eviction task and connection per blob.
+//!
+//! Storage (the embedded SQLite metadata, the payload directory, the crash-safe store
+//! sequence, reconciliation) is `dunite-core`'s [`EntryCache`]; this crate adds what is
+//! particular to OCI blobs: digest keys, digest verification, and content-addressed stores
+//! (the same digest is the same bytes, so a second store is a no-op).
+//!
+//! [`DebouncedEvictor`]: dunite_core::DebouncedEvictor
+//! [`EntryCache`]: dunite_core::EntryCache
+//!
+//! # Example
+//!
+//! ```
+//! use dunite_oci::{BlobCache, Digest};
+//! use dunite_core::EvictionPolicy;
+//! use tokio::io::AsyncReadExt as _;
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let dir = tempfile::tempdir()?;
+//! // 20 GiB cap; evict down to 18 GiB once over it. Needs a Tokio runtime.
+//! let policy = EvictionPolicy::new(20 << 30).with_low_watermark(18 << 30);
+//! let cache = BlobCache::new(BlobCache::options(dir.path(), policy)).await?;
+//!
+//! let layer = b"a layer's bytes".to_vec();
+//! let digest = Digest::sha256_of(&layer);
+//! cache.store_with_size(&digest, layer.len() as u64, &layer[..]).await?;
+//!
+//! // A wrong digest is refused and stores nothing.
+//! let wrong: Digest = "sha256:0000000000000000000000000000000000000000000000000000000000000000".parse()?;
+//! assert!(cache.store(&wrong, &b"other bytes"[..]).await.is_err());
+//!
+//! let mut blob = cache.open(&digest).await?.expect("cached");
+//! let mut bytes = Vec::new();
+//! blob.file_mut().read_to_end(&mut bytes).await?;
+//! assert_eq!(bytes, layer);
+//! assert_eq!(cache.total_bytes().await?, layer.len() as u64);
+//! # Ok(())
+//! # }
+//! ```
+
+#![warn(missing_docs, missing_debug_implementations, unreachable_pub)]
+
+mod cache;
+mod digest;
+mod error;
+
+pub use cache::{Blob, BlobCache, NAMESPACE};
+pub use digest::{Digest, DigestError};
+pub use error::{Error, Result};

@@ -5,7 +5,9 @@ use std::time::Duration;
 
 use dunite_core::{DebouncedEvictor, EvictionPolicy};
 
-use crate::support::{TestStore, legacy_evict_if_over_cap};
+use dunite_testkit::legacy_evict_if_over_cap;
+
+use crate::support::TestStore;
 
 /// How a store is followed by eviction.
 #[derive(Debug, Clone, Copy)]
@@ -69,7 +71,9 @@ async fn burst(driver: Driver, n: u64, cap: u64, blob: u64) -> BurstOutcome {
     let mut explicit_passes = 0;
     match driver {
         Driver::Debounced => {
-            // Waits for any pass in flight and folds in any pending poke.
+            // The pokes alone must bring the total under the cap...
+            crate::lifecycle::eventually(Duration::from_secs(60), || store.inner.total_bytes() <= cap).await;
+            // ...then quiesce: wait out any pass in flight and fold any pending poke.
             evictor.evict_now().await.unwrap();
             explicit_passes = 1;
         }

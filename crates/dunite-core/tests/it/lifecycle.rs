@@ -5,7 +5,9 @@ use std::time::Duration;
 
 use dunite_core::{DebouncedEvictor, Error, EvictionPolicy, MemoryStore, PassOutcome};
 
-use crate::support::{TestStore, legacy_evict_if_over_cap};
+use dunite_testkit::legacy_evict_if_over_cap;
+
+use crate::support::TestStore;
 
 /// Polls `condition` on (possibly paused) Tokio time until it holds, failing after
 /// `deadline`; at most about 2,000 polls whatever the deadline.

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use dunite_core::{EvictionPass, EvictionPolicy, EvictionStore, MemoryPass, MemoryStore, Removal, Victim};
+use dunite_core::{EvictionPass, EvictionStore, MemoryPass, MemoryStore, Removal, Victim};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 /// The error of the instrumented store.
@@ -170,31 +170,6 @@ impl EvictionPass for TestPass {
         }
         Ok(removal)
     }
-}
-
-/// The pattern dunite replaces, kept alive only here: every store spawns its own eviction
-/// task, which takes its own connection.
-pub async fn legacy_evict_if_over_cap(
-    store: TestStore,
-    policy: EvictionPolicy,
-) -> Result<(), TestStoreError> {
-    let mut pass = store.begin_pass().await?;
-    let mut total = pass.total_size_bytes().await?;
-    if total <= policy.max_bytes() {
-        return Ok(());
-    }
-    while total > policy.low_watermark() {
-        let victims = pass.least_recently_used(policy.batch_size()).await?;
-        if victims.is_empty() {
-            break;
-        }
-        for victim in &victims {
-            if let Removal::Removed { bytes } = pass.remove(victim).await? {
-                total = total.saturating_sub(bytes);
-            }
-        }
-    }
-    Ok(())
 }
 
 /// Checks that every stored version that is gone was removed by an eviction (or replaced by

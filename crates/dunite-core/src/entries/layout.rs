@@ -1,0 +1,218 @@
+//! Where a cache keeps its files, and the file operations of a store.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use sha2::Digest as _;
+use tempfile::TempPath;
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWriteExt as _};
+
+use crate::hash::ContentDigest;
+use crate::{DigestAlgorithm, Error, Result};
+
+/// Read buffer of a store: memory per store is bounded by this, whatever the entry's size.
+const CHUNK: usize = 256 * 1024;
+
+/// The cache directory:
+///
+/// ```text
+/// <root>/data/<hh>/<sha256(key) hex>-<unique>   payloads, named when stored, never reused
+/// <root>/tmp/store-<random>                     payloads being written
+/// ```
+///
+/// Payload names derive from a hash of the key, never from the key itself, so no key (a
+/// digest, a URL) can steer a path.
+#[derive(Debug, Clone)]
+pub(crate) struct Layout {
+    data: PathBuf,
+    tmp: PathBuf,
+}
+
+static UNIQUE: AtomicU64 = AtomicU64::new(0);
+
+impl Layout {
+    pub(crate) async fn create(root: &Path) -> Result<Self> {
+        let layout = Self { data: root.join("data"), tmp: root.join("tmp") };
+        for dir in [&layout.data, &layout.tmp] {
+            tokio::fs::create_dir_all(dir).await.map_err(Error::io("create directory", dir))?;
+        }
+        Ok(layout)
+    }
+
+    pub(crate) fn data_dir(&self) -> &Path {
+        &self.data
+    }
+
+    pub(crate) fn tmp_dir(&self) -> &Path {
+        &self.tmp
+    }
+
+    /// The absolute path of a payload named `file` (relative, as stored in its row).
+    pub(crate) fn payload(&self, file: &str) -> PathBuf {
+        self.data.join(file)
+    }
+
+    /// A fresh, never-used relative payload name for `key`.
+    fn new_payload_name(key: &str) -> String {
+        let hash = hex::encode(sha2::Sha256::digest(key.as_bytes()));
+        let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+        let seq = UNIQUE.fetch_add(1, Ordering::Relaxed);
+        format!("{}/{hash}-{nanos:x}{:x}{seq:x}", &hash[..2], std::process::id())
+    }
+
+    /// Stream `reader` into a temporary file, hashing as it goes, and check it against
+    /// `expected` and `max_bytes`. On any error the temporary file is already gone.
+    pub(crate) async fn write_temp<R>(
+        &self,
+        mut reader: R,
+        expected: &Expected,
+        max_bytes: u64,
+    ) -> Result<Written>
+    where
+        R: AsyncRead + Unpin,
+    {
+        if let Some(size) = expected.size
+            && size > max_bytes
+        {
+            return Err(Error::TooLarge { size, max_bytes });
+        }
+        let tmp = self.tmp.clone();
+        let named = blocking(move || tempfile::Builder::new().prefix("store-").tempfile_in(&tmp))
+            .await
+            .map_err(Error::io("create a temporary file in", self.tmp.clone()))?;
+        let (file, temp) = named.into_parts();
+        let mut file = tokio::fs::File::from_std(file);
+        let algorithm = expected.digest.as_ref().map_or(DigestAlgorithm::Sha256, ContentDigest::algorithm);
+        let mut hasher = algorithm.hasher();
+        let mut buf = vec![0u8; CHUNK];
+        let mut size = 0u64;
+        loop {
+            let n = reader
+                .read(&mut buf)
+                .await
+                .map_err(|e| Error::Source { received: size, source: std::sync::Arc::new(e) })?;
+            if n == 0 {
+                break;
+            }
+            size += n as u64;
+            if size > max_bytes {
+                return Err(Error::TooLarge { size, max_bytes });
+            }
+            if let Some(expected) = expected.size
+                && size > expected
+            {
+                return Err(Error::TooLong { expected });
+            }
+            hasher.update(&buf[..n]);
+            file.write_all(&buf[..n]).await.map_err(Error::io("write", temp.to_path_buf()))?;
+        }
+        if let Some(expected) = expected.size
+            && size < expected
+        {
+            return Err(Error::Truncated { expected, received: size });
+        }
+        let digest = hasher.finish();
+        if let Some(want) = &expected.digest
+            && *want != digest
+        {
+            return Err(Error::DigestMismatch { expected: want.to_string(), actual: digest.to_string() });
+        }
+        file.sync_all().await.map_err(Error::io("sync", temp.to_path_buf()))?;
+        drop(file);
+        Ok(Written { temp, size, digest })
+    }
+
+    /// Move a written payload into place under a fresh name and make the rename durable.
+    /// Returns the relative name for the entry's row.
+    pub(crate) async fn persist(&self, written: TempPath, key: &str) -> Result<String> {
+        let name = Self::new_payload_name(key);
+        let path = self.payload(&name);
+        let dest = path.clone();
+        blocking(move || {
+            let dir = dest.parent().expect("payload paths have a shard directory");
+            std::fs::create_dir_all(dir)?;
+            written.persist(&dest).map_err(|e| e.error)?;
+            // The rename is durable only once the directory is.
+            std::fs::File::open(dir)?.sync_all()
+        })
+        .await
+        .map_err(Error::io("move into place", path))?;
+        Ok(name)
+    }
+
+    /// Delete a payload; one that is already gone is fine.
+    pub(crate) async fn unlink(&self, file: &str) -> Result<()> {
+        let path = self.payload(file);
+        match tokio::fs::remove_file(&path).await {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(Error::io("delete", path)(e)),
+        }
+    }
+}
+
+/// A payload written and verified in a temporary file, not yet in place.
+#[derive(Debug)]
+pub(crate) struct Written {
+    pub(crate) temp: TempPath,
+    pub(crate) size: u64,
+    pub(crate) digest: ContentDigest,
+}
+
+/// What the caller knows about the content being stored; each known fact is verified.
+///
+/// # Example
+///
+/// ```
+/// use dunite_core::{ContentDigest, DigestAlgorithm, Expected};
+///
+/// let expected = Expected::new().with_size(3).with_digest(ContentDigest::of(DigestAlgorithm::Sha256, b"abc"));
+/// assert_eq!(expected.size(), Some(3));
+/// ```
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Expected {
+    size: Option<u64>,
+    digest: Option<ContentDigest>,
+}
+
+impl Expected {
+    /// Nothing known: the content is hashed with SHA-256 and stored as it comes.
+    #[must_use]
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The content must be exactly `bytes` long.
+    #[must_use]
+    pub fn with_size(mut self, bytes: u64) -> Self {
+        self.size = Some(bytes);
+        self
+    }
+
+    /// The content must hash to `digest` (its algorithm is the one computed).
+    #[must_use]
+    pub fn with_digest(mut self, digest: ContentDigest) -> Self {
+        self.digest = Some(digest);
+        self
+    }
+
+    /// The expected size, if known.
+    #[must_use]
+    pub fn size(&self) -> Option<u64> {
+        self.size
+    }
+
+    /// The expected digest, if known.
+    #[must_use]
+    pub fn digest(&self) -> Option<&ContentDigest> {
+        self.digest.as_ref()
+    }
+}
+
+/// Run blocking file-system work off the async threads.
+pub(crate) async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> std::io::Result<T> + Send + 'static,
+) -> std::io::Result<T> {
+    tokio::task::spawn_blocking(work).await.map_err(std::io::Error::other)?
+}

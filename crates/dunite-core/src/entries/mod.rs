@@ -1,0 +1,20 @@
+//! The SQL-backed entry store and the cache built on it, shared by every dunite cache kind.
+//!
+//! A cache kind (OCI blobs, downloads) decides how its keys look and how content is verified;
+//! everything else lives here once: the database, the directory layout, the crash-safe store
+//! sequence, reads that survive eviction, batched access stamps, reconciliation, and the
+//! [`EvictionStore`](crate::EvictionStore) implementation the evictor drives.
+
+mod cache;
+mod database;
+mod layout;
+mod reconcile;
+mod store;
+
+pub use cache::{CacheOptions, CacheStats, EntryCache};
+pub use database::{Database, DatabaseOptions};
+pub use layout::Expected;
+pub use reconcile::ReconcileReport;
+pub use store::{
+    EntryInfo, EntryPass, EntryStats, EntryStore, OnConflict, OpenEntry, Pin, StoreOutcome, Stored,
+};

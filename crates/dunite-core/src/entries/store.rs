@@ -1,0 +1,808 @@
+//! `EntryStore`: the SQL-backed entry store every dunite cache shares.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use sqlx::SqliteConnection;
+use sqlx::pool::PoolConnection;
+use sqlx::sqlite::Sqlite;
+use tokio::io::AsyncRead;
+
+use super::database::Database;
+use super::layout::{Expected, Layout};
+use crate::hash::ContentDigest;
+use crate::{Error, EvictionPass, EvictionStore, Removal, Result, Victim};
+
+/// What a store does when the key already has a live entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum OnConflict {
+    /// Keep the existing entry and discard the new bytes: right for content-addressed keys,
+    /// where the same key means the same bytes.
+    KeepExisting,
+    /// Replace the existing entry: right for keys whose content can change (a URL).
+    Replace,
+}
+
+/// How a store ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum StoreOutcome {
+    /// A new entry.
+    Inserted,
+    /// An existing entry was replaced.
+    Replaced,
+    /// An entry with this key was already present and kept ([`OnConflict::KeepExisting`]).
+    AlreadyPresent,
+}
+
+/// The result of a successful store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Stored {
+    /// Bytes received (and, unless already present, stored).
+    pub size: u64,
+    /// The digest of the bytes received.
+    pub digest: ContentDigest,
+    /// How the store ended.
+    pub outcome: StoreOutcome,
+}
+
+/// What is recorded about an entry, without its payload.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct EntryInfo {
+    /// Payload size.
+    pub size: u64,
+    /// When the entry was stored or last refreshed, in milliseconds since the Unix epoch.
+    pub stored_at_ms: i64,
+    /// The cache kind's own metadata.
+    pub meta: String,
+}
+
+/// An open cache entry: a file handle and what the row said.
+///
+/// The handle stays valid when the entry is evicted or replaced meanwhile: payload names are
+/// never reused and an unlinked file lives on while it is open, so a reader always gets the
+/// complete bytes it started with.
+#[derive(Debug)]
+#[non_exhaustive]
+pub struct OpenEntry {
+    /// The payload, positioned at its start.
+    pub file: tokio::fs::File,
+    /// The entry's row.
+    pub info: EntryInfo,
+}
+
+/// Counters of an [`EntryStore`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct EntryStats {
+    /// Reads that found their entry.
+    pub hits: u64,
+    /// Reads that did not.
+    pub misses: u64,
+    /// Stores committed (inserted or replaced).
+    pub stores: u64,
+    /// Payload bytes committed by stores.
+    pub bytes_stored: u64,
+    /// Access-stamp writes to the database (batched: one per flushed key, not one per hit).
+    pub access_writes: u64,
+}
+
+/// A cache's entries: payload files in a directory and rows in a database namespace.
+///
+/// This is the storage half every dunite cache shares; [`EntryCache`](crate::EntryCache)
+/// adds the evictor. A store streams into a temporary file, verifies it, syncs and renames it
+/// into place, and only then commits its row (with the accounted total, in one
+/// transaction). A failure at any step leaves no row, no visible file and no bytes counted.
+///
+/// Implements [`EvictionStore`]: a pass runs on one pooled connection; removal marks the row,
+/// unlinks the file (no transaction held) and deletes the row, only if the entry is unchanged
+/// since it was selected, is not pinned and has no newer access stamp pending.
+#[derive(Clone)]
+pub struct EntryStore {
+    inner: Arc<Inner>,
+}
+
+pub(crate) struct Inner {
+    pub(crate) db: Database,
+    pub(crate) namespace: String,
+    pub(crate) layout: Layout,
+    pub(crate) max_bytes: u64,
+    on_conflict: OnConflict,
+    clock: Clock,
+    /// Access stamps not yet written: key -> stamp. Flushed in batches.
+    touches: Mutex<HashMap<String, i64>>,
+    /// In-flight pins: key -> count. Pinned entries are never evicted.
+    pins: Mutex<HashMap<String, usize>>,
+    counters: Counters,
+}
+
+#[derive(Default)]
+struct Counters {
+    hits: AtomicU64,
+    misses: AtomicU64,
+    stores: AtomicU64,
+    bytes_stored: AtomicU64,
+    access_writes: AtomicU64,
+}
+
+impl fmt::Debug for EntryStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EntryStore")
+            .field("namespace", &self.inner.namespace)
+            .field("layout", &self.inner.layout)
+            .field("max_bytes", &self.inner.max_bytes)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Access stamps written per statement (two bound values each, well under SQLite's limit).
+const FLUSH_CHUNK: usize = 500;
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn to_i64(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+fn to_u64(n: i64) -> u64 {
+    u64::try_from(n).unwrap_or(0)
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+/// Strictly increasing microsecond stamps: the LRU order and the removal condition.
+#[derive(Default)]
+struct Clock {
+    last: AtomicI64,
+}
+
+impl Clock {
+    fn next(&self) -> i64 {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX));
+        let prev = self.last.fetch_max(now, Ordering::SeqCst);
+        if prev >= now { self.last.fetch_add(1, Ordering::SeqCst) + 1 } else { now }
+    }
+}
+
+/// Keeps an entry out of eviction while held; see [`EntryStore::pin`].
+#[must_use = "the pin is released when dropped"]
+pub struct Pin {
+    inner: Arc<Inner>,
+    key: String,
+}
+
+impl fmt::Debug for Pin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Pin").field("key", &self.key).finish()
+    }
+}
+
+impl Drop for Pin {
+    fn drop(&mut self) {
+        let mut pins = lock(&self.inner.pins);
+        if let Some(count) = pins.get_mut(&self.key) {
+            *count -= 1;
+            if *count == 0 {
+                pins.remove(&self.key);
+            }
+        }
+    }
+}
+
+impl EntryStore {
+    /// Open the entries of `namespace` in `db`, with payloads under `dir`. Creates what is
+    /// missing and reconciles the directory with the rows (see [`reconcile`](Self::reconcile)).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Io`] if the directory cannot be created, [`Error::Database`] if the database
+    /// cannot be read or written.
+    pub async fn open(
+        db: Database,
+        namespace: &str,
+        dir: &std::path::Path,
+        max_bytes: u64,
+        on_conflict: OnConflict,
+    ) -> Result<Self> {
+        if namespace.is_empty() {
+            return Err(Error::InvalidConfig("cache namespace must not be empty".into()));
+        }
+        if max_bytes > i64::MAX as u64 {
+            return Err(Error::InvalidConfig(format!(
+                "max_bytes {max_bytes} is larger than the database can count"
+            )));
+        }
+        let layout = Layout::create(dir).await?;
+        db.round_trip().await;
+        sqlx::query("INSERT INTO totals (namespace, bytes, entries) VALUES (?, 0, 0) ON CONFLICT DO NOTHING")
+            .bind(namespace)
+            .execute(db.pool())
+            .await
+            .map_err(Error::db("create the totals row"))?;
+        let store = Self {
+            inner: Arc::new(Inner {
+                db,
+                namespace: namespace.to_owned(),
+                layout,
+                max_bytes,
+                on_conflict,
+                clock: Clock::default(),
+                touches: Mutex::default(),
+                pins: Mutex::default(),
+                counters: Counters::default(),
+            }),
+        };
+        store.reconcile().await?;
+        Ok(store)
+    }
+
+    pub(crate) fn inner(&self) -> &Arc<Inner> {
+        &self.inner
+    }
+
+    /// The database the rows live in.
+    #[must_use]
+    pub fn database(&self) -> &Database {
+        &self.inner.db
+    }
+
+    /// The namespace of this store's rows.
+    #[must_use]
+    pub fn namespace(&self) -> &str {
+        &self.inner.namespace
+    }
+
+    /// The cap: no single entry may be larger.
+    #[must_use]
+    pub fn max_bytes(&self) -> u64 {
+        self.inner.max_bytes
+    }
+
+    /// Store the bytes of `reader` under `key`, verified against `expected`.
+    ///
+    /// Memory stays bounded (one 256 KiB buffer) whatever the size. The order is: write to a
+    /// temporary file while hashing, verify size and digest, sync, rename into place under a
+    /// fresh name, commit the row and the total in one transaction, and (for a replacement)
+    /// delete the old payload.
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropping the future before the commit leaves nothing behind but, at worst, a payload
+    /// file without a row, which the next [`reconcile`](Self::reconcile) deletes; readers
+    /// never see it. After the commit the entry is stored.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::TooLarge`], [`Error::Truncated`], [`Error::TooLong`],
+    /// [`Error::DigestMismatch`], [`Error::Source`] for bad input; [`Error::Io`] and
+    /// [`Error::Database`] for the cache's own failures. In every case nothing is stored.
+    pub async fn store<R>(&self, key: &str, reader: R, expected: &Expected, meta: &str) -> Result<Stored>
+    where
+        R: AsyncRead + Unpin + Send,
+    {
+        let inner = &self.inner;
+        let written = inner.layout.write_temp(reader, expected, inner.max_bytes).await?;
+        let (size, digest) = (written.size, written.digest.clone());
+        let file = inner.layout.persist(written.temp, key).await?;
+        let outcome = match self.commit(key, &file, size, meta).await {
+            Ok(outcome) => outcome,
+            Err(e) => {
+                // Never leave a payload without a row; if even this fails, reconcile will.
+                if let Err(unlink) = inner.layout.unlink(&file).await {
+                    tracing::warn!(%unlink, "could not delete an uncommitted payload");
+                }
+                return Err(e);
+            }
+        };
+        let outcome = match outcome {
+            Committed::Inserted => StoreOutcome::Inserted,
+            Committed::Replaced { old_file } => {
+                if let Some(old) = old_file
+                    && let Err(e) = inner.layout.unlink(&old).await
+                {
+                    tracing::warn!(error = %e, "could not delete a replaced payload; reconcile will");
+                }
+                StoreOutcome::Replaced
+            }
+            Committed::AlreadyPresent => {
+                if let Err(e) = inner.layout.unlink(&file).await {
+                    tracing::warn!(error = %e, "could not delete a duplicate payload; reconcile will");
+                }
+                self.touch(key);
+                StoreOutcome::AlreadyPresent
+            }
+        };
+        if outcome != StoreOutcome::AlreadyPresent {
+            inner.counters.stores.fetch_add(1, Ordering::Relaxed);
+            inner.counters.bytes_stored.fetch_add(size, Ordering::Relaxed);
+        }
+        Ok(Stored { size, digest, outcome })
+    }
+
+    async fn commit(&self, key: &str, file: &str, size: u64, meta: &str) -> Result<Committed> {
+        let inner = &self.inner;
+        // Lock order everywhere: a connection first, then the write turn (an eviction pass
+        // holds its connection across turns).
+        let mut conn = inner.db.pool().acquire().await.map_err(Error::db("acquire a connection"))?;
+        let _turn = inner.db.write_turn().await;
+        let mut tx = sqlx::Connection::begin_with(&mut *conn, "BEGIN IMMEDIATE")
+            .await
+            .map_err(Error::db("begin a store"))?;
+        self.inner.db.round_trip().await;
+        let existing: Option<(String, i64, i64)> =
+            sqlx::query_as("SELECT file, size, state FROM entries WHERE namespace = ? AND key = ?")
+                .bind(&inner.namespace)
+                .bind(key)
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(Error::db("look up an entry"))?;
+        let version = inner.clock.next();
+        let size_i = to_i64(size);
+        let (delta_bytes, delta_entries, committed) = match existing {
+            None => {
+                self.inner.db.round_trip().await;
+                sqlx::query(
+                    "INSERT INTO entries (namespace, key, file, size, version, stored_at, state, meta) \
+                     VALUES (?, ?, ?, ?, ?, ?, 0, ?)",
+                )
+                .bind(&inner.namespace)
+                .bind(key)
+                .bind(file)
+                .bind(size_i)
+                .bind(version)
+                .bind(now_ms())
+                .bind(meta)
+                .execute(&mut *tx)
+                .await
+                .map_err(Error::db("insert an entry"))?;
+                (size_i, 1, Committed::Inserted)
+            }
+            Some((_, _, 0)) if inner.on_conflict == OnConflict::KeepExisting => {
+                return Ok(Committed::AlreadyPresent);
+            }
+            Some((old_file, old_size, state)) => {
+                self.inner.db.round_trip().await;
+                sqlx::query(
+                    "UPDATE entries SET file = ?, size = ?, version = ?, stored_at = ?, state = 0, meta = ? \
+                     WHERE namespace = ? AND key = ?",
+                )
+                .bind(file)
+                .bind(size_i)
+                .bind(version)
+                .bind(now_ms())
+                .bind(meta)
+                .bind(&inner.namespace)
+                .bind(key)
+                .execute(&mut *tx)
+                .await
+                .map_err(Error::db("replace an entry"))?;
+                // A row being removed (state 1) keeps its old payload for the remover to delete.
+                let old_file = (state == 0).then_some(old_file);
+                (size_i - old_size, 0, Committed::Replaced { old_file })
+            }
+        };
+        self.inner.db.round_trip().await;
+        sqlx::query("UPDATE totals SET bytes = bytes + ?, entries = entries + ? WHERE namespace = ?")
+            .bind(delta_bytes)
+            .bind(delta_entries)
+            .bind(&inner.namespace)
+            .execute(&mut *tx)
+            .await
+            .map_err(Error::db("update the accounted total"))?;
+        tx.commit().await.map_err(Error::db("commit a store"))?;
+        Ok(committed)
+    }
+
+    /// Open the entry under `key`, if present, and record the access (in memory; written to
+    /// the database in batches, so a hit performs no database write).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Database`] if the row cannot be read, [`Error::Io`] if the payload exists but
+    /// cannot be opened.
+    pub async fn open_entry(&self, key: &str) -> Result<Option<OpenEntry>> {
+        let inner = &self.inner;
+        let Some((file, info)) = self.lookup_row(key).await? else {
+            inner.counters.misses.fetch_add(1, Ordering::Relaxed);
+            return Ok(None);
+        };
+        let path = inner.layout.payload(&file);
+        match tokio::fs::File::open(&path).await {
+            Ok(file) => {
+                inner.counters.hits.fetch_add(1, Ordering::Relaxed);
+                self.touch(key);
+                Ok(Some(OpenEntry { file, info }))
+            }
+            // Evicted or replaced between the lookup and the open: a miss, never wrong bytes.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                inner.counters.misses.fetch_add(1, Ordering::Relaxed);
+                Ok(None)
+            }
+            Err(e) => Err(Error::io("open", path)(e)),
+        }
+    }
+
+    /// What is recorded about `key`, without opening or touching it.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Database`] if the row cannot be read.
+    pub async fn info(&self, key: &str) -> Result<Option<EntryInfo>> {
+        Ok(self.lookup_row(key).await?.map(|(_, info)| info))
+    }
+
+    async fn lookup_row(&self, key: &str) -> Result<Option<(String, EntryInfo)>> {
+        self.inner.db.round_trip().await;
+        let row: Option<(String, i64, i64, String)> = sqlx::query_as(
+            "SELECT file, size, stored_at, meta FROM entries WHERE namespace = ? AND key = ? AND state = 0",
+        )
+        .bind(&self.inner.namespace)
+        .bind(key)
+        .fetch_optional(self.inner.db.pool())
+        .await
+        .map_err(Error::db("look up an entry"))?;
+        Ok(row.map(|(file, size, stored_at_ms, meta)| {
+            (file, EntryInfo { size: to_u64(size), stored_at_ms, meta })
+        }))
+    }
+
+    /// Replace `key`'s metadata and refresh its stored time, keeping its payload (for a
+    /// revalidated entry). Returns whether the entry exists.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Database`] if the row cannot be written.
+    pub async fn refresh(&self, key: &str, meta: &str) -> Result<bool> {
+        let mut conn = self.inner.db.pool().acquire().await.map_err(Error::db("acquire a connection"))?;
+        let _turn = self.inner.db.write_turn().await;
+        self.inner.db.round_trip().await;
+        let done = sqlx::query(
+            "UPDATE entries SET meta = ?, stored_at = ?, version = ? WHERE namespace = ? AND key = ? AND state = 0",
+        )
+        .bind(meta)
+        .bind(now_ms())
+        .bind(self.inner.clock.next())
+        .bind(&self.inner.namespace)
+        .bind(key)
+        .execute(&mut *conn)
+        .await
+        .map_err(Error::db("refresh an entry"))?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Whether a live entry exists under `key` (no access recorded).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Database`] if the row cannot be read.
+    pub async fn contains(&self, key: &str) -> Result<bool> {
+        Ok(self.lookup_row(key).await?.is_some())
+    }
+
+    /// Remove `key` now, whatever its age. Returns the bytes freed, if it was present.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Database`] or [`Error::Io`]; a failed removal is finished by the next
+    /// [`reconcile`](Self::reconcile).
+    pub async fn remove(&self, key: &str) -> Result<Option<u64>> {
+        let mut conn = self.inner.db.pool().acquire().await.map_err(Error::db("acquire a connection"))?;
+        match self.inner.remove_entry(&mut conn, key, None).await? {
+            Removal::Removed { bytes } => Ok(Some(bytes)),
+            Removal::Skipped => Ok(None),
+        }
+    }
+
+    /// Keep `key` out of eviction until the returned guard drops (for example while an
+    /// upstream fill or a long read is in flight). Pins are per process.
+    pub fn pin(&self, key: &str) -> Pin {
+        *lock(&self.inner.pins).entry(key.to_owned()).or_default() += 1;
+        Pin { inner: Arc::clone(&self.inner), key: key.to_owned() }
+    }
+
+    /// The accounted total of payload bytes: one row read, whatever the cache holds.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Database`] if the total cannot be read.
+    pub async fn total_bytes(&self) -> Result<u64> {
+        Ok(self.totals().await?.0)
+    }
+
+    /// The number of entries, kept alongside the total.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Database`] if the count cannot be read.
+    pub async fn len(&self) -> Result<u64> {
+        Ok(self.totals().await?.1)
+    }
+
+    /// Whether the cache holds no entries.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Database`] if the count cannot be read.
+    pub async fn is_empty(&self) -> Result<bool> {
+        Ok(self.len().await? == 0)
+    }
+
+    async fn totals(&self) -> Result<(u64, u64)> {
+        let mut conn = self.inner.db.pool().acquire().await.map_err(Error::db("acquire a connection"))?;
+        self.inner.totals_on(&mut conn).await
+    }
+
+    /// Counters since the store was opened.
+    #[must_use]
+    pub fn stats(&self) -> EntryStats {
+        let c = &self.inner.counters;
+        EntryStats {
+            hits: c.hits.load(Ordering::Relaxed),
+            misses: c.misses.load(Ordering::Relaxed),
+            stores: c.stores.load(Ordering::Relaxed),
+            bytes_stored: c.bytes_stored.load(Ordering::Relaxed),
+            access_writes: c.access_writes.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Record an access to `key` in memory; [`flush_accesses`](Self::flush_accesses) writes
+    /// them.
+    pub fn touch(&self, key: &str) {
+        let stamp = self.inner.clock.next();
+        lock(&self.inner.touches).insert(key.to_owned(), stamp);
+    }
+
+    /// Write the pending access stamps in one transaction. Runs in the background (see
+    /// [`spawn_access_flusher`](Self::spawn_access_flusher)) and before every eviction pass.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Database`]; the stamps are then kept for the next flush.
+    pub async fn flush_accesses(&self) -> Result<()> {
+        let mut conn = self.inner.db.pool().acquire().await.map_err(Error::db("acquire a connection"))?;
+        self.inner.flush_accesses_on(&mut conn).await
+    }
+
+    /// Spawn the task that flushes access stamps every `period`. It holds only a weak
+    /// reference and ends once the store is dropped. Requires a Tokio runtime.
+    pub fn spawn_access_flusher(&self, period: Duration) {
+        let weak: Weak<Inner> = Arc::downgrade(&self.inner);
+        tokio::spawn(async move {
+            let mut interval = tokio::time::interval(period);
+            interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            interval.tick().await;
+            loop {
+                interval.tick().await;
+                let Some(inner) = weak.upgrade() else { break };
+                if lock(&inner.touches).is_empty() {
+                    continue;
+                }
+                let store = EntryStore { inner };
+                if let Err(error) = store.flush_accesses().await {
+                    tracing::warn!(%error, "flushing access stamps failed; will retry");
+                }
+            }
+        });
+    }
+}
+
+enum Committed {
+    Inserted,
+    Replaced { old_file: Option<String> },
+    AlreadyPresent,
+}
+
+impl Inner {
+    pub(crate) async fn totals_on(&self, conn: &mut SqliteConnection) -> Result<(u64, u64)> {
+        self.db.round_trip().await;
+        let (bytes, entries): (i64, i64) =
+            sqlx::query_as("SELECT bytes, entries FROM totals WHERE namespace = ?")
+                .bind(&self.namespace)
+                .fetch_one(&mut *conn)
+                .await
+                .map_err(Error::db("read the accounted total"))?;
+        Ok((to_u64(bytes), to_u64(entries)))
+    }
+
+    async fn flush_accesses_on(&self, conn: &mut SqliteConnection) -> Result<()> {
+        let pending = std::mem::take(&mut *lock(&self.touches));
+        if pending.is_empty() {
+            return Ok(());
+        }
+        let result = async {
+            let _turn = self.db.write_turn().await;
+            let mut tx = sqlx::Connection::begin_with(&mut *conn, "BEGIN IMMEDIATE")
+                .await
+                .map_err(Error::db("begin an access flush"))?;
+            let pending: Vec<(&String, &i64)> = pending.iter().collect();
+            // One statement per chunk, not per key: on a networked database every statement
+            // is a round trip made while holding the write lock.
+            for chunk in pending.chunks(FLUSH_CHUNK) {
+                let values = vec!["(?, ?)"; chunk.len()].join(", ");
+                let sql = format!(
+                    "WITH t(key, stamp) AS (VALUES {values}) \
+                     UPDATE entries SET version = t.stamp FROM t \
+                     WHERE entries.namespace = ? AND entries.key = t.key AND entries.state = 0 \
+                     AND entries.version < t.stamp"
+                );
+                let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+                for (key, stamp) in chunk {
+                    query = query.bind(key.as_str()).bind(**stamp);
+                }
+                self.db.round_trip().await;
+                query.bind(&self.namespace).execute(&mut *tx).await.map_err(Error::db("record accesses"))?;
+            }
+            tx.commit().await.map_err(Error::db("commit an access flush"))
+        }
+        .await;
+        match result {
+            Ok(()) => {
+                self.counters.access_writes.fetch_add(pending.len() as u64, Ordering::Relaxed);
+                Ok(())
+            }
+            Err(e) => {
+                let mut touches = lock(&self.touches);
+                for (key, stamp) in pending {
+                    let slot = touches.entry(key).or_insert(stamp);
+                    *slot = (*slot).max(stamp);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    fn is_pinned(&self, key: &str) -> bool {
+        lock(&self.pins).contains_key(key)
+    }
+
+    /// Mark, unlink, delete. With `if_version`, only an entry still at that version that is
+    /// not pinned and has no newer access pending is removed.
+    pub(crate) async fn remove_entry(
+        &self,
+        conn: &mut SqliteConnection,
+        key: &str,
+        if_version: Option<i64>,
+    ) -> Result<Removal> {
+        if let Some(version) = if_version {
+            let touched_since = lock(&self.touches).get(key).is_some_and(|&stamp| stamp > version);
+            if touched_since || self.is_pinned(key) {
+                return Ok(Removal::Skipped);
+            }
+        }
+        // 1. Mark: from here on no reader is handed this row.
+        let turn = self.db.write_turn().await;
+        self.db.round_trip().await;
+        let marked: Option<(String, i64)> = sqlx::query_as(
+            "UPDATE entries SET state = 1 WHERE namespace = ? AND key = ? AND state = 0 \
+             AND (? IS NULL OR version = ?) RETURNING file, size",
+        )
+        .bind(&self.namespace)
+        .bind(key)
+        .bind(if_version)
+        .bind(if_version)
+        .fetch_optional(&mut *conn)
+        .await
+        .map_err(Error::db("mark an entry for removal"))?;
+        drop(turn);
+        let Some((file, _)) = marked else { return Ok(Removal::Skipped) };
+        if if_version.is_some() && self.is_pinned(key) {
+            // Pinned between the check and the mark: put it back.
+            let _turn = self.db.write_turn().await;
+            self.db.round_trip().await;
+            sqlx::query(
+                "UPDATE entries SET state = 0 WHERE namespace = ? AND key = ? AND state = 1 AND file = ?",
+            )
+            .bind(&self.namespace)
+            .bind(key)
+            .bind(&file)
+            .execute(&mut *conn)
+            .await
+            .map_err(Error::db("unmark an entry"))?;
+            return Ok(Removal::Skipped);
+        }
+        // 2. Unlink, holding no transaction. Readers that opened the file keep their bytes.
+        self.layout.unlink(&file).await?;
+        // 3. Delete the row and subtract its bytes, unless a store took the row over.
+        let _turn = self.db.write_turn().await;
+        let mut tx = sqlx::Connection::begin_with(&mut *conn, "BEGIN IMMEDIATE")
+            .await
+            .map_err(Error::db("begin a removal"))?;
+        self.db.round_trip().await;
+        let deleted: Option<(i64,)> = sqlx::query_as(
+            "DELETE FROM entries WHERE namespace = ? AND key = ? AND state = 1 AND file = ? RETURNING size",
+        )
+        .bind(&self.namespace)
+        .bind(key)
+        .bind(&file)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(Error::db("delete an entry"))?;
+        let Some((size,)) = deleted else {
+            tx.commit().await.map_err(Error::db("commit a removal"))?;
+            return Ok(Removal::Skipped);
+        };
+        self.db.round_trip().await;
+        sqlx::query("UPDATE totals SET bytes = bytes - ?, entries = entries - 1 WHERE namespace = ?")
+            .bind(size)
+            .bind(&self.namespace)
+            .execute(&mut *tx)
+            .await
+            .map_err(Error::db("update the accounted total"))?;
+        tx.commit().await.map_err(Error::db("commit a removal"))?;
+        Ok(Removal::Removed { bytes: to_u64(size) })
+    }
+}
+
+/// One eviction pass over an [`EntryStore`]: one pooled connection for the whole pass.
+pub struct EntryPass {
+    inner: Arc<Inner>,
+    conn: PoolConnection<Sqlite>,
+}
+
+impl fmt::Debug for EntryPass {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EntryPass").field("namespace", &self.inner.namespace).finish_non_exhaustive()
+    }
+}
+
+#[async_trait]
+impl EvictionStore for EntryStore {
+    type Error = Error;
+    type Pass = EntryPass;
+
+    async fn begin_pass(&self) -> Result<EntryPass> {
+        let conn = self.inner.db.pool().acquire().await.map_err(Error::db("acquire a connection"))?;
+        Ok(EntryPass { inner: Arc::clone(&self.inner), conn })
+    }
+}
+
+#[async_trait]
+impl EvictionPass for EntryPass {
+    type Error = Error;
+
+    async fn total_size_bytes(&mut self) -> Result<u64> {
+        Ok(self.inner.totals_on(&mut self.conn).await?.0)
+    }
+
+    async fn least_recently_used(&mut self, limit: usize) -> Result<Vec<Victim>> {
+        // Selection must see the latest accesses, or it picks entries just read and then has
+        // to skip them.
+        self.inner.flush_accesses_on(&mut self.conn).await?;
+        // Pinned entries are filtered here; ask for enough rows to still fill the batch.
+        let pinned = lock(&self.inner.pins).len();
+        self.inner.db.round_trip().await;
+        let rows: Vec<(String, i64, i64)> = sqlx::query_as(
+            "SELECT key, size, version FROM entries WHERE namespace = ? AND state = 0 ORDER BY version LIMIT ?",
+        )
+        .bind(&self.inner.namespace)
+        .bind(to_i64((limit + pinned) as u64))
+        .fetch_all(&mut *self.conn)
+        .await
+        .map_err(Error::db("select least-recently-used entries"))?;
+        Ok(rows
+            .into_iter()
+            .filter(|(key, _, _)| !self.inner.is_pinned(key))
+            .take(limit)
+            .map(|(key, size, version)| Victim::new(key, to_u64(size), version))
+            .collect())
+    }
+
+    async fn remove(&mut self, victim: &Victim) -> Result<Removal> {
+        self.inner.remove_entry(&mut self.conn, &victim.key, Some(victim.version)).await
+    }
+}

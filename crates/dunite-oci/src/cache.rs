@@ -1,0 +1,208 @@
+//! `BlobCache`: OCI blobs by digest on the shared entry cache.
+
+use tokio::io::AsyncRead;
+
+use dunite_core::{
+    CacheOptions, CacheStats, EntryCache, EvictionPolicy, Expected, OnConflict, PassReport, Pin, Stored,
+};
+
+use crate::{Digest, Result};
+
+/// The namespace of blob rows in the metadata database.
+pub const NAMESPACE: &str = "oci-blobs";
+
+/// A byte-capped cache of OCI blobs keyed by [`Digest`]. Cheap to clone; clones share the
+/// cache, and its eviction task ends when the last clone drops.
+///
+/// See the [crate documentation](crate) for an example.
+#[derive(Debug, Clone)]
+pub struct BlobCache {
+    cache: EntryCache,
+}
+
+/// An open cached blob. The handle stays valid (and its bytes correct) even if the blob is
+/// evicted while it is being read.
+#[derive(Debug)]
+pub struct Blob {
+    file: tokio::fs::File,
+    size: u64,
+}
+
+impl Blob {
+    /// The blob's size in bytes.
+    #[must_use]
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// The open payload, to read or seek.
+    pub fn file_mut(&mut self) -> &mut tokio::fs::File {
+        &mut self.file
+    }
+
+    /// The open payload.
+    #[must_use]
+    pub fn into_file(self) -> tokio::fs::File {
+        self.file
+    }
+}
+
+impl BlobCache {
+    /// The options of a blob cache with payloads under `dir` and its metadata in the
+    /// embedded SQLite database `dir/metadata.db`; adjust them before [`new`](Self::new).
+    #[must_use]
+    pub fn options(dir: impl Into<std::path::PathBuf>, policy: EvictionPolicy) -> CacheOptions {
+        CacheOptions::new(dir, NAMESPACE, policy)
+    }
+
+    /// Open or create the cache: reconcile the directory with the metadata after a crash,
+    /// spawn the cache's one evictor and run a start-up eviction pass.
+    ///
+    /// Requires a Tokio runtime. Stores are content-addressed whatever `options` say: a
+    /// second store of a digest keeps the first.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Cache`](crate::Error::Cache) if the directory or database cannot be opened or
+    /// the options are inconsistent.
+    pub async fn new(options: CacheOptions) -> Result<Self> {
+        let cache = EntryCache::open(options.with_on_conflict(OnConflict::KeepExisting)).await?;
+        Ok(Self { cache })
+    }
+
+    /// Store a blob of unknown size, verifying it against `digest`. See
+    /// [`store_with_size`](Self::store_with_size).
+    ///
+    /// # Errors
+    ///
+    /// As [`store_with_size`](Self::store_with_size).
+    pub async fn store<R>(&self, digest: &Digest, reader: R) -> Result<Stored>
+    where
+        R: AsyncRead + Unpin + Send,
+    {
+        self.store_expecting(digest, Expected::new(), reader).await
+    }
+
+    /// Store a blob of `size` bytes from `reader`, verifying size and digest as it streams
+    /// (memory stays bounded whatever the size). The bytes go to a temporary file, are
+    /// verified, synced and renamed into place; then the row commits; then the evictor is
+    /// poked. A second store of a digest already cached is a no-op
+    /// ([`StoreOutcome::AlreadyPresent`](dunite_core::StoreOutcome::AlreadyPresent)).
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancelling never leaves a visible partial blob or counted bytes.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Cache`](crate::Error::Cache) with [`TooLarge`](dunite_core::Error::TooLarge)
+    /// (checked before any byte is written when `size` is over the cap),
+    /// [`DigestMismatch`](dunite_core::Error::DigestMismatch),
+    /// [`Truncated`](dunite_core::Error::Truncated), [`TooLong`](dunite_core::Error::TooLong),
+    /// [`Source`](dunite_core::Error::Source) for a failing reader, or an I/O or database
+    /// error. Nothing is stored in any of these cases.
+    pub async fn store_with_size<R>(&self, digest: &Digest, size: u64, reader: R) -> Result<Stored>
+    where
+        R: AsyncRead + Unpin + Send,
+    {
+        self.store_expecting(digest, Expected::new().with_size(size), reader).await
+    }
+
+    async fn store_expecting<R>(&self, digest: &Digest, expected: Expected, reader: R) -> Result<Stored>
+    where
+        R: AsyncRead + Unpin + Send,
+    {
+        let expected = expected.with_digest(digest.content_digest().clone());
+        Ok(self.cache.store(&digest.to_string(), reader, &expected, "").await?)
+    }
+
+    /// Open the blob with `digest`, if cached, and record the hit for LRU order (in memory;
+    /// written in batches, so the hit path makes no database write).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Cache`](crate::Error::Cache) if the metadata cannot be read or the payload
+    /// cannot be opened.
+    pub async fn open(&self, digest: &Digest) -> Result<Option<Blob>> {
+        Ok(self
+            .cache
+            .open_entry(&digest.to_string())
+            .await?
+            .map(|entry| Blob { size: entry.info.size, file: entry.file }))
+    }
+
+    /// Whether the blob is cached (no access recorded).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Cache`](crate::Error::Cache) if the metadata cannot be read.
+    pub async fn contains(&self, digest: &Digest) -> Result<bool> {
+        Ok(self.cache.contains(&digest.to_string()).await?)
+    }
+
+    /// Remove the blob now. Returns the bytes freed, if it was cached.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Cache`](crate::Error::Cache) on an I/O or database error.
+    pub async fn remove(&self, digest: &Digest) -> Result<Option<u64>> {
+        Ok(self.cache.remove(&digest.to_string()).await?)
+    }
+
+    /// Keep the blob out of eviction while the guard lives (an in-flight upstream fill).
+    pub fn pin(&self, digest: &Digest) -> Pin {
+        self.cache.pin(&digest.to_string())
+    }
+
+    /// The number of cached blobs (O(1)).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Cache`](crate::Error::Cache) if the metadata cannot be read.
+    pub async fn len(&self) -> Result<u64> {
+        Ok(self.cache.len().await?)
+    }
+
+    /// Whether the cache is empty.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Cache`](crate::Error::Cache) if the metadata cannot be read.
+    pub async fn is_empty(&self) -> Result<bool> {
+        Ok(self.cache.is_empty().await?)
+    }
+
+    /// The accounted total of blob bytes (O(1): kept alongside the rows).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Cache`](crate::Error::Cache) if the metadata cannot be read.
+    pub async fn total_bytes(&self) -> Result<u64> {
+        Ok(self.cache.total_bytes().await?)
+    }
+
+    /// Run an eviction pass now (on the cache's one eviction task) and wait for it.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe: the pass still runs.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Cache`](crate::Error::Cache) if the pass failed (the evictor also retries it).
+    pub async fn evict_if_over_cap(&self) -> Result<PassReport> {
+        Ok(self.cache.evict_if_over_cap().await?)
+    }
+
+    /// Hits, misses, bytes stored and the evictor's counters.
+    #[must_use]
+    pub fn stats(&self) -> CacheStats {
+        self.cache.stats()
+    }
+
+    /// The shared entry cache underneath.
+    #[must_use]
+    pub fn entries(&self) -> &EntryCache {
+        &self.cache
+    }
+}

@@ -1,0 +1,130 @@
+//! Bad input gets a typed error and stores nothing.
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use dunite_core::Error as CoreError;
+use dunite_oci::{BlobCache, Digest, DigestError, Error};
+use dunite_testkit::{DiskUsage, check_consistency, disk_usage};
+use tokio::io::{AsyncRead, ReadBuf};
+
+use crate::{blob, open};
+
+/// Yields `good` bytes, then fails like a cut connection.
+struct CutAfter {
+    data: Vec<u8>,
+    pos: usize,
+    good: usize,
+}
+
+impl AsyncRead for CutAfter {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        if self.pos >= self.good {
+            return Poll::Ready(Err(std::io::Error::new(
+                std::io::ErrorKind::ConnectionReset,
+                "upstream cut",
+            )));
+        }
+        let end = (self.pos + buf.remaining().min(1000)).min(self.good);
+        buf.put_slice(&self.data[self.pos..end]);
+        self.pos = end;
+        Poll::Ready(Ok(()))
+    }
+}
+
+/// Panics if read: proves a refusal happened before any byte was consumed.
+struct MustNotRead;
+
+impl AsyncRead for MustNotRead {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+        _: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        panic!("the cache read a stream it should have refused up front")
+    }
+}
+
+async fn assert_nothing_stored(cache: &BlobCache, dir: &std::path::Path) {
+    assert_eq!(cache.total_bytes().await.unwrap(), 0);
+    assert_eq!(cache.len().await.unwrap(), 0);
+    assert_eq!(disk_usage(dir), DiskUsage::default());
+    check_consistency(cache.entries().entries(), dir).await.unwrap();
+}
+
+fn core(result: Result<dunite_core::Stored, Error>) -> CoreError {
+    match result {
+        Err(Error::Cache(e)) => e,
+        other => panic!("expected a cache error, got {other:?}"),
+    }
+}
+
+#[test]
+fn malformed_digests_are_typed_errors() {
+    for input in ["", "sha256", "sha256:", "md5:00", "sha256:xyz", "sha256:/etc/passwd", "sha384:ab"] {
+        let err = input.parse::<Digest>().unwrap_err();
+        let wrapped: Error = err.clone().into();
+        assert!(matches!(wrapped, Error::InvalidDigest(_)));
+        assert!(!err.to_string().is_empty());
+    }
+    assert!(matches!("sha256:abc".parse::<Digest>(), Err(DigestError::WrongLength { .. })));
+}
+
+#[tokio::test]
+async fn digest_mismatch_stores_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = open(dir.path(), 1 << 20).await;
+    let (digest, _) = blob(1, 1000);
+    let (_, other) = blob(2, 1000);
+    let err = core(cache.store_with_size(&digest, 1000, &other[..]).await);
+    assert!(matches!(err, CoreError::DigestMismatch { .. }), "{err}");
+    assert!(err.to_string().contains(&digest.to_string()));
+    assert!(!cache.contains(&digest).await.unwrap());
+    assert_nothing_stored(&cache, dir.path()).await;
+}
+
+#[tokio::test]
+async fn size_mismatches_store_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = open(dir.path(), 1 << 20).await;
+    let (digest, bytes) = blob(3, 1000);
+    let err = core(cache.store_with_size(&digest, 1001, &bytes[..]).await);
+    assert!(matches!(err, CoreError::Truncated { expected: 1001, received: 1000 }), "{err}");
+    let err = core(cache.store_with_size(&digest, 999, &bytes[..]).await);
+    assert!(matches!(err, CoreError::TooLong { expected: 999 }), "{err}");
+    assert_nothing_stored(&cache, dir.path()).await;
+}
+
+#[tokio::test]
+async fn a_cut_stream_stores_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = open(dir.path(), 1 << 20).await;
+    let (digest, bytes) = blob(4, 100_000);
+    let reader = CutAfter { data: bytes, pos: 0, good: 40_000 };
+    let err = core(cache.store_with_size(&digest, 100_000, reader).await);
+    assert!(matches!(err, CoreError::Source { received: 40_000, .. }), "{err}");
+    assert_nothing_stored(&cache, dir.path()).await;
+}
+
+#[tokio::test]
+async fn a_blob_over_the_cap_is_refused_before_it_evicts_anything() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = open(dir.path(), 10_000).await;
+    let (kept, kept_bytes) = blob(5, 5_000);
+    cache.store(&kept, &kept_bytes[..]).await.unwrap();
+
+    let (digest, bytes) = blob(6, 10_001);
+    let err = core(cache.store_with_size(&digest, 10_001, MustNotRead).await);
+    assert!(matches!(err, CoreError::TooLarge { size: 10_001, max_bytes: 10_000 }), "{err}");
+    // Size unknown up front: refused as soon as the stream crosses the cap.
+    let err = core(cache.store(&digest, &bytes[..]).await);
+    assert!(matches!(err, CoreError::TooLarge { max_bytes: 10_000, .. }), "{err}");
+
+    assert!(cache.contains(&kept).await.unwrap(), "the refused blob must not have evicted anything");
+    assert_eq!(cache.total_bytes().await.unwrap(), 5_000);
+    assert_eq!(disk_usage(dir.path()).temp_files, 0);
+}
