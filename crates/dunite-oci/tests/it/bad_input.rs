@@ -128,3 +128,18 @@ async fn a_blob_over_the_cap_is_refused_before_it_evicts_anything() {
     assert_eq!(cache.total_bytes().await.unwrap(), 5_000);
     assert_eq!(disk_usage(dir.path()).temp_files, 0);
 }
+
+/// The database dies between the write and the commit: a typed error, and the payload that
+/// was already renamed into place is deleted again.
+#[tokio::test]
+async fn a_dead_database_stores_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = open(dir.path(), 1 << 20).await;
+    cache.entries().entries().database().pool().close().await;
+    let (digest, bytes) = blob(8, 10_000);
+    let err = core(cache.store(&digest, &bytes[..]).await);
+    assert!(matches!(err, CoreError::Database { .. }), "{err}");
+    assert_eq!(disk_usage(dir.path()), DiskUsage::default(), "no payload or temporary file may remain");
+    // Reads fail with a typed error too, rather than handing out anything.
+    assert!(matches!(cache.open(&digest).await, Err(Error::Cache(CoreError::Database { .. }))));
+}
