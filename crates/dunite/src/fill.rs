@@ -1,0 +1,239 @@
+//! Single-flight upstream fills of blobs, streamed to every client while they run.
+//!
+//! A miss starts one [`Fill`] per digest however many clients ask. The fill writes the
+//! upstream body to a spool file and publishes how many bytes are there; each client reads
+//! the spool from its own handle as it grows, so it receives bytes as they arrive. At the
+//! end the fill stores the spool into the blob cache, which verifies size and digest; only
+//! then do clients see the end of their stream. A cut upstream or a digest mismatch ends every
+//! client's stream with an error (the connection is aborted), never with wrong bytes
+//! presented as complete, and nothing enters the cache.
+
+use std::collections::HashMap;
+use std::io::SeekFrom;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use bytes::Bytes;
+use futures_util::{Stream, StreamExt as _};
+use tokio::io::{AsyncReadExt as _, AsyncSeekExt as _, AsyncWriteExt as _};
+use tokio::sync::watch;
+
+use dunite_oci::{BlobCache, Digest};
+
+/// Bytes a client reads from the spool at a time.
+const CHUNK: usize = 64 * 1024;
+
+/// Where a fill is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum FillState {
+    /// Waiting for the upstream's answer.
+    Connecting,
+    /// Receiving: `written` bytes are in the spool, of `total` if the upstream said.
+    Streaming {
+        /// Bytes in the spool.
+        written: u64,
+        /// The upstream's Content-Length.
+        total: Option<u64>,
+    },
+    /// Stored and verified; `written` bytes in all.
+    Done {
+        /// The blob's size.
+        written: u64,
+    },
+    /// Failed; nothing was cached.
+    Failed {
+        /// The upstream's status when it refused (404 and such), else `None`.
+        status: Option<u16>,
+        /// What happened.
+        message: String,
+    },
+}
+
+/// The in-flight fills, by digest.
+#[derive(Debug, Default)]
+pub(crate) struct Fills {
+    inflight: Mutex<HashMap<Digest, Arc<Fill>>>,
+}
+
+/// One in-flight fill.
+#[derive(Debug)]
+pub(crate) struct Fill {
+    spool: std::path::PathBuf,
+    state: watch::Sender<FillState>,
+}
+
+/// A client's view of a fill: the current state and a handle on the spool.
+#[derive(Debug)]
+pub(crate) struct Subscription {
+    /// State updates.
+    pub(crate) state: watch::Receiver<FillState>,
+    spool: std::fs::File,
+}
+
+impl Fills {
+    /// Join the fill of `digest`, starting it with `start` if none is in flight. `start`
+    /// receives the spool path and the state sender, and must run to completion on its own
+    /// task (it is spawned, so a client going away does not cancel it for the others).
+    ///
+    /// # Errors
+    ///
+    /// If the spool file cannot be created or opened.
+    pub(crate) fn join<F, Fut>(
+        &self,
+        digest: &Digest,
+        spool_dir: &std::path::Path,
+        start: F,
+    ) -> std::io::Result<Subscription>
+    where
+        F: FnOnce(std::path::PathBuf, watch::Sender<FillState>) -> Fut,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let mut inflight = self.inflight.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(fill) = inflight.get(digest) {
+            // The spool exists while the fill is in the map: it is removed from the map
+            // before its spool is deleted, under this lock.
+            return Ok(Subscription {
+                state: fill.state.subscribe(),
+                spool: std::fs::File::open(&fill.spool)?,
+            });
+        }
+        let spool = tempfile::Builder::new().prefix("fill-").tempfile_in(spool_dir)?.into_temp_path();
+        let path = spool.to_path_buf();
+        let (state, rx) = watch::channel(FillState::Connecting);
+        let fill = Arc::new(Fill { spool: path.clone(), state: state.clone() });
+        let subscription = Subscription { state: rx, spool: std::fs::File::open(&path)? };
+        inflight.insert(digest.clone(), fill);
+        drop(inflight);
+        let task = start(path, state);
+        tokio::spawn(async move {
+            task.await;
+            // `spool` (a TempPath) is dropped with this task, after the fill has left the
+            // map (see `finish`), deleting the file; open handles keep reading.
+            drop(spool);
+        });
+        Ok(subscription)
+    }
+
+    /// Remove `digest`'s fill from the map (before its spool is deleted).
+    pub(crate) fn finish(&self, digest: &Digest) {
+        self.inflight.lock().unwrap_or_else(PoisonError::into_inner).remove(digest);
+    }
+}
+
+/// Copy an upstream body into the spool, publishing progress, then store the spool in the
+/// cache (which verifies it). Sets the final state.
+pub(crate) async fn run_fill(
+    cache: BlobCache,
+    digest: Digest,
+    spool: std::path::PathBuf,
+    state: watch::Sender<FillState>,
+    response: reqwest::Response,
+    upstream_bytes: Arc<std::sync::atomic::AtomicU64>,
+) {
+    let total = response.content_length();
+    let result: Result<u64, String> = async {
+        let mut file =
+            tokio::fs::OpenOptions::new().write(true).open(&spool).await.map_err(|e| e.to_string())?;
+        let mut written = 0u64;
+        state.send_replace(FillState::Streaming { written, total });
+        let mut body = response.bytes_stream();
+        while let Some(chunk) = body.next().await {
+            let chunk = chunk.map_err(|e| format!("upstream body failed after {written} bytes: {e}"))?;
+            file.write_all(&chunk).await.map_err(|e| e.to_string())?;
+            written += chunk.len() as u64;
+            upstream_bytes.fetch_add(chunk.len() as u64, std::sync::atomic::Ordering::Relaxed);
+            state.send_replace(FillState::Streaming { written, total });
+        }
+        file.flush().await.map_err(|e| e.to_string())?;
+        if let Some(total) = total
+            && total != written
+        {
+            return Err(format!("upstream sent {written} of {total} bytes"));
+        }
+        let reader = tokio::fs::File::open(&spool).await.map_err(|e| e.to_string())?;
+        cache.store_with_size(&digest, written, reader).await.map_err(|e| e.to_string())?;
+        Ok(written)
+    }
+    .await;
+    match result {
+        Ok(written) => {
+            state.send_replace(FillState::Done { written });
+        }
+        Err(message) => {
+            tracing::warn!(%digest, %message, "blob fill failed; nothing cached");
+            state.send_replace(FillState::Failed { status: None, message });
+        }
+    }
+}
+
+impl Subscription {
+    /// Wait until the fill has an answer from upstream (streaming, done or failed).
+    pub(crate) async fn started(&mut self) -> FillState {
+        loop {
+            let state = self.state.borrow_and_update().clone();
+            if state != FillState::Connecting {
+                return state;
+            }
+            if self.state.changed().await.is_err() {
+                return self.state.borrow().clone();
+            }
+        }
+    }
+
+    /// Wait until the fill is done or failed.
+    pub(crate) async fn finished(&mut self) -> FillState {
+        loop {
+            let state = self.state.borrow_and_update().clone();
+            if matches!(state, FillState::Done { .. } | FillState::Failed { .. }) {
+                return state;
+            }
+            if self.state.changed().await.is_err() {
+                return self.state.borrow().clone();
+            }
+        }
+    }
+
+    /// The blob's bytes as they arrive; ends with an error if the fill fails.
+    pub(crate) fn into_stream(self) -> impl Stream<Item = std::io::Result<Bytes>> + Send + 'static {
+        let file = tokio::fs::File::from_std(self.spool);
+        futures_util::stream::unfold(
+            (file, self.state, 0u64, false),
+            |(mut file, mut rx, pos, ended)| async move {
+                if ended {
+                    return None;
+                }
+                loop {
+                    let state = rx.borrow_and_update().clone();
+                    let (available, finished) = match &state {
+                        FillState::Connecting => (0, false),
+                        FillState::Streaming { written, .. } => (*written, false),
+                        FillState::Done { written } => (*written, true),
+                        FillState::Failed { message, .. } => {
+                            let error = std::io::Error::other(message.clone());
+                            return Some((Err(error), (file, rx, pos, true)));
+                        }
+                    };
+                    if available > pos {
+                        let want = usize::try_from(available - pos).unwrap_or(CHUNK).min(CHUNK);
+                        let mut buf = vec![0u8; want];
+                        let read = async {
+                            file.seek(SeekFrom::Start(pos)).await?;
+                            file.read_exact(&mut buf).await
+                        }
+                        .await;
+                        return Some(match read {
+                            Ok(_) => (Ok(Bytes::from(buf)), (file, rx, pos + want as u64, false)),
+                            Err(e) => (Err(e), (file, rx, pos, true)),
+                        });
+                    }
+                    if finished {
+                        return None;
+                    }
+                    if rx.changed().await.is_err() {
+                        let error = std::io::Error::other("blob fill ended without an outcome");
+                        return Some((Err(error), (file, rx, pos, true)));
+                    }
+                }
+            },
+        )
+    }
+}

@@ -1,0 +1,39 @@
+//! `dunite`: a byte-capped pull-through OCI registry mirror and download proxy.
+//!
+//! The binary's library half, so tests and embedders can run the server in-process:
+//! [`Config`] (flags, `DUNITE_*` variables, a TOML file), [`App::open`] (the caches on one
+//! metadata database, the upstream client) and [`serve`].
+//!
+//! Request flow (see `docs/server.md`): a client asks `GET /v2/<name>/blobs/<digest>`; a hit
+//! streams the cached file (with `Range`); a miss joins the one upstream fill of that digest
+//! (single-flight), which spools the body while every waiting client streams it, then stores
+//! it in the blob cache, which verifies the digest. Manifests by digest are immutable; tags
+//! are revalidated after the tag TTL and served stale while the upstream is down.
+//!
+//! # Example
+//!
+//! ```no_run
+//! use dunite::{App, Config, serve, shutdown_signal};
+//!
+//! # #[tokio::main]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let config = Config::new("dunite-data".into());
+//! let listener = tokio::net::TcpListener::bind(config.listen).await?;
+//! let app = App::open(config).await?;
+//! serve(app, listener, shutdown_signal()).await?;
+//! # Ok(())
+//! # }
+//! ```
+
+#![warn(missing_docs, missing_debug_implementations, unreachable_pub)]
+
+mod app;
+pub mod config;
+mod fill;
+mod metrics;
+mod oci;
+pub mod spec;
+pub mod upstream;
+
+pub use app::{App, CacheOutcome, StartError, serve, shutdown_signal, wait_until_listening};
+pub use config::{Cli, Command, Config, ConfigError, ServeArgs};

@@ -1,0 +1,47 @@
+//! The `dunite` command: `dunite serve` runs the mirror and proxy.
+
+use std::process::ExitCode;
+
+use clap::Parser as _;
+use tracing_subscriber::EnvFilter;
+
+use dunite::{App, Cli, Command, Config, serve, shutdown_signal};
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::try_from_env("DUNITE_LOG").unwrap_or_else(|_| EnvFilter::new("info")))
+        .init();
+    let cli = Cli::parse();
+    let Command::Serve(args) = cli.command;
+    let config = match Config::resolve(args) {
+        Ok(config) => config,
+        Err(error) => {
+            tracing::error!(%error, "bad configuration");
+            return ExitCode::from(2);
+        }
+    };
+    let listener = match tokio::net::TcpListener::bind(config.listen).await {
+        Ok(listener) => listener,
+        Err(error) => {
+            tracing::error!(%error, listen = %config.listen, "cannot listen (setting `listen`)");
+            return ExitCode::from(2);
+        }
+    };
+    let addr = listener.local_addr().map_or_else(|_| config.listen.to_string(), |a| a.to_string());
+    let app = match App::open(config).await {
+        Ok(app) => app,
+        Err(error) => {
+            tracing::error!(%error, "cannot start");
+            return ExitCode::FAILURE;
+        }
+    };
+    tracing::info!(%addr, "dunite listening");
+    match serve(app, listener, shutdown_signal()).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            tracing::error!(%error, "server failed");
+            ExitCode::FAILURE
+        }
+    }
+}

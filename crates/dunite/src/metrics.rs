@@ -1,0 +1,136 @@
+//! Counters, rendered in the Prometheus text format at `GET /metrics`.
+
+use std::fmt::Write as _;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Request-level counters (cache-level ones come from the caches' own stats).
+#[derive(Debug, Default)]
+pub(crate) struct Metrics {
+    /// Requests answered.
+    pub(crate) requests: AtomicU64,
+    /// Blob requests answered from the cache.
+    pub(crate) blob_hits: AtomicU64,
+    /// Blob requests that needed the upstream.
+    pub(crate) blob_misses: AtomicU64,
+    /// Manifest requests answered from the cache.
+    pub(crate) manifest_hits: AtomicU64,
+    /// Manifest requests that went upstream.
+    pub(crate) manifest_misses: AtomicU64,
+    /// Tags served stale because the upstream was unreachable.
+    pub(crate) stale_tags_served: AtomicU64,
+    /// Download requests answered from the cache.
+    pub(crate) download_hits: AtomicU64,
+    /// Download requests fetched or revalidated upstream.
+    pub(crate) download_misses: AtomicU64,
+    /// Body bytes sent to clients.
+    pub(crate) bytes_served: Arc<AtomicU64>,
+    /// Body bytes received from upstreams.
+    pub(crate) upstream_bytes: Arc<AtomicU64>,
+    /// Requests answered with a 5xx.
+    pub(crate) errors: AtomicU64,
+}
+
+/// A per-cache series: name, type, help, and how to read it.
+type Gauge = (&'static str, &'static str, &'static str, fn(&CacheGauges) -> u64);
+
+/// One cache's gauges for the exposition.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct CacheGauges {
+    /// Accounted bytes.
+    pub(crate) bytes: u64,
+    /// The cap.
+    pub(crate) max_bytes: u64,
+    /// Entries.
+    pub(crate) entries: u64,
+    /// Eviction passes run.
+    pub(crate) passes: u64,
+    /// Pokes coalesced into a pending pass.
+    pub(crate) pokes_coalesced: u64,
+    /// Entries evicted.
+    pub(crate) evicted: u64,
+    /// Failed eviction passes.
+    pub(crate) evictor_errors: u64,
+}
+
+impl Metrics {
+    /// The Prometheus text exposition.
+    #[must_use]
+    pub(crate) fn render(&self, caches: &[(&str, CacheGauges)]) -> String {
+        let mut out = String::new();
+        let counters: [(&str, &str, u64); 11] = [
+            ("dunite_requests_total", "Requests answered.", self.requests.load(Ordering::Relaxed)),
+            (
+                "dunite_blob_hits_total",
+                "Blob requests served from the cache.",
+                self.blob_hits.load(Ordering::Relaxed),
+            ),
+            (
+                "dunite_blob_misses_total",
+                "Blob requests that went upstream.",
+                self.blob_misses.load(Ordering::Relaxed),
+            ),
+            (
+                "dunite_manifest_hits_total",
+                "Manifest requests served from the cache.",
+                self.manifest_hits.load(Ordering::Relaxed),
+            ),
+            (
+                "dunite_manifest_misses_total",
+                "Manifest requests that went upstream.",
+                self.manifest_misses.load(Ordering::Relaxed),
+            ),
+            (
+                "dunite_stale_tags_served_total",
+                "Tags served stale while the upstream was down.",
+                self.stale_tags_served.load(Ordering::Relaxed),
+            ),
+            (
+                "dunite_download_hits_total",
+                "Downloads served from the cache.",
+                self.download_hits.load(Ordering::Relaxed),
+            ),
+            (
+                "dunite_download_misses_total",
+                "Downloads fetched or revalidated upstream.",
+                self.download_misses.load(Ordering::Relaxed),
+            ),
+            (
+                "dunite_bytes_served_total",
+                "Body bytes sent to clients.",
+                self.bytes_served.load(Ordering::Relaxed),
+            ),
+            (
+                "dunite_upstream_bytes_total",
+                "Body bytes received from upstreams.",
+                self.upstream_bytes.load(Ordering::Relaxed),
+            ),
+            (
+                "dunite_errors_total",
+                "Requests answered with a server error.",
+                self.errors.load(Ordering::Relaxed),
+            ),
+        ];
+        for (name, help, value) in counters {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}");
+        }
+        let gauges: [Gauge; 7] = [
+            ("dunite_cache_bytes", "gauge", "Accounted bytes in the cache.", |g| g.bytes),
+            ("dunite_cache_max_bytes", "gauge", "The cache's byte cap.", |g| g.max_bytes),
+            ("dunite_cache_entries", "gauge", "Entries in the cache.", |g| g.entries),
+            ("dunite_evictor_passes_total", "counter", "Eviction passes run.", |g| g.passes),
+            ("dunite_evictor_pokes_coalesced_total", "counter", "Pokes folded into a pending pass.", |g| {
+                g.pokes_coalesced
+            }),
+            ("dunite_evictor_evicted_total", "counter", "Entries evicted.", |g| g.evicted),
+            ("dunite_evictor_errors_total", "counter", "Failed eviction passes.", |g| g.evictor_errors),
+        ];
+        for (name, kind, help, get) in gauges {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+            for (cache, g) in caches {
+                let _ = writeln!(out, "{name}{{cache=\"{cache}\"}} {}", get(g));
+            }
+        }
+        out
+    }
+}

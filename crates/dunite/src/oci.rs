@@ -1,0 +1,498 @@
+//! The OCI distribution pull API, as a pull-through mirror.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::body::Body;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use futures_util::StreamExt as _;
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncReadExt as _, AsyncSeekExt as _};
+
+use dunite_core::{ContentDigest, DigestAlgorithm, Expected};
+use dunite_oci::Digest;
+
+use crate::app::{App, CacheOutcome};
+use crate::fill::{FillState, run_fill};
+use crate::spec::{Reference, SpecError, is_valid_name};
+
+/// Manifests larger than this are refused (the spec suggests registries cap them at 4 MiB).
+const MAX_MANIFEST: usize = 4 << 20;
+
+/// What clients accept when they do not say.
+const DEFAULT_ACCEPT: &str = "application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json, \
+     application/vnd.docker.distribution.manifest.list.v2+json, application/vnd.docker.distribution.manifest.v2+json";
+
+/// `?ns=<registry host>`, as containerd sends it to a mirror.
+#[derive(Debug, Deserialize)]
+pub(crate) struct NsQuery {
+    ns: Option<String>,
+}
+
+/// What the tag cache records for a tag.
+#[derive(Debug, Serialize, Deserialize)]
+struct TagRecord {
+    digest: String,
+    media_type: String,
+}
+
+/// `GET /v2/`.
+pub(crate) async fn root() -> Response {
+    ([("docker-distribution-api-version", "registry/2.0"), ("content-type", "application/json")], "{}")
+        .into_response()
+}
+
+/// `GET|HEAD /v2/<name>/manifests/<reference>` and `/v2/<name>/blobs/<digest>`.
+pub(crate) async fn dispatch(
+    State(app): State<Arc<App>>,
+    method: Method,
+    Path(rest): Path<String>,
+    Query(query): Query<NsQuery>,
+    headers: HeaderMap,
+) -> Response {
+    match route(&app, &method, &rest, query, &headers).await {
+        Ok(response) => response,
+        Err(error) => {
+            if error.status.is_server_error() {
+                app.metrics.errors.fetch_add(1, Ordering::Relaxed);
+            }
+            error.into_response()
+        }
+    }
+}
+
+async fn route(
+    app: &Arc<App>,
+    method: &Method,
+    rest: &str,
+    query: NsQuery,
+    headers: &HeaderMap,
+) -> Result<Response, SpecError> {
+    if *method != Method::GET && *method != Method::HEAD {
+        return Err(SpecError::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "UNSUPPORTED",
+            "this mirror only serves pulls",
+        ));
+    }
+    let mut parts = rest.rsplitn(3, '/');
+    let (reference, kind, name) = match (parts.next(), parts.next(), parts.next()) {
+        (Some(r), Some(k), Some(n)) => (r, k, n),
+        _ => return Err(SpecError::unsupported("unknown endpoint")),
+    };
+    if !is_valid_name(name) {
+        return Err(SpecError::name_invalid());
+    }
+    let host = query.ns.unwrap_or_else(|| app.config.default_registry.clone());
+    if !app.registries.knows(&host) {
+        return Err(SpecError::new(
+            StatusCode::NOT_FOUND,
+            "NAME_UNKNOWN",
+            format!("no upstream for registry {host:?}"),
+        ));
+    }
+    match kind {
+        "blobs" => {
+            let digest: Digest = reference
+                .parse()
+                .map_err(|e: dunite_oci::DigestError| SpecError::digest_invalid(&e.to_string()))?;
+            blob(app, method, &host, name, &digest, headers).await
+        }
+        "manifests" => manifest(app, method, &host, name, Reference::parse(reference)?, headers).await,
+        _ => Err(SpecError::unsupported("unknown endpoint")),
+    }
+}
+
+async fn blob(
+    app: &Arc<App>,
+    method: &Method,
+    host: &str,
+    name: &str,
+    digest: &Digest,
+    headers: &HeaderMap,
+) -> Result<Response, SpecError> {
+    if let Some(blob) = app.blobs.open(digest).await.map_err(internal)? {
+        app.metrics.blob_hits.fetch_add(1, Ordering::Relaxed);
+        return serve_file(
+            app,
+            method,
+            blob.size(),
+            blob.into_file(),
+            digest,
+            headers.get(header::RANGE),
+            CacheOutcome::Hit,
+        )
+        .await;
+    }
+    app.metrics.blob_misses.fetch_add(1, Ordering::Relaxed);
+    let upstream_name = app.registries.upstream_name(host, name);
+    let path = format!("{upstream_name}/blobs/{digest}");
+    if *method == Method::HEAD {
+        let answer =
+            app.registries.send(host, &upstream_name, Method::HEAD, &path, None).await.map_err(upstream)?;
+        return match answer.status() {
+            s if s.is_success() => {
+                let mut response = StatusCode::OK.into_response();
+                copy_header(answer.headers(), response.headers_mut(), header::CONTENT_LENGTH);
+                set_digest(response.headers_mut(), digest);
+                response.extensions_mut().insert(CacheOutcome::Miss);
+                Ok(response)
+            }
+            StatusCode::NOT_FOUND => Err(SpecError::blob_unknown()),
+            s => Err(SpecError::upstream(format!("upstream answered {s}"))),
+        };
+    }
+    let fill_app = Arc::clone(app);
+    let fill_digest = digest.clone();
+    let fill_host = host.to_owned();
+    let mut subscription = app
+        .fills
+        .join(digest, &app.spool_dir, move |spool, state| async move {
+            let app = fill_app;
+            match app.registries.send(&fill_host, &upstream_name, Method::GET, &path, None).await {
+                Ok(response) if response.status().is_success() => {
+                    let upstream_bytes = Arc::clone(&app.metrics.upstream_bytes);
+                    run_fill(app.blobs.clone(), fill_digest.clone(), spool, state, response, upstream_bytes)
+                        .await;
+                }
+                Ok(response) => {
+                    let status = response.status();
+                    state.send_replace(FillState::Failed {
+                        status: Some(status.as_u16()),
+                        message: format!("upstream answered {status}"),
+                    });
+                }
+                Err(e) => {
+                    state.send_replace(FillState::Failed { status: None, message: e.to_string() });
+                }
+            }
+            app.fills.finish(&fill_digest);
+        })
+        .map_err(|e| internal(dunite_oci::Error::Cache(dunite_core::Error::InvalidConfig(e.to_string()))))?;
+    match subscription.started().await {
+        FillState::Failed { status: Some(404), .. } => return Err(SpecError::blob_unknown()),
+        FillState::Failed { message, .. } => return Err(SpecError::upstream(message)),
+        _ => {}
+    }
+    if headers.contains_key(header::RANGE) {
+        // A range of a blob still filling: wait for the verified blob, then serve from it.
+        match subscription.finished().await {
+            FillState::Done { .. } => {}
+            FillState::Failed { message, .. } => return Err(SpecError::upstream(message)),
+            _ => return Err(SpecError::upstream("blob fill ended without an outcome")),
+        }
+        let blob = app.blobs.open(digest).await.map_err(internal)?.ok_or_else(SpecError::blob_unknown)?;
+        return serve_file(
+            app,
+            method,
+            blob.size(),
+            blob.into_file(),
+            digest,
+            headers.get(header::RANGE),
+            CacheOutcome::Miss,
+        )
+        .await;
+    }
+    let total = match subscription.state.borrow().clone() {
+        FillState::Streaming { total, .. } => total,
+        FillState::Done { written } => Some(written),
+        _ => None,
+    };
+    let served = Arc::clone(&app.metrics.bytes_served);
+    let stream = subscription.into_stream().map(move |chunk| {
+        if let Ok(bytes) = &chunk {
+            served.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+        }
+        chunk
+    });
+    let mut response = Response::new(Body::from_stream(stream));
+    let headers = response.headers_mut();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
+    if let Some(total) = total {
+        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(total));
+    }
+    set_digest(headers, digest);
+    response.extensions_mut().insert(CacheOutcome::Miss);
+    Ok(response)
+}
+
+/// Serve a cached file, whole or one `Range`.
+async fn serve_file(
+    app: &App,
+    method: &Method,
+    size: u64,
+    mut file: tokio::fs::File,
+    digest: &Digest,
+    range: Option<&HeaderValue>,
+    outcome: CacheOutcome,
+) -> Result<Response, SpecError> {
+    let (status, start, len) = match range.map(|r| parse_range(r, size)) {
+        None => (StatusCode::OK, 0, size),
+        Some(Some((start, end))) => (StatusCode::PARTIAL_CONTENT, start, end - start + 1),
+        Some(None) => {
+            let mut response = StatusCode::RANGE_NOT_SATISFIABLE.into_response();
+            response.headers_mut().insert(header::CONTENT_RANGE, header_value(&format!("bytes */{size}")));
+            return Ok(response);
+        }
+    };
+    let body = if *method == Method::HEAD {
+        Body::empty()
+    } else {
+        file.seek(std::io::SeekFrom::Start(start)).await.map_err(|e| SpecError::upstream(e.to_string()))?;
+        let served = Arc::clone(&app.metrics.bytes_served);
+        let stream = tokio_util::io::ReaderStream::new(file.take(len)).map(move |chunk| {
+            if let Ok(bytes) = &chunk {
+                served.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+            }
+            chunk
+        });
+        Body::from_stream(stream)
+    };
+    let mut response = Response::new(body);
+    *response.status_mut() = status;
+    let headers = response.headers_mut();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
+    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    headers.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    if status == StatusCode::PARTIAL_CONTENT {
+        headers.insert(
+            header::CONTENT_RANGE,
+            header_value(&format!("bytes {start}-{}/{size}", start + len - 1)),
+        );
+    }
+    set_digest(headers, digest);
+    response.extensions_mut().insert(outcome);
+    Ok(response)
+}
+
+/// One `bytes=a-b`, `bytes=a-` or `bytes=-n` range within `size`, as inclusive bounds.
+fn parse_range(value: &HeaderValue, size: u64) -> Option<(u64, u64)> {
+    let spec = value.to_str().ok()?.trim().strip_prefix("bytes=")?;
+    if spec.contains(',') || size == 0 {
+        return None;
+    }
+    let (a, b) = spec.split_once('-')?;
+    let (start, end) = match (a.trim(), b.trim()) {
+        ("", n) => {
+            let n: u64 = n.parse().ok()?;
+            (size.saturating_sub(n), size - 1)
+        }
+        (a, "") => (a.parse().ok()?, size - 1),
+        (a, b) => (a.parse().ok()?, b.parse::<u64>().ok()?.min(size - 1)),
+    };
+    (start <= end && start < size).then_some((start, end))
+}
+
+async fn manifest(
+    app: &Arc<App>,
+    method: &Method,
+    host: &str,
+    name: &str,
+    reference: Reference,
+    headers: &HeaderMap,
+) -> Result<Response, SpecError> {
+    let accept =
+        headers.get(header::ACCEPT).cloned().unwrap_or_else(|| HeaderValue::from_static(DEFAULT_ACCEPT));
+    let upstream_name = app.registries.upstream_name(host, name);
+    match reference {
+        Reference::Digest(digest) => {
+            if let Some((bytes, media_type)) = cached_manifest(app, &digest).await? {
+                app.metrics.manifest_hits.fetch_add(1, Ordering::Relaxed);
+                return Ok(manifest_response(method, bytes, &media_type, &digest, CacheOutcome::Hit));
+            }
+            app.metrics.manifest_misses.fetch_add(1, Ordering::Relaxed);
+            let (bytes, media_type, fetched) =
+                fetch_manifest(app, host, &upstream_name, &digest.to_string(), &accept).await?;
+            if fetched != digest {
+                return Err(SpecError::upstream(format!(
+                    "upstream manifest digest {fetched} is not {digest}"
+                )));
+            }
+            Ok(manifest_response(method, bytes, &media_type, &digest, CacheOutcome::Miss))
+        }
+        Reference::Tag(tag) => {
+            let key = format!("{host}/{name}:{tag}");
+            let known = tag_record(app, &key).await?;
+            if let Some((record, stored_at_ms)) = &known
+                && now_ms().saturating_sub(*stored_at_ms)
+                    < i64::try_from(app.config.tag_ttl.as_millis()).unwrap_or(i64::MAX)
+                && let Ok(digest) = record.digest.parse::<Digest>()
+                && let Some((bytes, media_type)) = cached_manifest(app, &digest).await?
+            {
+                app.metrics.manifest_hits.fetch_add(1, Ordering::Relaxed);
+                return Ok(manifest_response(method, bytes, &media_type, &digest, CacheOutcome::Hit));
+            }
+            app.metrics.manifest_misses.fetch_add(1, Ordering::Relaxed);
+            match fetch_manifest(app, host, &upstream_name, &tag, &accept).await {
+                Ok((bytes, media_type, digest)) => {
+                    let record = TagRecord { digest: digest.to_string(), media_type: media_type.clone() };
+                    let meta =
+                        serde_json::to_string(&record).map_err(|e| SpecError::upstream(e.to_string()))?;
+                    app.tags
+                        .store(&key, &b""[..], &Expected::new().with_size(0), &meta)
+                        .await
+                        .map_err(core_internal)?;
+                    Ok(manifest_response(method, bytes, &media_type, &digest, CacheOutcome::Miss))
+                }
+                Err(error) if error.status == StatusCode::BAD_GATEWAY => {
+                    // The upstream is down: serve the last known tag if we still have it.
+                    let stale = match known {
+                        Some((record, _)) => match record.digest.parse::<Digest>() {
+                            Ok(digest) => cached_manifest(app, &digest).await?.map(|m| (m, digest)),
+                            Err(_) => None,
+                        },
+                        None => None,
+                    };
+                    let Some(((bytes, media_type), digest)) = stale else { return Err(error) };
+                    tracing::warn!(tag = key, "upstream unreachable; serving the cached tag");
+                    app.metrics.stale_tags_served.fetch_add(1, Ordering::Relaxed);
+                    Ok(manifest_response(method, bytes, &media_type, &digest, CacheOutcome::Stale))
+                }
+                Err(error) => Err(error),
+            }
+        }
+    }
+}
+
+async fn tag_record(app: &App, key: &str) -> Result<Option<(TagRecord, i64)>, SpecError> {
+    let Some(info) = app.tags.info(key).await.map_err(core_internal)? else { return Ok(None) };
+    Ok(serde_json::from_str(&info.meta).ok().map(|record| (record, info.stored_at_ms)))
+}
+
+async fn cached_manifest(app: &App, digest: &Digest) -> Result<Option<(Bytes, String)>, SpecError> {
+    let Some(mut entry) = app.manifests.open_entry(&digest.to_string()).await.map_err(core_internal)? else {
+        return Ok(None);
+    };
+    let mut bytes = Vec::new();
+    entry.file.read_to_end(&mut bytes).await.map_err(|e| SpecError::upstream(e.to_string()))?;
+    Ok(Some((Bytes::from(bytes), entry.info.meta)))
+}
+
+/// Fetch a manifest by tag or digest, verify and cache it by digest.
+async fn fetch_manifest(
+    app: &App,
+    host: &str,
+    upstream_name: &str,
+    reference: &str,
+    accept: &HeaderValue,
+) -> Result<(Bytes, String, Digest), SpecError> {
+    let path = format!("{upstream_name}/manifests/{reference}");
+    let response =
+        app.registries.send(host, upstream_name, Method::GET, &path, Some(accept)).await.map_err(upstream)?;
+    match response.status() {
+        s if s.is_success() => {}
+        StatusCode::NOT_FOUND => return Err(SpecError::manifest_unknown()),
+        StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => {
+            return Err(SpecError::new(StatusCode::UNAUTHORIZED, "UNAUTHORIZED", "upstream refused access"));
+        }
+        s => return Err(SpecError::upstream(format!("upstream answered {s}"))),
+    }
+    if response.content_length().is_some_and(|n| n > MAX_MANIFEST as u64) {
+        return Err(SpecError::new(StatusCode::BAD_GATEWAY, "MANIFEST_INVALID", "manifest too large"));
+    }
+    let media_type = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("application/vnd.oci.image.manifest.v1+json")
+        .to_owned();
+    let announced =
+        response.headers().get("docker-content-digest").and_then(|v| v.to_str().ok()).map(str::to_owned);
+    let bytes = response.bytes().await.map_err(|e| SpecError::upstream(e.to_string()))?;
+    if bytes.len() > MAX_MANIFEST {
+        return Err(SpecError::new(StatusCode::BAD_GATEWAY, "MANIFEST_INVALID", "manifest too large"));
+    }
+    app.metrics.upstream_bytes.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+    // Address by the upstream's announced algorithm if it is sha512, else sha256.
+    let algorithm = match announced.as_deref() {
+        Some(d) if d.starts_with("sha512:") => DigestAlgorithm::Sha512,
+        _ => DigestAlgorithm::Sha256,
+    };
+    let digest = Digest::from(ContentDigest::of(algorithm, &bytes));
+    if let Some(announced) = announced
+        && announced != digest.to_string()
+    {
+        return Err(SpecError::upstream(format!(
+            "upstream announced {announced} for a manifest hashing to {digest}"
+        )));
+    }
+    let expected = Expected::new().with_size(bytes.len() as u64).with_digest(digest.content_digest().clone());
+    app.manifests
+        .store(&digest.to_string(), &bytes[..], &expected, &media_type)
+        .await
+        .map_err(core_internal)?;
+    Ok((bytes, media_type, digest))
+}
+
+fn manifest_response(
+    method: &Method,
+    bytes: Bytes,
+    media_type: &str,
+    digest: &Digest,
+    outcome: CacheOutcome,
+) -> Response {
+    let len = bytes.len() as u64;
+    let mut response =
+        if *method == Method::HEAD { Response::new(Body::empty()) } else { Response::new(Body::from(bytes)) };
+    let headers = response.headers_mut();
+    headers.insert(header::CONTENT_TYPE, header_value(media_type));
+    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    set_digest(headers, digest);
+    response.extensions_mut().insert(outcome);
+    response
+}
+
+fn set_digest(headers: &mut HeaderMap, digest: &Digest) {
+    headers.insert("docker-content-digest", header_value(&digest.to_string()));
+}
+
+fn copy_header(from: &HeaderMap, to: &mut HeaderMap, name: header::HeaderName) {
+    if let Some(value) = from.get(&name).and_then(|v| HeaderValue::from_bytes(v.as_bytes()).ok()) {
+        to.insert(name, value);
+    }
+}
+
+fn header_value(text: &str) -> HeaderValue {
+    HeaderValue::from_str(text).unwrap_or_else(|_| HeaderValue::from_static("invalid"))
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+fn internal(error: dunite_oci::Error) -> SpecError {
+    tracing::error!(%error, "blob cache error");
+    SpecError::new(StatusCode::INTERNAL_SERVER_ERROR, "UNKNOWN", error.to_string())
+}
+
+fn core_internal(error: dunite_core::Error) -> SpecError {
+    internal(dunite_oci::Error::Cache(error))
+}
+
+fn upstream(error: crate::upstream::UpstreamError) -> SpecError {
+    SpecError::upstream(error.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges() {
+        let r = |s: &'static str| parse_range(&HeaderValue::from_static(s), 100);
+        assert_eq!(r("bytes=0-9"), Some((0, 9)));
+        assert_eq!(r("bytes=90-"), Some((90, 99)));
+        assert_eq!(r("bytes=-10"), Some((90, 99)));
+        assert_eq!(r("bytes=50-500"), Some((50, 99)));
+        assert_eq!(r("bytes=100-"), None);
+        assert_eq!(r("bytes=9-0"), None);
+        assert_eq!(r("bytes=0-1,5-6"), None);
+        assert_eq!(r("items=0-1"), None);
+    }
+}

@@ -1,0 +1,239 @@
+//! Upstream registries: requests with token authentication.
+//!
+//! On a `401` carrying `WWW-Authenticate: Bearer realm=..,service=..,scope=..`, the client
+//! asks the realm for a token (anonymously, or with the host's configured credentials),
+//! caches it until it expires, and retries once. Tokens and passwords are never logged.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use reqwest::header::{ACCEPT, AUTHORIZATION, HeaderMap, HeaderValue, WWW_AUTHENTICATE};
+use reqwest::{Method, StatusCode};
+use serde::Deserialize;
+
+use crate::config::Credentials;
+
+/// Tokens are dropped this long before their stated expiry, to absorb clock skew.
+const EXPIRY_MARGIN: Duration = Duration::from_secs(10);
+
+/// A client for the configured upstream registries.
+#[derive(Debug)]
+pub struct Registries {
+    http: reqwest::Client,
+    upstreams: BTreeMap<String, url::Url>,
+    credentials: BTreeMap<String, Credentials>,
+    tokens: Mutex<HashMap<(String, String), (String, Instant)>>,
+}
+
+/// Why an upstream request failed before an answer could be relayed.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    /// No upstream is configured for the registry host.
+    #[error("no upstream configured for registry {0:?}")]
+    UnknownRegistry(String),
+    /// The request or the token exchange failed.
+    #[error("upstream request failed: {0}")]
+    Http(#[from] reqwest::Error),
+    /// The token endpoint's answer was unusable.
+    #[error("upstream token exchange failed: {0}")]
+    Token(String),
+}
+
+#[derive(Deserialize)]
+struct TokenAnswer {
+    token: Option<String>,
+    access_token: Option<String>,
+    expires_in: Option<u64>,
+}
+
+impl Registries {
+    /// A client for `upstreams` (host -> base URL).
+    ///
+    /// # Errors
+    ///
+    /// If the HTTP client cannot be built (TLS set-up).
+    pub fn new(
+        upstreams: BTreeMap<String, url::Url>,
+        credentials: BTreeMap<String, Credentials>,
+    ) -> Result<Self, UpstreamError> {
+        let http = reqwest::Client::builder()
+            .user_agent(concat!("dunite/", env!("CARGO_PKG_VERSION")))
+            .connect_timeout(Duration::from_secs(10))
+            .build()?;
+        Ok(Self { http, upstreams, credentials, tokens: Mutex::default() })
+    }
+
+    /// Whether `host` has an upstream.
+    #[must_use]
+    pub fn knows(&self, host: &str) -> bool {
+        self.upstreams.contains_key(host)
+    }
+
+    /// The repository name as `host` expects it: Docker Hub keeps single-component names
+    /// under `library/`.
+    #[must_use]
+    pub fn upstream_name(&self, host: &str, name: &str) -> String {
+        let hub = host == "docker.io"
+            || self
+                .upstreams
+                .get(host)
+                .and_then(|u| u.host_str())
+                .is_some_and(|h| h == "registry-1.docker.io");
+        if hub && !name.contains('/') { format!("library/{name}") } else { name.to_owned() }
+    }
+
+    /// Send `method` to `<upstream of host>/v2/<path>` with `accept`, authenticating for
+    /// pulls of `name` when challenged.
+    ///
+    /// # Errors
+    ///
+    /// [`UpstreamError`] if the registry is unknown or the request fails outright; HTTP error
+    /// statuses are returned as responses.
+    pub async fn send(
+        &self,
+        host: &str,
+        name: &str,
+        method: Method,
+        path: &str,
+        accept: Option<&HeaderValue>,
+    ) -> Result<reqwest::Response, UpstreamError> {
+        let base = self.upstreams.get(host).ok_or_else(|| UpstreamError::UnknownRegistry(host.to_owned()))?;
+        let url = base.join(&format!("/v2/{path}")).map_err(|e| UpstreamError::Token(e.to_string()))?;
+        let scope = format!("repository:{name}:pull");
+        let key = (host.to_owned(), scope.clone());
+        let build = |token: Option<&str>| {
+            let mut request = self.http.request(method.clone(), url.clone());
+            if let Some(accept) = accept {
+                request = request.header(ACCEPT, accept.clone());
+            }
+            if let Some(token) = token {
+                request = request.header(AUTHORIZATION, format!("Bearer {token}"));
+            }
+            request
+        };
+        let cached = self.cached_token(&key);
+        let response = build(cached.as_deref()).send().await?;
+        if response.status() != StatusCode::UNAUTHORIZED {
+            return Ok(response);
+        }
+        let Some(challenge) = bearer_challenge(response.headers()) else { return Ok(response) };
+        let token = self.fetch_token(host, &challenge, &scope).await?;
+        let answer = build(Some(&token.0)).send().await?;
+        self.tokens
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(key, (token.0, Instant::now() + token.1));
+        Ok(answer)
+    }
+
+    fn cached_token(&self, key: &(String, String)) -> Option<String> {
+        let mut tokens = self.tokens.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        match tokens.get(key) {
+            Some((token, expires)) if *expires > Instant::now() => Some(token.clone()),
+            Some(_) => {
+                tokens.remove(key);
+                None
+            }
+            None => None,
+        }
+    }
+
+    async fn fetch_token(
+        &self,
+        host: &str,
+        challenge: &BTreeMap<String, String>,
+        scope: &str,
+    ) -> Result<(String, Duration), UpstreamError> {
+        let realm =
+            challenge.get("realm").ok_or_else(|| UpstreamError::Token("challenge without realm".into()))?;
+        let mut url = url::Url::parse(realm).map_err(|e| UpstreamError::Token(format!("bad realm: {e}")))?;
+        {
+            let mut query = url.query_pairs_mut();
+            if let Some(service) = challenge.get("service") {
+                query.append_pair("service", service);
+            }
+            query.append_pair("scope", challenge.get("scope").map_or(scope, String::as_str));
+        }
+        let mut request = self.http.get(url);
+        if let Some(credentials) = self.credentials.get(host) {
+            request = request.basic_auth(&credentials.username, Some(&credentials.password));
+        }
+        let response = request.send().await?;
+        if !response.status().is_success() {
+            return Err(UpstreamError::Token(format!("token endpoint answered {}", response.status())));
+        }
+        let answer: TokenAnswer = response.json().await?;
+        let token =
+            answer.token.or(answer.access_token).ok_or_else(|| UpstreamError::Token("no token".into()))?;
+        let lifetime = Duration::from_secs(answer.expires_in.unwrap_or(60)).saturating_sub(EXPIRY_MARGIN);
+        tracing::debug!(host, scope, lifetime_s = lifetime.as_secs(), "obtained upstream token");
+        Ok((token, lifetime))
+    }
+}
+
+/// The parameters of a `WWW-Authenticate: Bearer k="v",...` challenge.
+fn bearer_challenge(headers: &HeaderMap) -> Option<BTreeMap<String, String>> {
+    let value = headers.get(WWW_AUTHENTICATE)?.to_str().ok()?;
+    let rest = value.strip_prefix("Bearer ").or_else(|| value.strip_prefix("bearer "))?;
+    let mut params = BTreeMap::new();
+    let mut chars = rest.chars().peekable();
+    loop {
+        while chars.peek().is_some_and(|c| *c == ',' || c.is_whitespace()) {
+            chars.next();
+        }
+        let key: String = chars.by_ref().take_while(|c| *c != '=').collect();
+        if key.is_empty() {
+            break;
+        }
+        let value: String = if chars.peek() == Some(&'"') {
+            chars.next();
+            let mut v = String::new();
+            while let Some(c) = chars.next() {
+                match c {
+                    '"' => break,
+                    '\\' => v.extend(chars.next()),
+                    c => v.push(c),
+                }
+            }
+            v
+        } else {
+            chars.by_ref().take_while(|c| *c != ',').collect()
+        };
+        params.insert(key.trim().to_ascii_lowercase(), value);
+    }
+    Some(params)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_a_bearer_challenge() {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            WWW_AUTHENTICATE,
+            HeaderValue::from_static(
+                r#"Bearer realm="https://auth.example/token",service="registry.example",scope="repository:a/b:pull""#,
+            ),
+        );
+        let c = bearer_challenge(&headers).unwrap();
+        assert_eq!(c["realm"], "https://auth.example/token");
+        assert_eq!(c["service"], "registry.example");
+        assert_eq!(c["scope"], "repository:a/b:pull");
+        headers.insert(WWW_AUTHENTICATE, HeaderValue::from_static("Basic realm=x"));
+        assert!(bearer_challenge(&headers).is_none());
+    }
+
+    #[test]
+    fn docker_hub_names_get_library() {
+        let mut upstreams = BTreeMap::new();
+        upstreams.insert("docker.io".to_owned(), url::Url::parse("https://registry-1.docker.io").unwrap());
+        upstreams.insert("local".to_owned(), url::Url::parse("http://127.0.0.1:1").unwrap());
+        let r = Registries::new(upstreams, BTreeMap::new()).unwrap();
+        assert_eq!(r.upstream_name("docker.io", "alpine"), "library/alpine");
+        assert_eq!(r.upstream_name("docker.io", "me/app"), "me/app");
+        assert_eq!(r.upstream_name("local", "alpine"), "alpine");
+    }
+}
