@@ -2,4 +2,5 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests report failure by panicking")]
 
+mod e2e;
 mod tidy;

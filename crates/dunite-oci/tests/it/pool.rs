@@ -15,13 +15,13 @@ const STORES_PER_TASK: u64 = 8;
 const BLOB: usize = 32 * 1024;
 const CAP: u64 = 16 * BLOB as u64;
 
-/// A pool of 2 with a short acquire timeout, on a database that costs a millisecond per
+/// A pool of 2 with a short acquire timeout, on a database that costs two milliseconds per
 /// statement (a networked database, where the failure was seen in production).
 fn pool() -> DatabaseOptions {
     DatabaseOptions::new()
         .with_max_connections(2)
-        .with_acquire_timeout(Duration::from_millis(100))
-        .with_simulated_latency(Duration::from_millis(1))
+        .with_acquire_timeout(Duration::from_millis(200))
+        .with_simulated_latency(Duration::from_millis(2))
 }
 
 fn policy() -> EvictionPolicy {

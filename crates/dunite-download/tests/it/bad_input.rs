@@ -1,0 +1,168 @@
+//! Bad content gets a typed error and caches nothing.
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use dunite_core::{ContentDigest, DigestAlgorithm, Error as CoreError};
+use dunite_download::{
+    Download, DownloadCache, DownloadRequest, Error, FetchError, Fetched, ResponseMeta, Source, fetch_fn,
+};
+use dunite_testkit::{DiskUsage, check_consistency, disk_usage};
+use tokio::io::{AsyncRead, ReadBuf};
+
+use crate::{Upstream, content, open, read_all, read_verified, url, verified_request};
+
+/// Yields `good` bytes, then fails like a cut connection.
+struct CutAfter {
+    data: Vec<u8>,
+    pos: usize,
+    good: usize,
+}
+
+impl AsyncRead for CutAfter {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        if self.pos >= self.good {
+            return Poll::Ready(Err(std::io::Error::new(
+                std::io::ErrorKind::ConnectionReset,
+                "upstream cut",
+            )));
+        }
+        let end = (self.pos + buf.remaining().min(1000)).min(self.good);
+        buf.put_slice(&self.data[self.pos..end]);
+        self.pos = end;
+        Poll::Ready(Ok(()))
+    }
+}
+
+async fn assert_nothing_stored(cache: &DownloadCache, dir: &std::path::Path) {
+    assert_eq!(cache.total_bytes().await.unwrap(), 0);
+    assert_eq!(cache.len().await.unwrap(), 0);
+    assert_eq!(disk_usage(dir), DiskUsage::default());
+    check_consistency(cache.entries().entries(), dir).await.unwrap();
+}
+
+fn core(result: Result<Download, Error>) -> CoreError {
+    match result {
+        Err(Error::Cache(e)) => e,
+        other => panic!("expected a cache error, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn checksum_mismatch_caches_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = open(dir.path(), 1 << 20).await;
+    let upstream = Upstream::default();
+    let key = url("tool.tar.gz");
+    let (_, served) = content(1, 1000);
+    let (wanted, _) = content(2, 1000);
+    upstream.serve(&key, served, None);
+    let request = DownloadRequest::new(key.clone()).with_sha256(wanted.clone());
+    let err = core(cache.get_or_fetch(&request, &upstream).await);
+    assert!(matches!(err, CoreError::DigestMismatch { .. }), "{err}");
+    assert!(err.to_string().contains(&wanted.to_string()));
+    assert!(!cache.contains(&key).await.unwrap());
+    assert_nothing_stored(&cache, dir.path()).await;
+}
+
+#[tokio::test]
+async fn a_stream_shorter_than_its_content_length_caches_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = open(dir.path(), 1 << 20).await;
+    let (_, bytes) = content(3, 1000);
+    let fetcher = fetch_fn(move |_| {
+        let bytes = bytes.clone();
+        async move {
+            let meta = ResponseMeta::new().with_content_length(1001);
+            Ok::<_, FetchError>(Fetched::body(std::io::Cursor::new(bytes), meta))
+        }
+    });
+    let err = core(cache.get_or_fetch(&DownloadRequest::new(url("short")), &fetcher).await);
+    assert!(matches!(err, CoreError::Truncated { expected: 1001, received: 1000 }), "{err}");
+    assert_nothing_stored(&cache, dir.path()).await;
+}
+
+#[tokio::test]
+async fn a_fetcher_error_is_typed_and_caches_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = open(dir.path(), 1 << 20).await;
+    let upstream = Upstream::default();
+    let err = cache.get_or_fetch(&DownloadRequest::new(url("missing")), &upstream).await.unwrap_err();
+    assert!(matches!(&err, Error::Fetch { url, .. } if url == "https://example.com/missing"), "{err}");
+    assert!(std::error::Error::source(&err).unwrap().to_string().contains("404"));
+    assert_eq!(cache.download_stats().failed, 1);
+    assert_nothing_stored(&cache, dir.path()).await;
+}
+
+#[tokio::test]
+async fn a_body_cut_mid_stream_caches_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = open(dir.path(), 1 << 20).await;
+    let (_, bytes) = content(4, 100_000);
+    let fetcher = fetch_fn(move |_| {
+        let data = bytes.clone();
+        async move {
+            let meta = ResponseMeta::new().with_content_length(100_000);
+            Ok::<_, FetchError>(Fetched::body(CutAfter { data, pos: 0, good: 40_000 }, meta))
+        }
+    });
+    let err = core(cache.get_or_fetch(&DownloadRequest::new(url("cut")), &fetcher).await);
+    assert!(matches!(err, CoreError::Source { received: 40_000, .. }), "{err}");
+    assert_nothing_stored(&cache, dir.path()).await;
+}
+
+#[tokio::test]
+async fn not_modified_to_an_unconditional_request_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = open(dir.path(), 1 << 20).await;
+    let fetcher = fetch_fn(|_| async { Ok::<_, FetchError>(Fetched::not_modified()) });
+    let err = cache.get_or_fetch(&DownloadRequest::new(url("confused")), &fetcher).await.unwrap_err();
+    assert!(matches!(err, Error::UnexpectedNotModified { .. }), "{err}");
+    assert_nothing_stored(&cache, dir.path()).await;
+}
+
+#[tokio::test]
+async fn an_expected_digest_that_is_not_sha256_is_refused_before_fetching() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = open(dir.path(), 1 << 20).await;
+    let upstream = Upstream::default();
+    let request =
+        DownloadRequest::new(url("x")).with_sha256(ContentDigest::of(DigestAlgorithm::Sha512, b"x"));
+    let err = cache.get_or_fetch(&request, &upstream).await.unwrap_err();
+    assert!(matches!(err, Error::UnsupportedDigest { algorithm: "sha512" }), "{err}");
+    assert_eq!(upstream.calls(), 0);
+    assert_nothing_stored(&cache, dir.path()).await;
+}
+
+/// A cached entry whose sha256 is not the one a request expects is a miss: fetched again,
+/// verified, and replaced.
+#[tokio::test]
+async fn a_cached_entry_with_another_sha256_is_fetched_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = open(dir.path(), 1 << 20).await;
+    let upstream = Upstream::default();
+    let key = url("moving.bin");
+    let (_, old) = content(5, 3000);
+    let (_, new) = content(6, 2000);
+    upstream.serve(&key, old.clone(), None);
+    let mut first = cache.get_or_fetch(&verified_request(&key, &old), &upstream).await.unwrap();
+    upstream.serve(&key, new.clone(), None);
+
+    // Still fresh, but it does not match what is asked for.
+    let mut second = cache.get_or_fetch(&verified_request(&key, &new), &upstream).await.unwrap();
+    assert_eq!(second.source(), Source::Fetched);
+    assert_eq!(read_all(&mut second).await, new);
+    assert_eq!(upstream.calls(), 2);
+    // The reader of the replaced entry keeps its bytes.
+    assert_eq!(read_all(&mut first).await, old);
+    // Asking for the old content now fails: upstream no longer serves it. The entry stays.
+    let err = core(cache.get_or_fetch(&verified_request(&key, &old), &upstream).await);
+    assert!(matches!(err, CoreError::DigestMismatch { .. }), "{err}");
+    assert_eq!(read_verified(&cache, &key).await.unwrap(), new);
+    assert_eq!(cache.total_bytes().await.unwrap(), 2000);
+    check_consistency(cache.entries().entries(), dir.path()).await.unwrap();
+}

@@ -1,0 +1,249 @@
+//! Processes and images for the end-to-end tests.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use sha2::Digest as _;
+use tokio::process::{Child, Command};
+
+/// How long any one external command may run.
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(180);
+
+/// A free loopback port (bound and released; the usual small race is acceptable here).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+async fn wait_listening(addr: SocketAddr, what: &str, log: &Path) {
+    let give_up = tokio::time::Instant::now() + Duration::from_secs(30);
+    while tokio::net::TcpStream::connect(addr).await.is_err() {
+        assert!(
+            tokio::time::Instant::now() < give_up,
+            "{what} did not listen on {addr}; its log:\n{}",
+            std::fs::read_to_string(log).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn tool(name: &str) -> PathBuf {
+    for dir in ["/usr/bin", "/usr/local/bin"] {
+        let path = Path::new(dir).join(name);
+        if path.exists() {
+            return path;
+        }
+    }
+    panic!("`{name}` is not installed; `.ci/run` installs it (apt-get install skopeo docker-registry)")
+}
+
+/// Debian's distribution registry, on a free loopback port, storing in a temporary directory.
+pub struct Registry {
+    _child: Child,
+    pub addr: SocketAddr,
+    _dir: tempfile::TempDir,
+}
+
+impl Registry {
+    pub async fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let config = dir.path().join("config.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "version: 0.1\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {addr}\nlog:\n  level: warn\n",
+                dir.path().join("data").display()
+            ),
+        )
+        .unwrap();
+        let log = dir.path().join("registry.log");
+        let child = Command::new(tool("docker-registry"))
+            .arg("serve")
+            .arg(&config)
+            .stdout(std::fs::File::create(&log).unwrap())
+            .stderr(std::fs::File::create(dir.path().join("registry.err")).unwrap())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        wait_listening(addr, "docker-registry", &log).await;
+        Self { _child: child, addr, _dir: dir }
+    }
+}
+
+/// The `dunite` binary, built by the workspace build next to this test binary.
+fn dunite_binary() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let bin = exe.parent().and_then(Path::parent).unwrap().join("dunite");
+    assert!(
+        bin.exists(),
+        "{} is not built; run the workspace build (cargo xtask ci builds it)",
+        bin.display()
+    );
+    bin
+}
+
+/// A running `dunite serve`, its data directory and its log.
+pub struct Dunite {
+    child: Child,
+    pub addr: SocketAddr,
+    _data: tempfile::TempDir,
+    pub log: PathBuf,
+}
+
+impl Dunite {
+    /// Serve with `upstream` as registry `local` (the default) and `extra` flags.
+    pub async fn start(upstream: SocketAddr, oci_max_bytes: &str, extra: &[&str]) -> Self {
+        let data = tempfile::tempdir().unwrap();
+        let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let log = data.path().join("dunite.log");
+        let child = Command::new(dunite_binary())
+            .args(["serve", "--listen", &addr.to_string()])
+            .arg("--data-dir")
+            .arg(data.path().join("cache"))
+            .args(["--upstream", &format!("local=http://{upstream}"), "--default-registry", "local"])
+            .args(["--oci-max-bytes", oci_max_bytes])
+            .args(extra)
+            .env("DUNITE_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdout(std::fs::File::create(&log).unwrap())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        wait_listening(addr, "dunite", &log).await;
+        Self { child, addr, _data: data, log }
+    }
+
+    /// One sample from `GET /metrics`, e.g. `dunite_blob_misses_total` or
+    /// `dunite_cache_bytes{cache="blobs"}`.
+    pub async fn metric(&self, series: &str) -> u64 {
+        let text = reqwest::get(format!("http://{}/metrics", self.addr)).await.unwrap().text().await.unwrap();
+        text.lines()
+            .find_map(|line| line.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')))
+            .unwrap_or_else(|| panic!("no series {series} in:\n{text}"))
+            .trim()
+            .parse()
+            .unwrap()
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap()
+    }
+
+    /// SIGTERM, then wait for a clean exit.
+    pub async fn stop(mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().unwrap();
+        let status = std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status().unwrap();
+        assert!(status.success());
+        tokio::time::timeout(Duration::from_secs(30), self.child.wait()).await.unwrap().unwrap()
+    }
+}
+
+/// An OCI image layout with random layers.
+pub struct Image {
+    pub layout: tempfile::TempDir,
+}
+
+impl Image {
+    pub fn build(seed: u64, layers: usize, layer_size: usize) -> Self {
+        let layout = tempfile::tempdir().unwrap();
+        let blob_dir = layout.path().join("blobs/sha256");
+        std::fs::create_dir_all(&blob_dir).unwrap();
+        let put = |bytes: &[u8]| {
+            let hex = hex::encode(sha2::Sha256::digest(bytes));
+            std::fs::write(blob_dir.join(&hex), bytes).unwrap();
+            hex
+        };
+        let mut layer_json = Vec::new();
+        for i in 0..layers {
+            let bytes = dunite_testkit::pseudo_random_bytes(seed * 1000 + i as u64, layer_size + i);
+            let hex = put(&bytes);
+            layer_json.push(serde_json::json!({
+                "mediaType": "application/vnd.oci.image.layer.v1.tar",
+                "digest": format!("sha256:{hex}"),
+                "size": bytes.len(),
+            }));
+        }
+        let config = serde_json::to_vec(&serde_json::json!({
+            "architecture": "amd64", "os": "linux", "rootfs": {"type": "layers", "diff_ids": []},
+            "config": {"Labels": {"seed": seed.to_string()}},
+        }))
+        .unwrap();
+        let config_hex = put(&config);
+        let manifest = serde_json::to_vec(&serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": format!("sha256:{config_hex}"), "size": config.len()},
+            "layers": layer_json,
+        }))
+        .unwrap();
+        let manifest_hex = put(&manifest);
+        std::fs::write(
+            layout.path().join("index.json"),
+            serde_json::to_vec(&serde_json::json!({
+                "schemaVersion": 2,
+                "manifests": [{
+                    "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                    "digest": format!("sha256:{manifest_hex}"),
+                    "size": manifest.len(),
+                    "annotations": {"org.opencontainers.image.ref.name": "v1"},
+                }],
+            }))
+            .unwrap(),
+        )
+        .unwrap();
+        std::fs::write(layout.path().join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
+        Self { layout }
+    }
+
+    /// Push to `registry` as `repo:v1`.
+    pub async fn push(&self, registry: SocketAddr, repo: &str) {
+        let source = format!("oci:{}:v1", self.layout.path().display());
+        skopeo(&["copy", "--dest-tls-verify=false", &source, &format!("docker://{registry}/{repo}:v1")])
+            .await
+            .unwrap();
+    }
+}
+
+/// Assert two `skopeo copy ... dir:` results hold the same files, byte for byte. Returns the
+/// blob bytes (all files but `manifest.json` and `version`).
+pub fn assert_same_copy(expected: &Path, actual: &Path) -> u64 {
+    let mut names: Vec<_> = std::fs::read_dir(expected).unwrap().map(|e| e.unwrap().file_name()).collect();
+    names.sort();
+    let mut got: Vec<_> = std::fs::read_dir(actual).unwrap().map(|e| e.unwrap().file_name()).collect();
+    got.sort();
+    assert_eq!(names, got, "the copies hold different files");
+    let mut blob_bytes = 0;
+    for name in names {
+        let (a, b) =
+            (std::fs::read(expected.join(&name)).unwrap(), std::fs::read(actual.join(&name)).unwrap());
+        assert!(a == b, "{name:?} differs between the direct and the mirrored copy");
+        if name != "manifest.json" && name != "version" {
+            blob_bytes += a.len() as u64;
+        }
+    }
+    blob_bytes
+}
+
+/// Run skopeo with a timeout; Err carries its output.
+pub async fn skopeo(args: &[&str]) -> Result<(), String> {
+    let run = Command::new(tool("skopeo")).args(args).kill_on_drop(true).output();
+    let output =
+        tokio::time::timeout(COMMAND_TIMEOUT, run).await.map_err(|_| "skopeo timed out".to_owned())?;
+    let output = output.map_err(|e| e.to_string())?;
+    if output.status.success() {
+        Ok(())
+    } else {
+        Err(format!("skopeo {args:?} failed:\n{}", String::from_utf8_lossy(&output.stderr)))
+    }
+}
+
+/// Pull `repo:v1` from `registry` (dunite or the upstream itself) into a fresh `dir:`.
+pub async fn pull(dunite: SocketAddr, repo: &str) -> Result<tempfile::TempDir, String> {
+    let dest = tempfile::tempdir().unwrap();
+    let target = format!("dir:{}", dest.path().display());
+    skopeo(&["copy", "--src-tls-verify=false", &format!("docker://{dunite}/{repo}:v1"), &target]).await?;
+    Ok(dest)
+}

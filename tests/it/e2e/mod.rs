@@ -1,0 +1,6 @@
+//! End-to-end tests with real clients: Debian's `docker-registry` as the upstream, `skopeo`
+//! as the client, and the real `dunite` binary in between. `.ci/run` installs both tools;
+//! the tests fail (never skip) when they are missing.
+
+mod harness;
+mod pulls;
