@@ -43,6 +43,10 @@ pub struct App {
     pub(crate) manifests: EntryCache,
     /// Tag -> digest records (empty payloads; meta: JSON).
     pub(crate) tags: EntryCache,
+    /// Downloads by canonical URL.
+    pub(crate) downloads: dunite_download::DownloadCache,
+    /// How downloads are fetched.
+    pub(crate) fetcher: crate::dl::HttpFetcher,
     /// Upstream registries.
     pub(crate) registries: Registries,
     /// In-flight blob fills.
@@ -62,6 +66,9 @@ pub enum StartError {
     /// The blob cache could not be opened.
     #[error("cannot open the blob cache: {0}")]
     Blobs(#[from] dunite_oci::Error),
+    /// The download cache could not be opened.
+    #[error("cannot open the download cache: {0}")]
+    Downloads(#[from] dunite_download::Error),
     /// The upstream client could not be built.
     #[error("cannot set up upstream access: {0}")]
     Upstream(#[from] crate::upstream::UpstreamError),
@@ -120,12 +127,25 @@ impl App {
                 .with_on_conflict(OnConflict::Replace),
         )
         .await?;
+        let downloads = dunite_download::DownloadCache::new(
+            dunite_download::DownloadCache::options(
+                dir.join("downloads"),
+                EvictionPolicy::new(config.dl_max_bytes),
+            )
+            .with_database(database.clone()),
+            config.dl_freshness,
+        )
+        .await?;
+        let fetcher = crate::dl::HttpFetcher::new(config.dl_allow.clone())
+            .map_err(|e| StartError::Upstream(crate::upstream::UpstreamError::Http(e)))?;
         let registries = Registries::new(config.upstreams.clone(), config.credentials.clone())?;
         Ok(Arc::new(Self {
             config,
             blobs,
             manifests,
             tags,
+            downloads,
+            fetcher,
             registries,
             fills: Fills::default(),
             spool_dir,
@@ -139,6 +159,7 @@ impl App {
             .route("/v2/", get(oci::root))
             .route("/v2", get(oci::root))
             .route("/v2/{*rest}", get(oci::dispatch).head(oci::dispatch))
+            .route("/dl/{*url}", get(crate::dl::download))
             .route("/metrics", get(metrics))
             .route("/healthz", get(|| async { "ok\n" }))
             .fallback(|| async { (StatusCode::NOT_FOUND, "not found\n") })

@@ -66,6 +66,9 @@ pub struct ServeArgs {
     /// Host the download proxy may fetch from (repeatable); none by default.
     #[arg(long = "dl-allow", env = "DUNITE_DL_ALLOW", value_delimiter = ',')]
     pub dl_allow: Vec<String>,
+    /// How long a download is served before it is revalidated upstream, e.g. 1h [default: 1h].
+    #[arg(long, env = "DUNITE_DL_FRESHNESS")]
+    pub dl_freshness: Option<String>,
     /// How long in-flight responses may finish after a shutdown signal, e.g. 30s [default: 30s].
     #[arg(long, env = "DUNITE_SHUTDOWN_GRACE")]
     pub shutdown_grace: Option<String>,
@@ -86,6 +89,7 @@ struct FileConfig {
     tag_ttl: Option<String>,
     #[serde(default)]
     dl_allow: Vec<String>,
+    dl_freshness: Option<String>,
     shutdown_grace: Option<String>,
     /// `host -> { username, password }` for upstream token authentication.
     #[serde(default)]
@@ -146,6 +150,8 @@ pub struct Config {
     pub tag_ttl: Duration,
     /// Hosts the download proxy may fetch from.
     pub dl_allow: Vec<String>,
+    /// Download revalidation age.
+    pub dl_freshness: Duration,
     /// Upstream credentials by host.
     pub credentials: BTreeMap<String, Credentials>,
     /// Grace period for in-flight responses at shutdown.
@@ -171,6 +177,7 @@ impl Config {
             default_registry: "docker.io".to_owned(),
             tag_ttl: Duration::from_secs(300),
             dl_allow: Vec::new(),
+            dl_freshness: Duration::from_secs(3600),
             credentials: BTreeMap::new(),
             shutdown_grace: Duration::from_secs(30),
         }
@@ -224,6 +231,9 @@ impl Config {
         }
         if let Some(ttl) = args.tag_ttl.or(file.tag_ttl) {
             config.tag_ttl = parse_duration(&ttl).map_err(|m| bad("tag-ttl", m))?;
+        }
+        if let Some(age) = args.dl_freshness.or(file.dl_freshness) {
+            config.dl_freshness = parse_duration(&age).map_err(|m| bad("dl-freshness", m))?;
         }
         if let Some(grace) = args.shutdown_grace.or(file.shutdown_grace) {
             config.shutdown_grace = parse_duration(&grace).map_err(|m| bad("shutdown-grace", m))?;

@@ -29,6 +29,7 @@
 
 mod app;
 pub mod config;
+mod dl;
 mod fill;
 mod metrics;
 mod oci;

@@ -130,7 +130,8 @@ impl Layout {
         let path = self.payload(&name);
         let dest = path.clone();
         blocking(move || {
-            let dir = dest.parent().expect("payload paths have a shard directory");
+            let dir =
+                dest.parent().ok_or_else(|| std::io::Error::other("payload path without a directory"))?;
             std::fs::create_dir_all(dir)?;
             written.persist(&dest).map_err(|e| e.error)?;
             // The rename is durable only once the directory is.

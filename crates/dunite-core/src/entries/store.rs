@@ -447,13 +447,14 @@ impl EntryStore {
     }
 
     async fn lookup_row(&self, key: &str) -> Result<Option<(String, EntryInfo)>> {
+        let mut conn = self.inner.db.pool().acquire().await.map_err(Error::db("acquire a connection"))?;
         self.inner.db.round_trip().await;
         let row: Option<(String, i64, i64, String)> = sqlx::query_as(
             "SELECT file, size, stored_at, meta FROM entries WHERE namespace = ? AND key = ? AND state = 0",
         )
         .bind(&self.inner.namespace)
         .bind(key)
-        .fetch_optional(self.inner.db.pool())
+        .fetch_optional(&mut *conn)
         .await
         .map_err(Error::db("look up an entry"))?;
         Ok(row.map(|(file, size, stored_at_ms, meta)| {

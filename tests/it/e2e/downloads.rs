@@ -1,0 +1,68 @@
+//! The download proxy, driven with curl.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use sha2::Digest as _;
+
+use super::harness::{Dunite, Registry};
+use super::origin::{Answer, Origin};
+
+/// `curl -s -o FILE -w %{http_code} URL`: (status, body).
+async fn curl(url: &str) -> (u16, Vec<u8>) {
+    let out = tempfile::NamedTempFile::new().unwrap();
+    let run = tokio::process::Command::new("curl")
+        .args(["-s", "-o"])
+        .arg(out.path())
+        .args(["-w", "%{http_code}", "--max-time", "60", url])
+        .output();
+    let output =
+        tokio::time::timeout(Duration::from_secs(90), run).await.unwrap().expect("curl is installed");
+    let status = String::from_utf8_lossy(&output.stdout).trim().parse().unwrap();
+    (status, std::fs::read(out.path()).unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn downloads_go_through_the_allowlist_and_are_cached() {
+    let body = dunite_testkit::pseudo_random_bytes(5, 700_000);
+    let sha = hex::encode(sha2::Sha256::digest(&body));
+    let mut answers = HashMap::new();
+    answers.insert("/tool.tar".to_owned(), Answer::File { body: body.clone(), etag: "v1".into() });
+    answers.insert("/away".to_owned(), Answer::Redirect("http://localhost:9/elsewhere".into()));
+    let origin = Origin::start(answers).await;
+    // The registry is not used here, but `dunite serve` needs an upstream to start.
+    let registry = Registry::start().await;
+    let dunite = Dunite::start(registry.addr, "64MiB", &["--dl-allow", "127.0.0.1"]).await;
+    let base = format!("http://{}/dl", dunite.addr);
+    let origin_url = format!("http://{}", origin.addr);
+
+    let (status, got) = curl(&format!("{base}/{origin_url}/tool.tar")).await;
+    assert_eq!(status, 200);
+    assert!(got == body, "downloaded bytes differ");
+    assert_eq!(origin.requests.load(Ordering::SeqCst), 1);
+
+    // Fresh: served from the cache, the origin is not asked.
+    let (status, again) = curl(&format!("{base}/{origin_url}/tool.tar")).await;
+    assert_eq!(status, 200);
+    assert!(again == body);
+    assert_eq!(origin.requests.load(Ordering::SeqCst), 1);
+    assert_eq!(dunite.metric("dunite_download_hits_total").await, 1);
+
+    // Pinned by its sha256: served; pinned by a wrong one: refused, nothing cached under it.
+    let (status, _) = curl(&format!("{base}/sha256:{sha}/{origin_url}/tool.tar")).await;
+    assert_eq!(status, 200);
+    let wrong = "0".repeat(64);
+    let (status, _) = curl(&format!("{base}/sha256:{wrong}/{origin_url}/tool.tar")).await;
+    assert_eq!(status, 502, "a pin mismatch is refused");
+
+    // Not an open proxy: other hosts, a redirect leaving the allowlist, other schemes.
+    let (status, _) = curl(&format!("{base}/http://localhost:{}/tool.tar", origin.addr.port())).await;
+    assert_eq!(status, 403);
+    let (status, _) = curl(&format!("{base}/{origin_url}/away")).await;
+    assert_eq!(status, 502, "a redirect out of the allowlist is refused");
+    let (status, _) = curl(&format!("{base}/file:///etc/passwd")).await;
+    assert_eq!(status, 400);
+    let (status, _) = curl(&format!("{base}/{origin_url}/missing")).await;
+    assert_eq!(status, 404);
+}

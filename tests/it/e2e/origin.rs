@@ -1,0 +1,83 @@
+//! A minimal HTTP/1.1 origin server for the download proxy's tests: fixed files, ETags,
+//! `304 Not Modified`, one redirect, and a request counter.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+/// What the origin answers for a path.
+#[derive(Clone)]
+pub enum Answer {
+    /// 200 with this body and `ETag: "<etag>"` (304 when the request's If-None-Match matches).
+    File { body: Vec<u8>, etag: String },
+    /// 302 to this location.
+    Redirect(String),
+}
+
+pub struct Origin {
+    pub addr: SocketAddr,
+    pub requests: Arc<AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Origin {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Origin {
+    pub async fn start(answers: HashMap<String, Answer>) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let requests = Arc::new(AtomicU64::new(0));
+        let counter = Arc::clone(&requests);
+        let answers = Arc::new(answers);
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((mut socket, _)) = listener.accept().await else { return };
+                let (answers, counter) = (Arc::clone(&answers), Arc::clone(&counter));
+                tokio::spawn(async move {
+                    let mut head = Vec::new();
+                    let mut buf = [0u8; 1024];
+                    while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 16 * 1024 {
+                        match socket.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => head.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    counter.fetch_add(1, Ordering::SeqCst);
+                    let head = String::from_utf8_lossy(&head).to_string();
+                    let path = head.split_whitespace().nth(1).unwrap_or("/").to_owned();
+                    let if_none_match = head.lines().find_map(|l| {
+                        l.to_ascii_lowercase().strip_prefix("if-none-match:").map(|v| v.trim().to_owned())
+                    });
+                    let response: Vec<u8> = match answers.get(&path) {
+                        Some(Answer::File { etag, .. }) if if_none_match.as_deref() == Some(&format!("\"{etag}\"")) => {
+                            format!("HTTP/1.1 304 Not Modified\r\nETag: \"{etag}\"\r\nConnection: close\r\n\r\n").into_bytes()
+                        }
+                        Some(Answer::File { body, etag }) => {
+                            let mut r = format!(
+                                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nContent-Type: application/octet-stream\r\nETag: \"{etag}\"\r\nConnection: close\r\n\r\n",
+                                body.len()
+                            )
+                            .into_bytes();
+                            r.extend_from_slice(body);
+                            r
+                        }
+                        Some(Answer::Redirect(to)) => {
+                            format!("HTTP/1.1 302 Found\r\nLocation: {to}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").into_bytes()
+                        }
+                        None => b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".to_vec(),
+                    };
+                    let _ = socket.write_all(&response).await;
+                    let _ = socket.shutdown().await;
+                });
+            }
+        });
+        Self { addr, requests, task }
+    }
+}
