@@ -176,7 +176,8 @@ impl DownloadInfo {
 /// times are the core row's.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 struct Meta {
-    /// Lower-case hex. Missing only between a store and the update that records it.
+    /// Lower-case hex, set in the store's own commit (`store_with_meta`); a record without it
+    /// (never written by this crate) is treated as a miss.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     sha256: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -692,15 +693,15 @@ impl Inner {
             expected = expected.with_digest(digest.clone());
         }
         let mut record = Meta::new(request.sha256(), meta.content_type(), meta.validators());
-        let stored = self.cache.store(key, body, &expected, &record.to_json()?).await?;
-        if record.sha256.is_none() {
-            // The core takes the metadata before it has hashed the content: record the digest
-            // it computed now. Until then readers see an incomplete record, which they treat as
-            // a miss (and join this fill, still in flight). Fills of one URL are serialised by
-            // the single-flight table, so this cannot overwrite another fill's record.
-            record.sha256 = Some(stored.digest.hex());
-            self.cache.refresh(key, &record.to_json()?).await?;
-        }
+        // Fail on an unencodable record before any byte is stored, then fill in the digest
+        // the core computes while streaming; the record is complete in the store's own commit.
+        record.to_json()?;
+        self.cache
+            .store_with_meta(key, body, &expected, move |digest| {
+                record.sha256 = Some(digest.hex());
+                record.to_json().unwrap_or_default()
+            })
+            .await?;
         Ok(())
     }
 }

@@ -191,7 +191,31 @@ impl EntryCache {
     where
         R: AsyncRead + Unpin + Send,
     {
-        let stored = self.store.store(key, reader, expected, meta).await?;
+        self.store_with_meta(key, reader, expected, |_| meta.to_owned()).await
+    }
+
+    /// As [`store`](Self::store), with the metadata derived from the computed digest; see
+    /// [`EntryStore::store_with_meta`].
+    ///
+    /// # Cancel safety
+    ///
+    /// As [`EntryStore::store`].
+    ///
+    /// # Errors
+    ///
+    /// As [`EntryStore::store`]; nothing is stored on error.
+    pub async fn store_with_meta<R, M>(
+        &self,
+        key: &str,
+        reader: R,
+        expected: &Expected,
+        meta: M,
+    ) -> Result<Stored>
+    where
+        R: AsyncRead + Unpin + Send,
+        M: FnOnce(&crate::ContentDigest) -> String + Send,
+    {
+        let stored = self.store.store_with_meta(key, reader, expected, meta).await?;
         if stored.outcome != StoreOutcome::AlreadyPresent {
             // After the commit, as the evictor's contract requires.
             self.evictor.poke();

@@ -295,11 +295,37 @@ impl EntryStore {
     where
         R: AsyncRead + Unpin + Send,
     {
+        self.store_with_meta(key, reader, expected, |_| meta.to_owned()).await
+    }
+
+    /// As [`store`](Self::store), with the row's metadata derived from the digest of the bytes
+    /// received (computed while streaming), in the same commit: for a cache kind that records
+    /// the content's digest without knowing it up front.
+    ///
+    /// # Cancel safety
+    ///
+    /// As [`store`](Self::store).
+    ///
+    /// # Errors
+    ///
+    /// As [`store`](Self::store).
+    pub async fn store_with_meta<R, M>(
+        &self,
+        key: &str,
+        reader: R,
+        expected: &Expected,
+        meta: M,
+    ) -> Result<Stored>
+    where
+        R: AsyncRead + Unpin + Send,
+        M: FnOnce(&ContentDigest) -> String + Send,
+    {
         let inner = &self.inner;
         let written = inner.layout.write_temp(reader, expected, inner.max_bytes).await?;
         let (size, digest) = (written.size, written.digest.clone());
+        let meta = meta(&digest);
         let file = inner.layout.persist(written.temp, key).await?;
-        let outcome = match self.commit(key, &file, size, meta).await {
+        let outcome = match self.commit(key, &file, size, &meta).await {
             Ok(outcome) => outcome,
             Err(e) => {
                 // Never leave a payload without a row; if even this fails, reconcile will.
