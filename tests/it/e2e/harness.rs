@@ -95,6 +95,16 @@ pub struct Dunite {
 impl Dunite {
     /// Serve with `upstream` as registry `local` (the default) and `extra` flags.
     pub async fn start(upstream: SocketAddr, oci_max_bytes: &str, extra: &[&str]) -> Self {
+        Self::start_logging(upstream, oci_max_bytes, extra, "info").await
+    }
+
+    /// As [`start`](Self::start), logging at `level` (`DUNITE_LOG`).
+    pub async fn start_logging(
+        upstream: SocketAddr,
+        oci_max_bytes: &str,
+        extra: &[&str],
+        level: &str,
+    ) -> Self {
         let data = tempfile::tempdir().unwrap();
         let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let log = data.path().join("dunite.log");
@@ -105,7 +115,7 @@ impl Dunite {
             .args(["--upstream", &format!("local=http://{upstream}"), "--default-registry", "local"])
             .args(["--oci-max-bytes", oci_max_bytes])
             .args(extra)
-            .env("DUNITE_LOG", "info")
+            .env("DUNITE_LOG", level)
             .env("NO_COLOR", "1")
             .stdout(std::fs::File::create(&log).unwrap())
             .stderr(Stdio::inherit())

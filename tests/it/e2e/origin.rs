@@ -29,17 +29,50 @@ impl Drop for Origin {
     }
 }
 
+/// A request as the handler sees it: the request line's path and the headers, lower-cased.
+pub struct Head {
+    pub path: String,
+    pub headers: HashMap<String, String>,
+}
+
+type Handler = dyn Fn(&Head, SocketAddr) -> Vec<u8> + Send + Sync;
+
 impl Origin {
+    /// Serve fixed answers by path.
     pub async fn start(answers: HashMap<String, Answer>) -> Self {
+        Self::serve(move |head, _| match answers.get(&head.path) {
+            Some(Answer::File { etag, .. }) if head.headers.get("if-none-match") == Some(&format!("\"{etag}\"")) => {
+                format!("HTTP/1.1 304 Not Modified\r\nETag: \"{etag}\"\r\nConnection: close\r\n\r\n").into_bytes()
+            }
+            Some(Answer::File { body, etag }) => {
+                let mut r = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nContent-Type: application/octet-stream\r\nETag: \"{etag}\"\r\nConnection: close\r\n\r\n",
+                    body.len()
+                )
+                .into_bytes();
+                r.extend_from_slice(body);
+                r
+            }
+            Some(Answer::Redirect(to)) => {
+                format!("HTTP/1.1 302 Found\r\nLocation: {to}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").into_bytes()
+            }
+            None => b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".to_vec(),
+        })
+        .await
+    }
+
+    /// Serve whatever `handler` answers (a whole HTTP/1.1 response); it also gets the
+    /// server's own address.
+    pub async fn serve(handler: impl Fn(&Head, SocketAddr) -> Vec<u8> + Send + Sync + 'static) -> Self {
+        let handler: Arc<Handler> = Arc::new(handler);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let requests = Arc::new(AtomicU64::new(0));
         let counter = Arc::clone(&requests);
-        let answers = Arc::new(answers);
         let task = tokio::spawn(async move {
             loop {
                 let Ok((mut socket, _)) = listener.accept().await else { return };
-                let (answers, counter) = (Arc::clone(&answers), Arc::clone(&counter));
+                let (handler, counter) = (Arc::clone(&handler), Arc::clone(&counter));
                 tokio::spawn(async move {
                     let mut head = Vec::new();
                     let mut buf = [0u8; 1024];
@@ -50,29 +83,15 @@ impl Origin {
                         }
                     }
                     counter.fetch_add(1, Ordering::SeqCst);
-                    let head = String::from_utf8_lossy(&head).to_string();
-                    let path = head.split_whitespace().nth(1).unwrap_or("/").to_owned();
-                    let if_none_match = head.lines().find_map(|l| {
-                        l.to_ascii_lowercase().strip_prefix("if-none-match:").map(|v| v.trim().to_owned())
-                    });
-                    let response: Vec<u8> = match answers.get(&path) {
-                        Some(Answer::File { etag, .. }) if if_none_match.as_deref() == Some(&format!("\"{etag}\"")) => {
-                            format!("HTTP/1.1 304 Not Modified\r\nETag: \"{etag}\"\r\nConnection: close\r\n\r\n").into_bytes()
-                        }
-                        Some(Answer::File { body, etag }) => {
-                            let mut r = format!(
-                                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nContent-Type: application/octet-stream\r\nETag: \"{etag}\"\r\nConnection: close\r\n\r\n",
-                                body.len()
-                            )
-                            .into_bytes();
-                            r.extend_from_slice(body);
-                            r
-                        }
-                        Some(Answer::Redirect(to)) => {
-                            format!("HTTP/1.1 302 Found\r\nLocation: {to}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").into_bytes()
-                        }
-                        None => b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".to_vec(),
-                    };
+                    let text = String::from_utf8_lossy(&head).to_string();
+                    let mut lines = text.lines();
+                    let path =
+                        lines.next().and_then(|l| l.split_whitespace().nth(1)).unwrap_or("/").to_owned();
+                    let headers = lines
+                        .filter_map(|l| l.split_once(':'))
+                        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
+                        .collect();
+                    let response = handler(&Head { path, headers }, addr);
                     let _ = socket.write_all(&response).await;
                     let _ = socket.shutdown().await;
                 });

@@ -81,3 +81,23 @@ async fn concurrent_pulls_through_a_cap_smaller_than_the_images_all_succeed_and_
     );
     assert!(!log.contains(" ERROR "), "errors in the log:\n{log}");
 }
+
+/// Tags are revalidated after the TTL (zero here), and served from the cache while the
+/// upstream is down; blobs already cached keep being served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_upstream_down_cached_tags_and_blobs_are_still_served() {
+    let registry = Registry::start().await;
+    let image = Image::build(7, 2, 200_000);
+    image.push(registry.addr, "e2e/offline").await;
+    let direct = pull(registry.addr, "e2e/offline").await.unwrap();
+    let dunite = Dunite::start(registry.addr, "64MiB", &["--tag-ttl", "0s"]).await;
+    let first = pull(dunite.addr, "e2e/offline").await.unwrap();
+    assert_same_copy(direct.path(), first.path());
+
+    drop(registry);
+    let second = pull(dunite.addr, "e2e/offline").await.unwrap();
+    assert_same_copy(direct.path(), second.path());
+    assert!(dunite.metric("dunite_stale_tags_served_total").await >= 1);
+    // A tag never seen cannot be made up.
+    assert!(pull(dunite.addr, "e2e/never-seen").await.is_err());
+}
