@@ -139,6 +139,9 @@ pub(crate) async fn run_fill(
         while let Some(chunk) = body.next().await {
             let chunk = chunk.map_err(|e| format!("upstream body failed after {written} bytes: {e}"))?;
             file.write_all(&chunk).await.map_err(|e| e.to_string())?;
+            // tokio's `write_all` returns once the write is queued on a blocking thread;
+            // `flush` waits for it, so the bytes published below are readable by clients.
+            file.flush().await.map_err(|e| e.to_string())?;
             written += chunk.len() as u64;
             upstream_bytes.fetch_add(chunk.len() as u64, std::sync::atomic::Ordering::Relaxed);
             state.send_replace(FillState::Streaming { written, total });
