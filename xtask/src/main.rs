@@ -11,7 +11,7 @@ use std::process::{Command, ExitCode};
 use std::time::Instant;
 
 const TASKS: &[(&str, &str)] = &[
-    ("ci", "every check CI runs: fmt, clippy, tests, doc tests, docs (fails on the first failure)"),
+    ("ci", "every check CI runs: fmt, clippy, build, tests, doc tests, docs (fails on the first failure)"),
     ("bench", "the benchmark scenarios (see docs/benchmarks.md); pass --quick for a smoke run"),
 ];
 
@@ -96,6 +96,8 @@ fn ci() -> Result<(), String> {
     let started = Instant::now();
     Step::cargo("fmt", &["fmt", "--all", "--check"]).run()?;
     Step::cargo("clippy", &["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]).run()?;
+    // The end-to-end tests run the real `dunite` binary; test builds do not produce it.
+    Step::cargo("build", &["build", "--workspace", "--bins"]).run()?;
     let tests = if has_nextest() {
         Step::cargo("test", &["nextest", "run", "--workspace", "--all-targets", "--no-fail-fast"])
     } else {
