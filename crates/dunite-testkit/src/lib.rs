@@ -132,3 +132,107 @@ pub fn pseudo_random_bytes(seed: u64, len: usize) -> Vec<u8> {
         })
         .collect()
 }
+
+/// The bounded-pool scenario's database: a pool of 2 connections with a 200 ms acquire
+/// timeout, on a database that costs 2 ms per statement (a networked database, where the
+/// `PoolTimedOut` failure was first seen). The legacy driver exhausts it; dunite's caches
+/// must not.
+#[must_use]
+pub fn pool_of_two() -> dunite_core::DatabaseOptions {
+    dunite_core::DatabaseOptions::new()
+        .with_max_connections(2)
+        .with_acquire_timeout(std::time::Duration::from_millis(200))
+        .with_simulated_latency(std::time::Duration::from_millis(2))
+}
+
+/// Counts errors of a burst: pool timeouts apart from everything else.
+#[derive(Debug, Default)]
+pub struct PoolTally {
+    pool_timeouts: std::sync::atomic::AtomicU64,
+    other_errors: std::sync::atomic::AtomicU64,
+}
+
+impl PoolTally {
+    /// Count `error`.
+    pub fn record(&self, error: &dunite_core::Error) {
+        let counter = if error.is_pool_timeout() { &self.pool_timeouts } else { &self.other_errors };
+        counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// `PoolTimedOut` errors counted.
+    #[must_use]
+    pub fn pool_timeouts(&self) -> u64 {
+        self.pool_timeouts.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Other errors counted.
+    #[must_use]
+    pub fn other_errors(&self) -> u64 {
+        self.other_errors.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+/// A reader that yields the first `good` bytes of `data` (at most 1,000 per read), then fails
+/// like a cut connection.
+#[derive(Debug)]
+pub struct CutAfter {
+    data: Vec<u8>,
+    pos: usize,
+    good: usize,
+}
+
+impl CutAfter {
+    /// Cut `data` after `good` bytes.
+    #[must_use]
+    pub fn new(data: Vec<u8>, good: usize) -> Self {
+        Self { data, pos: 0, good }
+    }
+}
+
+impl tokio::io::AsyncRead for CutAfter {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        if self.pos >= self.good {
+            let error = std::io::Error::new(std::io::ErrorKind::ConnectionReset, "upstream cut");
+            return std::task::Poll::Ready(Err(error));
+        }
+        let end = (self.pos + buf.remaining().min(1000)).min(self.good);
+        buf.put_slice(&self.data[self.pos..end]);
+        self.pos = end;
+        std::task::Poll::Ready(Ok(()))
+    }
+}
+
+/// A reader that panics if read: proves a refusal happened before any byte was consumed.
+#[derive(Debug)]
+pub struct MustNotRead;
+
+impl tokio::io::AsyncRead for MustNotRead {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+        _: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        panic!("the cache read a stream it should have refused up front")
+    }
+}
+
+/// Poll the async `condition` every 5 ms until it holds.
+///
+/// # Panics
+///
+/// If it does not hold within `deadline`.
+pub async fn eventually<F, Fut>(deadline: std::time::Duration, mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let give_up = tokio::time::Instant::now() + deadline;
+    while !condition().await {
+        assert!(tokio::time::Instant::now() < give_up, "condition not reached within {deadline:?}");
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+}

@@ -13,7 +13,7 @@ use axum::body::Body;
 use axum::extract::{Path, RawQuery, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use futures_util::{StreamExt as _, TryStreamExt as _};
+use futures_util::TryStreamExt as _;
 use reqwest::header::{IF_MODIFIED_SINCE, IF_NONE_MATCH};
 
 use dunite_core::{ContentDigest, DigestAlgorithm};
@@ -170,13 +170,10 @@ pub(crate) async fn download(
         if outcome == CacheOutcome::Hit { &app.metrics.download_hits } else { &app.metrics.download_misses };
     counter.fetch_add(1, Ordering::Relaxed);
     let info = download.info().clone();
-    let served = Arc::clone(&app.metrics.bytes_served);
-    let stream = tokio_util::io::ReaderStream::new(download.into_file()).map(move |chunk| {
-        if let Ok(bytes) = &chunk {
-            served.fetch_add(bytes.len() as u64, Ordering::Relaxed);
-        }
-        chunk
-    });
+    let stream = crate::metrics::metered(
+        tokio_util::io::ReaderStream::new(download.into_file()),
+        &app.metrics.bytes_served,
+    );
     let mut response = Response::new(Body::from_stream(stream));
     let headers = response.headers_mut();
     headers.insert(header::CONTENT_LENGTH, HeaderValue::from(info.size()));

@@ -1,6 +1,9 @@
 //! Counters, rendered in the Prometheus text format at `GET /metrics`.
 
 use std::fmt::Write as _;
+
+use bytes::Bytes;
+use futures_util::{Stream, StreamExt as _};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -133,4 +136,21 @@ impl Metrics {
         }
         out
     }
+}
+
+/// `stream`, counting the bytes it yields into `served` (for `dunite_bytes_served_total`).
+pub(crate) fn metered<S>(
+    stream: S,
+    served: &Arc<AtomicU64>,
+) -> impl Stream<Item = std::io::Result<Bytes>> + Send + 'static
+where
+    S: Stream<Item = std::io::Result<Bytes>> + Send + 'static,
+{
+    let served = Arc::clone(served);
+    stream.map(move |chunk| {
+        if let Ok(bytes) = &chunk {
+            served.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+        }
+        chunk
+    })
 }

@@ -9,7 +9,6 @@ use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
-use futures_util::StreamExt as _;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt as _, AsyncSeekExt as _};
 
@@ -202,13 +201,7 @@ async fn blob(
         FillState::Done { written } => Some(written),
         _ => None,
     };
-    let served = Arc::clone(&app.metrics.bytes_served);
-    let stream = subscription.into_stream().map(move |chunk| {
-        if let Ok(bytes) = &chunk {
-            served.fetch_add(bytes.len() as u64, Ordering::Relaxed);
-        }
-        chunk
-    });
+    let stream = crate::metrics::metered(subscription.into_stream(), &app.metrics.bytes_served);
     let mut response = Response::new(Body::from_stream(stream));
     let headers = response.headers_mut();
     headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
@@ -243,13 +236,10 @@ async fn serve_file(
         Body::empty()
     } else {
         file.seek(std::io::SeekFrom::Start(start)).await.map_err(|e| SpecError::upstream(e.to_string()))?;
-        let served = Arc::clone(&app.metrics.bytes_served);
-        let stream = tokio_util::io::ReaderStream::new(file.take(len)).map(move |chunk| {
-            if let Ok(bytes) = &chunk {
-                served.fetch_add(bytes.len() as u64, Ordering::Relaxed);
-            }
-            chunk
-        });
+        let stream = crate::metrics::metered(
+            tokio_util::io::ReaderStream::new(file.take(len)),
+            &app.metrics.bytes_served,
+        );
         Body::from_stream(stream)
     };
     let mut response = Response::new(body);

@@ -62,7 +62,8 @@ async fn concurrent_pulls_through_a_cap_smaller_than_the_images_all_succeed_and_
     }
     while let Some(done) = pulls.join_next().await {
         let (seed, dest) = done.unwrap();
-        let dest = dest.unwrap_or_else(|e| panic!("pull {seed} failed: {e}\ndunite's log:\n{}", dunite.log_text()));
+        let dest =
+            dest.unwrap_or_else(|e| panic!("pull {seed} failed: {e}\ndunite's log:\n{}", dunite.log_text()));
         assert_same_copy(direct[seed as usize].path(), dest.path());
     }
     let give_up = tokio::time::Instant::now() + Duration::from_secs(30);

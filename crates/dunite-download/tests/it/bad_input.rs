@@ -1,42 +1,12 @@
 //! Bad content gets a typed error and caches nothing.
 
-use std::pin::Pin;
-use std::task::{Context, Poll};
-
 use dunite_core::{ContentDigest, DigestAlgorithm, Error as CoreError};
 use dunite_download::{
     Download, DownloadCache, DownloadRequest, Error, FetchError, Fetched, ResponseMeta, Source, fetch_fn,
 };
-use dunite_testkit::{DiskUsage, check_consistency, disk_usage};
-use tokio::io::{AsyncRead, ReadBuf};
+use dunite_testkit::{CutAfter, DiskUsage, check_consistency, disk_usage};
 
 use crate::{Upstream, content, open, read_all, read_verified, url, verified_request};
-
-/// Yields `good` bytes, then fails like a cut connection.
-struct CutAfter {
-    data: Vec<u8>,
-    pos: usize,
-    good: usize,
-}
-
-impl AsyncRead for CutAfter {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        _: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        if self.pos >= self.good {
-            return Poll::Ready(Err(std::io::Error::new(
-                std::io::ErrorKind::ConnectionReset,
-                "upstream cut",
-            )));
-        }
-        let end = (self.pos + buf.remaining().min(1000)).min(self.good);
-        buf.put_slice(&self.data[self.pos..end]);
-        self.pos = end;
-        Poll::Ready(Ok(()))
-    }
-}
 
 async fn assert_nothing_stored(cache: &DownloadCache, dir: &std::path::Path) {
     assert_eq!(cache.total_bytes().await.unwrap(), 0);
@@ -107,7 +77,7 @@ async fn a_body_cut_mid_stream_caches_nothing() {
         let data = bytes.clone();
         async move {
             let meta = ResponseMeta::new().with_content_length(100_000);
-            Ok::<_, FetchError>(Fetched::body(CutAfter { data, pos: 0, good: 40_000 }, meta))
+            Ok::<_, FetchError>(Fetched::body(CutAfter::new(data, 40_000), meta))
         }
     });
     let err = core(cache.get_or_fetch(&DownloadRequest::new(url("cut")), &fetcher).await);

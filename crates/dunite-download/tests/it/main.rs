@@ -81,19 +81,6 @@ pub fn verified_request(url: &UrlKey, bytes: &[u8]) -> DownloadRequest {
     DownloadRequest::new(url.clone()).with_sha256(sha256(bytes))
 }
 
-/// Polls `condition` until it holds or `deadline` passes.
-pub async fn eventually<F, Fut>(deadline: Duration, mut condition: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let give_up = tokio::time::Instant::now() + deadline;
-    while !condition().await {
-        assert!(tokio::time::Instant::now() < give_up, "condition not reached within {deadline:?}");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-}
-
 /// An in-memory upstream server: serves the files it is given, with their `ETag`, and
 /// answers a conditional request whose `ETag` matches with "not modified". Counts what it is
 /// asked and what it sends. Clones share it.
@@ -158,3 +145,5 @@ impl Fetcher for Upstream {
         Ok(Fetched::body(std::io::Cursor::new(body), meta))
     }
 }
+
+pub use dunite_testkit::eventually;

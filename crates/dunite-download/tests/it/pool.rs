@@ -1,12 +1,12 @@
 //! The production failure, reproduced: a burst of fetch-throughs against a pool of 2.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+
 use std::time::Duration;
 
-use dunite_core::{DatabaseOptions, EntryStore, EvictionPolicy, Expected, OnConflict};
+use dunite_core::{EntryStore, EvictionPolicy, Expected, OnConflict};
 use dunite_download::NAMESPACE;
-use dunite_testkit::{check_consistency, legacy_evict_if_over_cap};
+use dunite_testkit::{PoolTally, check_consistency, legacy_evict_if_over_cap, pool_of_two};
 
 use crate::{HOUR, Upstream, content, eventually, open_with, read_verified, url, verified_request};
 
@@ -15,42 +15,8 @@ const FETCHES_PER_TASK: u64 = 8;
 const FILE: usize = 32 * 1024;
 const CAP: u64 = 16 * FILE as u64;
 
-/// A pool of 2 with a short acquire timeout, on a database that costs a millisecond per
-/// statement (a networked database, where the failure was seen in production).
-fn pool() -> DatabaseOptions {
-    DatabaseOptions::new()
-        .with_max_connections(2)
-        .with_acquire_timeout(Duration::from_millis(200))
-        .with_simulated_latency(Duration::from_millis(2))
-}
-
 fn policy() -> EvictionPolicy {
     EvictionPolicy::new(CAP).without_safety_tick()
-}
-
-#[derive(Debug, Default)]
-struct Tally {
-    pool_timeouts: AtomicU64,
-    other_errors: AtomicU64,
-}
-
-impl Tally {
-    fn record(&self, error: &dunite_core::Error) {
-        if error.is_pool_timeout() {
-            self.pool_timeouts.fetch_add(1, Ordering::Relaxed);
-        } else {
-            self.other_errors.fetch_add(1, Ordering::Relaxed);
-        }
-    }
-
-    fn record_download(&self, error: &dunite_download::Error) {
-        match error.as_cache() {
-            Some(error) => self.record(error),
-            None => {
-                self.other_errors.fetch_add(1, Ordering::Relaxed);
-            }
-        }
-    }
 }
 
 /// 64 fetch-throughs from 8 tasks that also read, through `DownloadCache`: no
@@ -59,9 +25,9 @@ impl Tally {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn download_cache_survives_a_burst_on_a_pool_of_two() {
     let dir = tempfile::tempdir().unwrap();
-    let cache = open_with(dir.path(), policy(), pool(), HOUR).await;
+    let cache = open_with(dir.path(), policy(), pool_of_two(), HOUR).await;
     let upstream = Upstream::default();
-    let tally = Arc::new(Tally::default());
+    let tally = Arc::new(PoolTally::default());
     let mut tasks = tokio::task::JoinSet::new();
     for t in 0..TASKS {
         let (cache, tally, upstream) = (cache.clone(), tally.clone(), upstream.clone());
@@ -73,11 +39,11 @@ async fn download_cache_survives_a_burst_on_a_pool_of_two() {
                 upstream.serve(&key, bytes.clone(), Some("\"v1\""));
                 match cache.get_or_fetch(&verified_request(&key, &bytes), &upstream).await {
                     Ok(_) => mine.push(key),
-                    Err(e) => tally.record_download(&e),
+                    Err(e) => record(&tally, &e),
                 }
                 for key in &mine {
                     if let Err(e) = cache.open(key).await {
-                        tally.record_download(&e);
+                        record(&tally, &e);
                     }
                 }
             }
@@ -85,8 +51,8 @@ async fn download_cache_survives_a_burst_on_a_pool_of_two() {
         });
     }
     let stored: Vec<_> = tasks.join_all().await.into_iter().flatten().collect();
-    assert_eq!(tally.pool_timeouts.load(Ordering::Relaxed), 0, "PoolTimedOut under a burst");
-    assert_eq!(tally.other_errors.load(Ordering::Relaxed), 0);
+    assert_eq!(tally.pool_timeouts(), 0, "PoolTimedOut under a burst");
+    assert_eq!(tally.other_errors(), 0);
     assert_eq!(stored.len() as u64, TASKS * FETCHES_PER_TASK);
     assert_eq!(upstream.calls() as u64, TASKS * FETCHES_PER_TASK);
 
@@ -108,9 +74,10 @@ async fn download_cache_survives_a_burst_on_a_pool_of_two() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn legacy_spawn_per_store_hits_pool_timeouts() {
     let dir = tempfile::tempdir().unwrap();
-    let db = dunite_core::Database::open_sqlite(&dir.path().join("metadata.db"), &pool()).await.unwrap();
+    let db =
+        dunite_core::Database::open_sqlite(&dir.path().join("metadata.db"), &pool_of_two()).await.unwrap();
     let store = EntryStore::open(db, NAMESPACE, dir.path(), CAP, OnConflict::Replace).await.unwrap();
-    let tally = Arc::new(Tally::default());
+    let tally = Arc::new(PoolTally::default());
     let mut tasks = tokio::task::JoinSet::new();
     for t in 0..TASKS {
         let (store, tally) = (store.clone(), tally.clone());
@@ -136,6 +103,14 @@ async fn legacy_spawn_per_store_hits_pool_timeouts() {
         });
     }
     tasks.join_all().await;
-    let timeouts = tally.pool_timeouts.load(Ordering::Relaxed);
+    let timeouts = tally.pool_timeouts();
     assert!(timeouts > 0, "the legacy pattern should exhaust a pool of 2");
+}
+
+/// Count a download error: the core's errors by kind, anything else as "other".
+fn record(tally: &PoolTally, error: &dunite_download::Error) {
+    match error.as_cache() {
+        Some(core) => tally.record(core),
+        None => tally.record(&dunite_core::Error::InvalidConfig(error.to_string())),
+    }
 }

@@ -1,53 +1,10 @@
 //! Bad input gets a typed error and stores nothing.
 
-use std::pin::Pin;
-use std::task::{Context, Poll};
-
 use dunite_core::Error as CoreError;
 use dunite_oci::{BlobCache, Digest, DigestError, Error};
-use dunite_testkit::{DiskUsage, check_consistency, disk_usage};
-use tokio::io::{AsyncRead, ReadBuf};
+use dunite_testkit::{CutAfter, DiskUsage, MustNotRead, check_consistency, disk_usage};
 
 use crate::{blob, open};
-
-/// Yields `good` bytes, then fails like a cut connection.
-struct CutAfter {
-    data: Vec<u8>,
-    pos: usize,
-    good: usize,
-}
-
-impl AsyncRead for CutAfter {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        _: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        if self.pos >= self.good {
-            return Poll::Ready(Err(std::io::Error::new(
-                std::io::ErrorKind::ConnectionReset,
-                "upstream cut",
-            )));
-        }
-        let end = (self.pos + buf.remaining().min(1000)).min(self.good);
-        buf.put_slice(&self.data[self.pos..end]);
-        self.pos = end;
-        Poll::Ready(Ok(()))
-    }
-}
-
-/// Panics if read: proves a refusal happened before any byte was consumed.
-struct MustNotRead;
-
-impl AsyncRead for MustNotRead {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        _: &mut Context<'_>,
-        _: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        panic!("the cache read a stream it should have refused up front")
-    }
-}
 
 async fn assert_nothing_stored(cache: &BlobCache, dir: &std::path::Path) {
     assert_eq!(cache.total_bytes().await.unwrap(), 0);
@@ -104,7 +61,7 @@ async fn a_cut_stream_stores_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let cache = open(dir.path(), 1 << 20).await;
     let (digest, bytes) = blob(4, 100_000);
-    let reader = CutAfter { data: bytes, pos: 0, good: 40_000 };
+    let reader = CutAfter::new(bytes, 40_000);
     let err = core(cache.store_with_size(&digest, 100_000, reader).await);
     assert!(matches!(err, CoreError::Source { received: 40_000, .. }), "{err}");
     assert_nothing_stored(&cache, dir.path()).await;

@@ -10,7 +10,6 @@ mod pool;
 mod readers;
 
 use std::path::Path;
-use std::time::Duration;
 
 use dunite_core::{DatabaseOptions, EvictionPolicy};
 use dunite_oci::{BlobCache, Digest};
@@ -42,15 +41,4 @@ pub async fn read_verified(cache: &BlobCache, digest: &Digest) -> Option<Vec<u8>
     Some(bytes)
 }
 
-/// Polls `condition` until it holds or `deadline` passes.
-pub async fn eventually<F, Fut>(deadline: Duration, mut condition: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let give_up = tokio::time::Instant::now() + deadline;
-    while !condition().await {
-        assert!(tokio::time::Instant::now() < give_up, "condition not reached within {deadline:?}");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-}
+pub use dunite_testkit::eventually;

@@ -1,12 +1,12 @@
 //! The production failure, reproduced: a burst of blob stores against a pool of 2.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+
 use std::time::Duration;
 
-use dunite_core::{DatabaseOptions, EntryStore, EvictionPolicy, Expected, OnConflict};
+use dunite_core::{EntryStore, EvictionPolicy, Expected, OnConflict};
 use dunite_oci::BlobCache;
-use dunite_testkit::{check_consistency, legacy_evict_if_over_cap};
+use dunite_testkit::{PoolTally, check_consistency, legacy_evict_if_over_cap, pool_of_two};
 
 use crate::{blob, eventually, read_verified};
 
@@ -15,33 +15,8 @@ const STORES_PER_TASK: u64 = 8;
 const BLOB: usize = 32 * 1024;
 const CAP: u64 = 16 * BLOB as u64;
 
-/// A pool of 2 with a short acquire timeout, on a database that costs two milliseconds per
-/// statement (a networked database, where the failure was seen in production).
-fn pool() -> DatabaseOptions {
-    DatabaseOptions::new()
-        .with_max_connections(2)
-        .with_acquire_timeout(Duration::from_millis(200))
-        .with_simulated_latency(Duration::from_millis(2))
-}
-
 fn policy() -> EvictionPolicy {
     EvictionPolicy::new(CAP).without_safety_tick()
-}
-
-#[derive(Debug, Default)]
-struct Tally {
-    pool_timeouts: AtomicU64,
-    other_errors: AtomicU64,
-}
-
-impl Tally {
-    fn record(&self, error: &dunite_core::Error) {
-        if error.is_pool_timeout() {
-            self.pool_timeouts.fetch_add(1, Ordering::Relaxed);
-        } else {
-            self.other_errors.fetch_add(1, Ordering::Relaxed);
-        }
-    }
 }
 
 /// 64 stores from 8 tasks that also read, through `BlobCache`: no `PoolTimedOut`, the cap
@@ -49,9 +24,10 @@ impl Tally {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn blob_cache_survives_a_burst_on_a_pool_of_two() {
     let dir = tempfile::tempdir().unwrap();
-    let cache =
-        BlobCache::new(BlobCache::options(dir.path(), policy()).with_database_options(pool())).await.unwrap();
-    let tally = Arc::new(Tally::default());
+    let cache = BlobCache::new(BlobCache::options(dir.path(), policy()).with_database_options(pool_of_two()))
+        .await
+        .unwrap();
+    let tally = Arc::new(PoolTally::default());
     let mut tasks = tokio::task::JoinSet::new();
     for t in 0..TASKS {
         let (cache, tally) = (cache.clone(), tally.clone());
@@ -73,8 +49,8 @@ async fn blob_cache_survives_a_burst_on_a_pool_of_two() {
         });
     }
     let stored: Vec<_> = tasks.join_all().await.into_iter().flatten().collect();
-    assert_eq!(tally.pool_timeouts.load(Ordering::Relaxed), 0, "PoolTimedOut under a burst");
-    assert_eq!(tally.other_errors.load(Ordering::Relaxed), 0);
+    assert_eq!(tally.pool_timeouts(), 0, "PoolTimedOut under a burst");
+    assert_eq!(tally.other_errors(), 0);
     assert_eq!(stored.len() as u64, TASKS * STORES_PER_TASK);
 
     eventually(Duration::from_secs(30), || async { cache.total_bytes().await.unwrap() <= CAP }).await;
@@ -94,10 +70,11 @@ async fn blob_cache_survives_a_burst_on_a_pool_of_two() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn legacy_spawn_per_store_hits_pool_timeouts() {
     let dir = tempfile::tempdir().unwrap();
-    let db = dunite_core::Database::open_sqlite(&dir.path().join("metadata.db"), &pool()).await.unwrap();
+    let db =
+        dunite_core::Database::open_sqlite(&dir.path().join("metadata.db"), &pool_of_two()).await.unwrap();
     let store =
         EntryStore::open(db, dunite_oci::NAMESPACE, dir.path(), CAP, OnConflict::KeepExisting).await.unwrap();
-    let tally = Arc::new(Tally::default());
+    let tally = Arc::new(PoolTally::default());
     let mut tasks = tokio::task::JoinSet::new();
     for t in 0..TASKS {
         let (store, tally) = (store.clone(), tally.clone());
@@ -123,7 +100,7 @@ async fn legacy_spawn_per_store_hits_pool_timeouts() {
         });
     }
     tasks.join_all().await;
-    let timeouts = tally.pool_timeouts.load(Ordering::Relaxed);
+    let timeouts = tally.pool_timeouts();
     // Measured: about 90 of the 64 stores' reads and passes time out (2026-11-24).
     assert!(timeouts > 0, "the legacy pattern should exhaust a pool of 2");
 }
