@@ -49,8 +49,10 @@ pub struct App {
     pub(crate) fetcher: crate::dl::HttpFetcher,
     /// Upstream registries.
     pub(crate) registries: Registries,
-    /// In-flight blob fills.
-    pub(crate) fills: Fills,
+    /// In-flight blob fills, by digest.
+    pub(crate) fills: Fills<dunite_oci::Digest>,
+    /// In-flight download fills, by pin and URL.
+    pub(crate) dl_fills: Fills<String>,
     /// Where fills spool.
     pub(crate) spool_dir: PathBuf,
     /// Counters.
@@ -148,6 +150,7 @@ impl App {
             fetcher,
             registries,
             fills: Fills::default(),
+            dl_fills: Fills::default(),
             spool_dir,
             metrics: Metrics::default(),
         }))

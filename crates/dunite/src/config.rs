@@ -45,7 +45,7 @@ pub struct ServeArgs {
     /// Directory for cached payloads and the embedded database [default: ./dunite-data].
     #[arg(long, env = "DUNITE_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
-    /// Metadata database URL [default: SQLite at <data-dir>/metadata.db].
+    /// Metadata database URL [default: SQLite at `DATA_DIR/metadata.db`].
     #[arg(long, env = "DUNITE_DATABASE_URL")]
     pub database_url: Option<String>,
     /// Byte cap of the OCI blob cache, e.g. 20GiB, 500MB [default: 10GiB].
@@ -54,7 +54,7 @@ pub struct ServeArgs {
     /// Byte cap of the download cache [default: 10GiB].
     #[arg(long, env = "DUNITE_DL_MAX_BYTES")]
     pub dl_max_bytes: Option<String>,
-    /// Upstream registry as HOST=URL, e.g. docker.io=https://registry-1.docker.io (repeatable).
+    /// Upstream registry as `HOST=URL`, e.g. `docker.io=https://registry-1.docker.io` (repeatable).
     #[arg(long = "upstream", env = "DUNITE_UPSTREAMS", value_delimiter = ',')]
     pub upstreams: Vec<String>,
     /// Registry host used when a request carries no `?ns=` [default: docker.io].

@@ -13,7 +13,7 @@ use axum::body::Body;
 use axum::extract::{Path, RawQuery, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use futures_util::TryStreamExt as _;
+use futures_util::{StreamExt as _, TryStreamExt as _};
 use reqwest::header::{IF_MODIFIED_SINCE, IF_NONE_MATCH};
 
 use dunite_core::{ContentDigest, DigestAlgorithm};
@@ -22,6 +22,7 @@ use dunite_download::{
 };
 
 use crate::app::{App, CacheOutcome};
+use crate::fill::{FillState, run_fill};
 
 /// An upstream answer that is not a body: relayed to the client with its status.
 #[derive(Debug, thiserror::Error)]
@@ -57,11 +58,15 @@ impl HttpFetcher {
     }
 }
 
-#[async_trait]
-impl Fetcher for HttpFetcher {
-    async fn fetch(&self, request: FetchRequest) -> Result<Fetched, FetchError> {
-        let mut get = self.client.get(request.url().as_str());
-        if let Some(validators) = request.validators() {
+impl HttpFetcher {
+    /// `GET url`, conditional on `validators` when given.
+    async fn get(
+        &self,
+        url: &UrlKey,
+        validators: Option<&dunite_download::Validators>,
+    ) -> reqwest::Result<reqwest::Response> {
+        let mut get = self.client.get(url.as_str());
+        if let Some(validators) = validators {
             if let Some(etag) = validators.etag() {
                 get = get.header(IF_NONE_MATCH, etag);
             }
@@ -69,7 +74,35 @@ impl Fetcher for HttpFetcher {
                 get = get.header(IF_MODIFIED_SINCE, modified);
             }
         }
-        let response = get.send().await?;
+        get.send().await
+    }
+}
+
+/// What a download cache records of an upstream response.
+fn meta_of(response: &reqwest::Response) -> ResponseMeta {
+    let text = |name: header::HeaderName| {
+        response.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_owned)
+    };
+    let mut meta = ResponseMeta::new();
+    if let Some(v) = text(header::CONTENT_TYPE) {
+        meta = meta.with_content_type(v);
+    }
+    if let Some(v) = text(header::ETAG) {
+        meta = meta.with_etag(v);
+    }
+    if let Some(v) = text(header::LAST_MODIFIED) {
+        meta = meta.with_last_modified(v);
+    }
+    if let Some(n) = response.content_length() {
+        meta = meta.with_content_length(n);
+    }
+    meta
+}
+
+#[async_trait]
+impl Fetcher for HttpFetcher {
+    async fn fetch(&self, request: FetchRequest) -> Result<Fetched, FetchError> {
+        let response = self.get(request.url(), request.validators()).await?;
         let status = response.status();
         if status == StatusCode::NOT_MODIFIED {
             return Ok(Fetched::not_modified());
@@ -77,24 +110,25 @@ impl Fetcher for HttpFetcher {
         if !status.is_success() {
             return Err(Box::new(UpstreamStatus(status)));
         }
-        let text = |name: header::HeaderName| {
-            response.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_owned)
-        };
-        let mut meta = ResponseMeta::new();
-        if let Some(v) = text(header::CONTENT_TYPE) {
-            meta = meta.with_content_type(v);
-        }
-        if let Some(v) = text(header::ETAG) {
-            meta = meta.with_etag(v);
-        }
-        if let Some(v) = text(header::LAST_MODIFIED) {
-            meta = meta.with_last_modified(v);
-        }
-        if let Some(n) = response.content_length() {
-            meta = meta.with_content_length(n);
-        }
+        let meta = meta_of(&response);
         let stream = response.bytes_stream().map_err(std::io::Error::other);
         Ok(Fetched::body(tokio_util::io::StreamReader::new(stream), meta))
+    }
+}
+
+/// Hands a fill's spool to the download cache as if it were the upstream's answer, so the
+/// cache verifies and stores it the one way it stores anything.
+#[derive(Debug, Clone)]
+struct SpoolFetcher {
+    spool: std::path::PathBuf,
+    meta: ResponseMeta,
+}
+
+#[async_trait]
+impl Fetcher for SpoolFetcher {
+    async fn fetch(&self, _: FetchRequest) -> Result<Fetched, FetchError> {
+        let file = tokio::fs::File::open(&self.spool).await?;
+        Ok(Fetched::body(file, self.meta.clone()))
     }
 }
 
@@ -135,6 +169,15 @@ pub(crate) async fn download(
     if let Some(pin) = pin {
         request = request.with_sha256(pin);
     }
+    match app.downloads.info(request.url()).await {
+        Ok(None) => return stream_miss(&app, request).await,
+        Ok(Some(_)) => {}
+        Err(error) => {
+            app.metrics.errors.fetch_add(1, Ordering::Relaxed);
+            return refuse(StatusCode::INTERNAL_SERVER_ERROR, &error.to_string());
+        }
+    }
+    // Cached (fresh, stale or pinned differently): the cache serves, revalidates or refetches.
     let download = match app.downloads.get_or_fetch(&request, &app.fetcher).await {
         Ok(download) => download,
         Err(error) => {
@@ -187,5 +230,80 @@ pub(crate) async fn download(
     put(headers, header::LAST_MODIFIED, info.last_modified());
     put(headers, header::HeaderName::from_static("x-content-sha256"), Some(&info.sha256().hex()));
     response.extensions_mut().insert(outcome);
+    response
+}
+
+/// A download with no cached entry: one upstream transfer per URL (and pin), streamed to every
+/// client as it arrives, stored (and verified against the pin) when complete. A failure ends
+/// every client's stream with an error; nothing is cached.
+async fn stream_miss(app: &Arc<App>, request: DownloadRequest) -> Response {
+    app.metrics.download_misses.fetch_add(1, Ordering::Relaxed);
+    let key = format!("{}|{}", request.sha256().map(ContentDigest::hex).unwrap_or_default(), request.url());
+    let fill_app = Arc::clone(app);
+    let fill_key = key.clone();
+    let joined = app.dl_fills.join(&key, &app.spool_dir, move |spool, state| async move {
+        let app = fill_app;
+        match app.fetcher.get(request.url(), None).await {
+            Ok(response) if response.status().is_success() => {
+                let meta = meta_of(&response);
+                let total = response.content_length();
+                let content_type = meta.content_type().map(Arc::from);
+                let body = response.bytes_stream().map(|chunk| chunk.map_err(|e| e.to_string()));
+                let downloads = app.downloads.clone();
+                let store = |spool, _written| async move {
+                    let fetcher = SpoolFetcher { spool, meta };
+                    downloads.get_or_fetch(&request, &fetcher).await.map(drop).map_err(|e| e.to_string())
+                };
+                run_fill(
+                    spool,
+                    state,
+                    body,
+                    (total, content_type),
+                    Arc::clone(&app.metrics.upstream_bytes),
+                    store,
+                )
+                .await;
+            }
+            Ok(response) => {
+                let status = response.status();
+                state.send_replace(FillState::Failed {
+                    status: Some(status.as_u16()),
+                    message: format!("upstream answered {status}"),
+                });
+            }
+            Err(e) => {
+                state.send_replace(FillState::Failed { status: None, message: e.to_string() });
+            }
+        }
+        app.dl_fills.finish(&fill_key);
+    });
+    let mut subscription = match joined {
+        Ok(subscription) => subscription,
+        Err(e) => {
+            app.metrics.errors.fetch_add(1, Ordering::Relaxed);
+            return refuse(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string());
+        }
+    };
+    let (total, content_type) = match subscription.started().await {
+        FillState::Failed { status: Some(404), .. } => {
+            return refuse(StatusCode::NOT_FOUND, "upstream answered 404");
+        }
+        FillState::Failed { message, .. } => return refuse(StatusCode::BAD_GATEWAY, &message),
+        FillState::Streaming { total, content_type, .. } => (total, content_type),
+        FillState::Done { written } => (Some(written), None),
+        FillState::Connecting => (None, None),
+    };
+    let stream = crate::metrics::metered(subscription.into_stream(), &app.metrics.bytes_served);
+    let mut response = Response::new(Body::from_stream(stream));
+    let headers = response.headers_mut();
+    if let Some(total) = total {
+        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(total));
+    }
+    let content_type = content_type.as_deref().and_then(|v| HeaderValue::from_str(v).ok());
+    headers.insert(
+        header::CONTENT_TYPE,
+        content_type.unwrap_or(HeaderValue::from_static("application/octet-stream")),
+    );
+    response.extensions_mut().insert(CacheOutcome::Miss);
     response
 }

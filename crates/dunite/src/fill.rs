@@ -1,14 +1,16 @@
-//! Single-flight upstream fills of blobs, streamed to every client while they run.
+//! Single-flight upstream fills, streamed to every client while they run.
 //!
-//! A miss starts one [`Fill`] per digest however many clients ask. The fill writes the
+//! A miss starts one [`Fill`] per key (a blob's digest, a download's URL) however many
+//! clients ask. The fill writes the
 //! upstream body to a spool file and publishes how many bytes are there; each client reads
 //! the spool from its own handle as it grows, so it receives bytes as they arrive. At the
-//! end the fill stores the spool into the blob cache, which verifies size and digest; only
-//! then do clients see the end of their stream. A cut upstream or a digest mismatch ends every
+//! end the fill stores the spool into its cache, which verifies it (size and digest, or the
+//! download's pin); only then do clients get the last byte and the end of their stream. A cut upstream or a digest mismatch ends every
 //! client's stream with an error (the connection is aborted), never with wrong bytes
 //! presented as complete, and nothing enters the cache.
 
 use std::collections::HashMap;
+use std::hash::Hash;
 use std::io::SeekFrom;
 use std::sync::{Arc, Mutex, PoisonError};
 
@@ -16,8 +18,6 @@ use bytes::Bytes;
 use futures_util::{Stream, StreamExt as _};
 use tokio::io::{AsyncReadExt as _, AsyncSeekExt as _, AsyncWriteExt as _};
 use tokio::sync::watch;
-
-use dunite_oci::{BlobCache, Digest};
 
 /// Bytes a client reads from the spool at a time.
 const CHUNK: usize = 64 * 1024;
@@ -33,6 +33,8 @@ pub(crate) enum FillState {
         written: u64,
         /// The upstream's Content-Length.
         total: Option<u64>,
+        /// The upstream's Content-Type, if it matters to clients (downloads).
+        content_type: Option<Arc<str>>,
     },
     /// Stored and verified; `written` bytes in all.
     Done {
@@ -48,10 +50,16 @@ pub(crate) enum FillState {
     },
 }
 
-/// The in-flight fills, by digest.
-#[derive(Debug, Default)]
-pub(crate) struct Fills {
-    inflight: Mutex<HashMap<Digest, Arc<Fill>>>,
+/// The in-flight fills, by key.
+#[derive(Debug)]
+pub(crate) struct Fills<K> {
+    inflight: Mutex<HashMap<K, Arc<Fill>>>,
+}
+
+impl<K> Default for Fills<K> {
+    fn default() -> Self {
+        Self { inflight: Mutex::new(HashMap::new()) }
+    }
 }
 
 /// One in-flight fill.
@@ -69,8 +77,8 @@ pub(crate) struct Subscription {
     spool: std::fs::File,
 }
 
-impl Fills {
-    /// Join the fill of `digest`, starting it with `start` if none is in flight. `start`
+impl<K: Eq + Hash + Clone> Fills<K> {
+    /// Join the fill of `key`, starting it with `start` if none is in flight. `start`
     /// receives the spool path and the state sender, and must run to completion on its own
     /// task (it is spawned, so a client going away does not cancel it for the others).
     ///
@@ -79,7 +87,7 @@ impl Fills {
     /// If the spool file cannot be created or opened.
     pub(crate) fn join<F, Fut>(
         &self,
-        digest: &Digest,
+        key: &K,
         spool_dir: &std::path::Path,
         start: F,
     ) -> std::io::Result<Subscription>
@@ -88,7 +96,7 @@ impl Fills {
         Fut: Future<Output = ()> + Send + 'static,
     {
         let mut inflight = self.inflight.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(fill) = inflight.get(digest) {
+        if let Some(fill) = inflight.get(key) {
             // The spool exists while the fill is in the map: it is removed from the map
             // before its spool is deleted, under this lock.
             return Ok(Subscription {
@@ -101,7 +109,7 @@ impl Fills {
         let (state, rx) = watch::channel(FillState::Connecting);
         let fill = Arc::new(Fill { spool: path.clone(), state: state.clone() });
         let subscription = Subscription { state: rx, spool: std::fs::File::open(&path)? };
-        inflight.insert(digest.clone(), fill);
+        inflight.insert(key.clone(), fill);
         drop(inflight);
         let task = start(path, state);
         tokio::spawn(async move {
@@ -113,29 +121,32 @@ impl Fills {
         Ok(subscription)
     }
 
-    /// Remove `digest`'s fill from the map (before its spool is deleted).
-    pub(crate) fn finish(&self, digest: &Digest) {
-        self.inflight.lock().unwrap_or_else(PoisonError::into_inner).remove(digest);
+    /// Remove `key`'s fill from the map (before its spool is deleted).
+    pub(crate) fn finish(&self, key: &K) {
+        self.inflight.lock().unwrap_or_else(PoisonError::into_inner).remove(key);
     }
 }
 
-/// Copy an upstream body into the spool, publishing progress, then store the spool in the
-/// cache (which verifies it). Sets the final state.
-pub(crate) async fn run_fill(
-    cache: BlobCache,
-    digest: Digest,
+/// Copy an upstream body into the spool, publishing progress, then hand the spool to `store`
+/// (which puts it in a cache and verifies it). Sets the final state.
+pub(crate) async fn run_fill<S, F, Fut>(
     spool: std::path::PathBuf,
     state: watch::Sender<FillState>,
-    response: reqwest::Response,
+    body: S,
+    (total, content_type): (Option<u64>, Option<Arc<str>>),
     upstream_bytes: Arc<std::sync::atomic::AtomicU64>,
-) {
-    let total = response.content_length();
+    store: F,
+) where
+    S: Stream<Item = Result<Bytes, String>> + Send,
+    F: FnOnce(std::path::PathBuf, u64) -> Fut,
+    Fut: Future<Output = Result<(), String>>,
+{
     let result: Result<u64, String> = async {
         let mut file =
             tokio::fs::OpenOptions::new().write(true).open(&spool).await.map_err(|e| e.to_string())?;
         let mut written = 0u64;
-        state.send_replace(FillState::Streaming { written, total });
-        let mut body = response.bytes_stream();
+        state.send_replace(FillState::Streaming { written, total, content_type: content_type.clone() });
+        let mut body = std::pin::pin!(body);
         while let Some(chunk) = body.next().await {
             let chunk = chunk.map_err(|e| format!("upstream body failed after {written} bytes: {e}"))?;
             file.write_all(&chunk).await.map_err(|e| e.to_string())?;
@@ -144,16 +155,14 @@ pub(crate) async fn run_fill(
             file.flush().await.map_err(|e| e.to_string())?;
             written += chunk.len() as u64;
             upstream_bytes.fetch_add(chunk.len() as u64, std::sync::atomic::Ordering::Relaxed);
-            state.send_replace(FillState::Streaming { written, total });
+            state.send_replace(FillState::Streaming { written, total, content_type: content_type.clone() });
         }
-        file.flush().await.map_err(|e| e.to_string())?;
         if let Some(total) = total
             && total != written
         {
             return Err(format!("upstream sent {written} of {total} bytes"));
         }
-        let reader = tokio::fs::File::open(&spool).await.map_err(|e| e.to_string())?;
-        cache.store_with_size(&digest, written, reader).await.map_err(|e| e.to_string())?;
+        store(spool.clone(), written).await?;
         Ok(written)
     }
     .await;
@@ -162,7 +171,7 @@ pub(crate) async fn run_fill(
             state.send_replace(FillState::Done { written });
         }
         Err(message) => {
-            tracing::warn!(%digest, %message, "blob fill failed; nothing cached");
+            tracing::warn!(%message, "fill failed; nothing cached");
             state.send_replace(FillState::Failed { status: None, message });
         }
     }
@@ -208,7 +217,10 @@ impl Subscription {
                     let state = rx.borrow_and_update().clone();
                     let (available, finished) = match &state {
                         FillState::Connecting => (0, false),
-                        FillState::Streaming { written, .. } => (*written, false),
+                        // The last byte is held back until the fill is verified: a client
+                        // never receives a complete body (its Content-Length) of bytes that
+                        // then fail verification.
+                        FillState::Streaming { written, .. } => (written.saturating_sub(1), false),
                         FillState::Done { written } => (*written, true),
                         FillState::Failed { message, .. } => {
                             let error = std::io::Error::other(message.clone());

@@ -9,6 +9,7 @@ use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
+use futures_util::StreamExt as _;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt as _, AsyncSeekExt as _};
 
@@ -154,9 +155,26 @@ async fn blob(
             let app = fill_app;
             match app.registries.send(&fill_host, &upstream_name, Method::GET, &path, None).await {
                 Ok(response) if response.status().is_success() => {
-                    let upstream_bytes = Arc::clone(&app.metrics.upstream_bytes);
-                    run_fill(app.blobs.clone(), fill_digest.clone(), spool, state, response, upstream_bytes)
-                        .await;
+                    let total = response.content_length();
+                    let body = response.bytes_stream().map(|chunk| chunk.map_err(|e| e.to_string()));
+                    let (cache, digest) = (app.blobs.clone(), fill_digest.clone());
+                    let store = |spool, written| async move {
+                        let reader = tokio::fs::File::open(spool).await.map_err(|e| e.to_string())?;
+                        cache
+                            .store_with_size(&digest, written, reader)
+                            .await
+                            .map(drop)
+                            .map_err(|e| e.to_string())
+                    };
+                    run_fill(
+                        spool,
+                        state,
+                        body,
+                        (total, None),
+                        Arc::clone(&app.metrics.upstream_bytes),
+                        store,
+                    )
+                    .await;
                 }
                 Ok(response) => {
                     let status = response.status();

@@ -11,6 +11,12 @@ use super::origin::{Answer, Origin};
 
 /// `curl -s -o FILE -w %{http_code} URL`: (status, body).
 async fn curl(url: &str) -> (u16, Vec<u8>) {
+    let (status, body, _) = curl_checked(url).await;
+    (status, body)
+}
+
+/// As [`curl`], plus whether curl itself succeeded (a transfer cut short fails).
+async fn curl_checked(url: &str) -> (u16, Vec<u8>, bool) {
     let out = tempfile::NamedTempFile::new().unwrap();
     let run = tokio::process::Command::new("curl")
         .args(["-s", "-o"])
@@ -20,7 +26,7 @@ async fn curl(url: &str) -> (u16, Vec<u8>) {
     let output =
         tokio::time::timeout(Duration::from_secs(90), run).await.unwrap().expect("curl is installed");
     let status = String::from_utf8_lossy(&output.stdout).trim().parse().unwrap();
-    (status, std::fs::read(out.path()).unwrap())
+    (status, std::fs::read(out.path()).unwrap(), output.status.success())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -65,4 +71,42 @@ async fn downloads_go_through_the_allowlist_and_are_cached() {
     assert_eq!(status, 400);
     let (status, _) = curl(&format!("{base}/{origin_url}/missing")).await;
     assert_eq!(status, 404);
+}
+
+/// A miss is one upstream transfer however many clients ask at once, streamed to all of them;
+/// a first request pinned to the wrong sha256 is cut off and caches nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_download_misses_share_one_transfer_and_a_bad_pin_caches_nothing() {
+    let body = dunite_testkit::pseudo_random_bytes(6, 3_000_000);
+    let mut answers = HashMap::new();
+    answers.insert("/big.bin".to_owned(), Answer::File { body: body.clone(), etag: "b1".into() });
+    answers.insert("/pinned.bin".to_owned(), Answer::File { body: body.clone(), etag: "p1".into() });
+    let origin = Origin::start(answers).await;
+    let registry = Registry::start().await;
+    let dunite = Dunite::start(registry.addr, "64MiB", &["--dl-allow", "127.0.0.1"]).await;
+    let url = format!("http://{}/dl/http://{}/big.bin", dunite.addr, origin.addr);
+
+    let mut clients = tokio::task::JoinSet::new();
+    for _ in 0..8 {
+        let url = url.clone();
+        clients.spawn(async move { curl_checked(&url).await });
+    }
+    for (status, got, ok) in clients.join_all().await {
+        assert!(ok && status == 200, "status {status}");
+        assert!(got == body, "a client got different bytes");
+    }
+    // Requests that arrived after the fill completed are hits; none is a second transfer.
+    assert_eq!(origin.requests.load(Ordering::SeqCst), 1, "one upstream transfer");
+
+    let wrong = "f".repeat(64);
+    let pinned = format!("http://{}/dl/sha256:{wrong}/http://{}/pinned.bin", dunite.addr, origin.addr);
+    let (_, got, ok) = curl_checked(&pinned).await;
+    assert!(!ok || got.len() < body.len(), "a pin mismatch must not look like a complete download");
+    assert!(got != body);
+    // Nothing was cached: an unpinned request goes upstream again.
+    let before = origin.requests.load(Ordering::SeqCst);
+    let (status, got) = curl(&format!("http://{}/dl/http://{}/pinned.bin", dunite.addr, origin.addr)).await;
+    assert_eq!(status, 200);
+    assert!(got == body);
+    assert_eq!(origin.requests.load(Ordering::SeqCst), before + 1);
 }
