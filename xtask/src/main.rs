@@ -13,6 +13,7 @@ use std::time::Instant;
 const TASKS: &[(&str, &str)] = &[
     ("ci", "every check CI runs: fmt, clippy, build, tests, doc tests, docs (fails on the first failure)"),
     ("bench", "the benchmark scenarios (see docs/benchmarks.md); pass --quick for a smoke run"),
+    ("chaos", "crash trials: kill -9 dunite mid-pull, restart, check (see docs/reliability.md); --trials N"),
 ];
 
 fn main() -> ExitCode {
@@ -20,6 +21,7 @@ fn main() -> ExitCode {
     let result = match args.first().map(String::as_str) {
         Some("ci") => ci(),
         Some("bench") => bench(&args[1..]),
+        Some("chaos") => chaos(&args[1..]),
         Some(other) => Err(format!("unknown task `{other}`\n\n{}", usage())),
         None => {
             println!("{}", usage());
@@ -114,4 +116,20 @@ fn bench(args: &[String]) -> Result<(), String> {
     let mut cargo_args = vec!["run", "--release", "--quiet", "--package", "dunite-bench", "--"];
     cargo_args.extend(args.iter().map(String::as_str));
     Step::cargo("bench", &cargo_args).run()
+}
+
+/// Build the binary, then run the crash-trial test alone with `DUNITE_CHAOS_TRIALS` trials; the
+/// test prints the summary line (`chaos: N trials, V violations ...`).
+fn chaos(args: &[String]) -> Result<(), String> {
+    let trials = match args {
+        [] => "100".to_owned(),
+        [flag, n] if flag == "--trials" => {
+            n.parse::<u64>().map_err(|_| format!("--trials takes a number, got `{n}`"))?.to_string()
+        }
+        _ => return Err("usage: cargo xtask chaos [--trials N]".into()),
+    };
+    Step::cargo("build", &["build", "-p", "dunite"]).run()?;
+    Step::cargo("chaos", &["test", "-p", "dunite-tests", "--test", "it", "chaos", "--", "--nocapture"])
+        .env("DUNITE_CHAOS_TRIALS", &trials)
+        .run()
 }
