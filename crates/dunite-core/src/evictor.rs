@@ -13,6 +13,9 @@ use tokio::time::{Instant, MissedTickBehavior};
 use crate::store::{EvictionPass, EvictionStore, Removal};
 use crate::{Error, EvictionPolicy, Result, StoreOp};
 
+/// Victims removed per `remove_batch` call at most (the time budget is checked between).
+const REMOVE_CHUNK: usize = 64;
+
 /// How many explicit pass requests may wait at once before `evict_now` callers queue on the
 /// channel itself (they are all served by one pass anyway).
 const EXPLICIT_QUEUE: usize = 16;
@@ -133,7 +136,7 @@ pub enum PassOutcome {
     /// No removable entry was left (all pinned, being written, or changing); the pass is
     /// retried with backoff.
     NoProgress,
-    /// The last handle was dropped; the pass stopped at an entry boundary.
+    /// The last handle was dropped; the pass stopped at a batch boundary.
     ShutDown,
 }
 
@@ -439,29 +442,45 @@ async fn evict_to_watermark<P: EvictionPass>(
             return Ok(PassOutcome::NoProgress);
         }
         let mut removed_in_batch = 0u64;
-        for victim in &victims {
-            // Entry boundaries are the only places a pass stops early.
+        let mut rest = &victims[..];
+        while !rest.is_empty() {
+            // Batch boundaries are entry boundaries, and the only places a pass stops early.
             if pokes.is_closed() {
                 return Ok(PassOutcome::ShutDown);
             }
             if started.elapsed() >= policy.pass_time_budget() {
                 return Ok(PassOutcome::TimeBudgetSpent);
             }
-            match pass
-                .remove(victim)
-                .await
-                .map_err(|e| Error::store(StoreOp::Remove, Some(&victim.key), e))?
-            {
-                Removal::Removed { bytes } => {
-                    removed_in_batch += 1;
-                    report.entries_evicted += 1;
-                    report.bytes_evicted += bytes;
-                    report.total_after = report.total_after.saturating_sub(bytes);
-                    if report.total_after <= target {
-                        return Ok(PassOutcome::Evicted);
-                    }
+            // Just the victims needed to reach the target (if none is skipped), at most a
+            // chunk at a time so the time budget is checked often.
+            let mut needed = 0;
+            let mut freed = 0u64;
+            for victim in rest.iter().take(REMOVE_CHUNK) {
+                needed += 1;
+                freed = freed.saturating_add(victim.bytes);
+                if report.total_after.saturating_sub(freed) <= target {
+                    break;
                 }
-                Removal::Skipped => report.entries_skipped += 1,
+            }
+            let (chunk, tail) = rest.split_at(needed);
+            rest = tail;
+            let removals = pass.remove_batch(chunk).await.map_err(|e| {
+                let key = (chunk.len() == 1).then(|| chunk[0].key.as_str());
+                Error::store(StoreOp::Remove, key, e)
+            })?;
+            for removal in removals {
+                match removal {
+                    Removal::Removed { bytes } => {
+                        removed_in_batch += 1;
+                        report.entries_evicted += 1;
+                        report.bytes_evicted += bytes;
+                        report.total_after = report.total_after.saturating_sub(bytes);
+                    }
+                    Removal::Skipped => report.entries_skipped += 1,
+                }
+            }
+            if report.total_after <= target {
+                return Ok(PassOutcome::Evicted);
             }
         }
         if removed_in_batch == 0 {

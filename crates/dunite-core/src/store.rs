@@ -50,6 +50,21 @@ pub trait EvictionPass: Send {
     /// An implementation must not hold a transaction across the payload unlink, and must
     /// keep the accounted total in step with the rows it deletes.
     async fn remove(&mut self, victim: &Victim) -> Result<Removal, Self::Error>;
+
+    /// Remove several victims, each under [`remove`](Self::remove)'s conditions; returns one
+    /// [`Removal`] per victim, in order. A store that can remove a batch in fewer round trips
+    /// or lock turns (a SQL store) overrides this; the default removes them one by one.
+    ///
+    /// The evictor only passes victims it needs, so a batch is never larger than the pass
+    /// requires. An error may leave some victims of the batch removed: each removal is atomic
+    /// on its own and keeps the accounted total right.
+    async fn remove_batch(&mut self, victims: &[Victim]) -> Result<Vec<Removal>, Self::Error> {
+        let mut removals = Vec::with_capacity(victims.len());
+        for victim in victims {
+            removals.push(self.remove(victim).await?);
+        }
+        Ok(removals)
+    }
 }
 
 /// An entry selected as an eviction candidate.

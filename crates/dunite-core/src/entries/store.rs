@@ -529,9 +529,9 @@ impl EntryStore {
     /// [`reconcile`](Self::reconcile).
     pub async fn remove(&self, key: &str) -> Result<Option<u64>> {
         let mut conn = self.inner.db.pool().acquire().await.map_err(Error::db("acquire a connection"))?;
-        match self.inner.remove_entry(&mut conn, key, None).await? {
-            Removal::Removed { bytes } => Ok(Some(bytes)),
-            Removal::Skipped => Ok(None),
+        match self.inner.remove_entries(&mut conn, Targets::Key(key)).await?.first() {
+            Some(Removal::Removed { bytes }) => Ok(Some(*bytes)),
+            _ => Ok(None),
         }
     }
 
@@ -697,82 +697,144 @@ impl Inner {
         lock(&self.pins).contains_key(key)
     }
 
-    /// Mark, unlink, delete. With `if_version`, only an entry still at that version that is
-    /// not pinned and has no newer access pending is removed.
-    pub(crate) async fn remove_entry(
+    /// Mark, unlink, delete, for several entries in two write turns (not two per entry).
+    ///
+    /// `Targets::Victims` removes each victim only if it still has the version it was selected
+    /// at, is not pinned and has no newer access pending; `Targets::Key` removes one key
+    /// whatever its version. Returns one [`Removal`] per target, in order.
+    pub(crate) async fn remove_entries(
         &self,
         conn: &mut SqliteConnection,
-        key: &str,
-        if_version: Option<i64>,
-    ) -> Result<Removal> {
-        if let Some(version) = if_version {
-            let touched_since = lock(&self.touches).get(key).is_some_and(|&stamp| stamp > version);
-            if touched_since || self.is_pinned(key) {
-                return Ok(Removal::Skipped);
+        targets: Targets<'_>,
+    ) -> Result<Vec<Removal>> {
+        let keys: Vec<&str> = match &targets {
+            Targets::Victims(victims) => victims.iter().map(|v| v.key.as_str()).collect(),
+            Targets::Key(key) => vec![key],
+        };
+        let mut out = vec![Removal::Skipped; keys.len()];
+        // In-memory conditions first: pinned, or touched since selection.
+        let eligible: Vec<usize> = match &targets {
+            Targets::Victims(victims) => {
+                let touches = lock(&self.touches);
+                let pins = lock(&self.pins);
+                (0..victims.len())
+                    .filter(|&i| {
+                        let v = &victims[i];
+                        !pins.contains_key(&v.key)
+                            && touches.get(&v.key).is_none_or(|&stamp| stamp <= v.version)
+                    })
+                    .collect()
             }
+            Targets::Key(_) => vec![0],
+        };
+        if eligible.is_empty() {
+            return Ok(out);
         }
-        // 1. Mark: from here on no reader is handed this row.
-        let turn = self.db.write_turn().await;
-        self.db.round_trip().await;
-        let marked: Option<(String, i64)> = sqlx::query_as(
-            "UPDATE entries SET state = 1 WHERE namespace = ? AND key = ? AND state = 0 \
-             AND (? IS NULL OR version = ?) RETURNING file, size",
-        )
-        .bind(&self.namespace)
-        .bind(key)
-        .bind(if_version)
-        .bind(if_version)
-        .fetch_optional(&mut *conn)
-        .await
-        .map_err(Error::db("mark an entry for removal"))?;
-        drop(turn);
-        let Some((file, _)) = marked else { return Ok(Removal::Skipped) };
-        if if_version.is_some() && self.is_pinned(key) {
-            // Pinned between the check and the mark: put it back.
+        // 1. Mark: from here on no reader is handed these rows.
+        let marked: Vec<(String, String)> = {
             let _turn = self.db.write_turn().await;
             self.db.round_trip().await;
-            sqlx::query(
-                "UPDATE entries SET state = 0 WHERE namespace = ? AND key = ? AND state = 1 AND file = ?",
-            )
-            .bind(&self.namespace)
-            .bind(key)
-            .bind(&file)
-            .execute(&mut *conn)
-            .await
-            .map_err(Error::db("unmark an entry"))?;
-            return Ok(Removal::Skipped);
-        }
-        // 2. Unlink, holding no transaction. Readers that opened the file keep their bytes.
-        self.layout.unlink(&file).await?;
-        // 3. Delete the row and subtract its bytes, unless a store took the row over.
-        let _turn = self.db.write_turn().await;
-        let mut tx = sqlx::Connection::begin_with(&mut *conn, "BEGIN IMMEDIATE")
-            .await
-            .map_err(Error::db("begin a removal"))?;
-        self.db.round_trip().await;
-        let deleted: Option<(i64,)> = sqlx::query_as(
-            "DELETE FROM entries WHERE namespace = ? AND key = ? AND state = 1 AND file = ? RETURNING size",
-        )
-        .bind(&self.namespace)
-        .bind(key)
-        .bind(&file)
-        .fetch_optional(&mut *tx)
-        .await
-        .map_err(Error::db("delete an entry"))?;
-        let Some((size,)) = deleted else {
-            tx.commit().await.map_err(Error::db("commit a removal"))?;
-            return Ok(Removal::Skipped);
+            let (sql, pairs) = match &targets {
+                Targets::Victims(_) => (
+                    format!(
+                        "UPDATE entries SET state = 1 WHERE namespace = ? AND state = 0 \
+                         AND (key, version) IN (VALUES {}) RETURNING key, file",
+                        vec!["(?, ?)"; eligible.len()].join(", ")
+                    ),
+                    true,
+                ),
+                Targets::Key(_) => {
+                    ("UPDATE entries SET state = 1 WHERE namespace = ? AND state = 0 AND key = ? RETURNING key, file".to_owned(), false)
+                }
+            };
+            let mut query = sqlx::query_as(sqlx::AssertSqlSafe(sql)).bind(&self.namespace);
+            for &i in &eligible {
+                query = query.bind(keys[i]);
+                if pairs && let Targets::Victims(victims) = &targets {
+                    query = query.bind(victims[i].version);
+                }
+            }
+            query.fetch_all(&mut *conn).await.map_err(Error::db("mark entries for removal"))?
         };
-        self.db.round_trip().await;
-        sqlx::query("UPDATE totals SET bytes = bytes - ?, entries = entries - 1 WHERE namespace = ?")
-            .bind(size)
-            .bind(&self.namespace)
-            .execute(&mut *tx)
-            .await
-            .map_err(Error::db("update the accounted total"))?;
-        tx.commit().await.map_err(Error::db("commit a removal"))?;
-        Ok(Removal::Removed { bytes: to_u64(size) })
+        // Pinned between the check and the mark: put those back (rare).
+        let mut doomed = Vec::with_capacity(marked.len());
+        for (key, file) in marked {
+            if matches!(targets, Targets::Victims(_)) && self.is_pinned(&key) {
+                let _turn = self.db.write_turn().await;
+                self.db.round_trip().await;
+                sqlx::query(
+                    "UPDATE entries SET state = 0 WHERE namespace = ? AND key = ? AND state = 1 AND file = ?",
+                )
+                .bind(&self.namespace)
+                .bind(&key)
+                .bind(&file)
+                .execute(&mut *conn)
+                .await
+                .map_err(Error::db("unmark an entry"))?;
+            } else {
+                doomed.push((key, file));
+            }
+        }
+        // 2. Unlink, holding no transaction. Readers that opened a file keep their bytes. On
+        // an error, the rows already unlinked are still deleted below; the rest stay marked
+        // for the next reconcile.
+        let mut unlinked = Vec::with_capacity(doomed.len());
+        let mut failure = None;
+        for (key, file) in doomed {
+            match self.layout.unlink(&file).await {
+                Ok(()) => unlinked.push((key, file)),
+                Err(e) => {
+                    failure = Some(e);
+                    break;
+                }
+            }
+        }
+        // 3. Delete the rows and subtract their bytes, unless a store took a row over.
+        if !unlinked.is_empty() {
+            let _turn = self.db.write_turn().await;
+            let mut tx = sqlx::Connection::begin_with(&mut *conn, "BEGIN IMMEDIATE")
+                .await
+                .map_err(Error::db("begin a removal"))?;
+            self.db.round_trip().await;
+            let sql = format!(
+                "DELETE FROM entries WHERE namespace = ? AND state = 1 AND (key, file) IN (VALUES {}) RETURNING key, size",
+                vec!["(?, ?)"; unlinked.len()].join(", ")
+            );
+            let mut query = sqlx::query_as(sqlx::AssertSqlSafe(sql)).bind(&self.namespace);
+            for (key, file) in &unlinked {
+                query = query.bind(key.as_str()).bind(file.as_str());
+            }
+            let deleted: Vec<(String, i64)> =
+                query.fetch_all(&mut *tx).await.map_err(Error::db("delete entries"))?;
+            let bytes: i64 = deleted.iter().map(|(_, size)| size).sum();
+            self.db.round_trip().await;
+            sqlx::query("UPDATE totals SET bytes = bytes - ?, entries = entries - ? WHERE namespace = ?")
+                .bind(bytes)
+                .bind(i64::try_from(deleted.len()).unwrap_or(i64::MAX))
+                .bind(&self.namespace)
+                .execute(&mut *tx)
+                .await
+                .map_err(Error::db("update the accounted total"))?;
+            tx.commit().await.map_err(Error::db("commit a removal"))?;
+            for (key, size) in deleted {
+                if let Some(i) = keys.iter().position(|k| *k == key) {
+                    out[i] = Removal::Removed { bytes: to_u64(size) };
+                }
+            }
+        }
+        match failure {
+            Some(e) => Err(e),
+            None => Ok(out),
+        }
     }
+}
+
+/// What [`Inner::remove_entries`] removes.
+pub(crate) enum Targets<'a> {
+    /// Eviction victims, each conditional on its selected version.
+    Victims(&'a [Victim]),
+    /// One key, unconditionally.
+    Key(&'a str),
 }
 
 /// One eviction pass over an [`EntryStore`]: one pooled connection for the whole pass.
@@ -830,6 +892,11 @@ impl EvictionPass for EntryPass {
     }
 
     async fn remove(&mut self, victim: &Victim) -> Result<Removal> {
-        self.inner.remove_entry(&mut self.conn, &victim.key, Some(victim.version)).await
+        let removals = self.remove_batch(std::slice::from_ref(victim)).await?;
+        Ok(removals.first().copied().unwrap_or(Removal::Skipped))
+    }
+
+    async fn remove_batch(&mut self, victims: &[Victim]) -> Result<Vec<Removal>> {
+        self.inner.remove_entries(&mut self.conn, Targets::Victims(victims)).await
     }
 }

@@ -101,8 +101,8 @@ async fn task_ends_when_the_last_handle_drops() {
     eventually(Duration::from_secs(5), || alive.upgrade().is_none()).await;
 }
 
-/// Dropping the last handle mid-pass lets the entry being removed finish, then stops at the
-/// next entry boundary.
+/// Dropping the last handle mid-pass lets the removal in flight finish, then stops at the next
+/// batch boundary (one-entry batches here, so exactly one entry goes).
 #[tokio::test(start_paused = true)]
 async fn dropping_the_handle_mid_pass_stops_at_an_entry_boundary() {
     let store = TestStore::new(Duration::from_millis(1), 4, Duration::from_secs(1));
@@ -110,8 +110,8 @@ async fn dropping_the_handle_mid_pass_stops_at_an_entry_boundary() {
         store.store(&format!("k{i}"), 100).await.unwrap();
     }
     let (entered, release) = store.gate_removals();
-    let evictor =
-        DebouncedEvictor::spawn(store.clone(), EvictionPolicy::new(150).with_low_watermark(0)).unwrap();
+    let policy = EvictionPolicy::new(150).with_low_watermark(0).with_batch_size(1);
+    let evictor = DebouncedEvictor::spawn(store.clone(), policy).unwrap();
     evictor.poke();
     entered.notified().await;
     drop(evictor);
