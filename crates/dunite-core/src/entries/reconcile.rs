@@ -1,7 +1,7 @@
 //! Start-up reconciliation: make the directory and the rows agree again after a crash.
 
 use std::collections::HashSet;
-use std::path::Path;
+use std::path::PathBuf;
 
 use super::layout::blocking;
 use super::store::EntryStore;
@@ -70,30 +70,32 @@ impl EntryStore {
             report.removals_finished += 1;
         }
 
+        // One walk of the payload directory, then set comparisons: no system call per row.
+        let mut on_disk = list_payloads(inner.layout.data_dir().to_path_buf()).await?;
         let rows: Vec<(String, String)> = sqlx::query_as("SELECT key, file FROM entries WHERE namespace = ?")
             .bind(ns)
             .fetch_all(pool)
             .await
             .map_err(Error::db("list entries"))?;
-        let mut known = HashSet::with_capacity(rows.len());
         for (key, file) in rows {
-            let path = inner.layout.payload(&file);
-            if tokio::fs::try_exists(&path).await.map_err(Error::io("check", &path))? {
-                known.insert(path);
-            } else {
-                tracing::warn!(key, "entry without its payload file; dropping the row");
-                sqlx::query("DELETE FROM entries WHERE namespace = ? AND key = ? AND file = ?")
-                    .bind(ns)
-                    .bind(&key)
-                    .bind(&file)
-                    .execute(pool)
-                    .await
-                    .map_err(Error::db("drop a row without its file"))?;
-                report.rows_without_file += 1;
+            if on_disk.remove(&file) {
+                continue;
             }
+            tracing::warn!(key, "entry without its payload file; dropping the row");
+            sqlx::query("DELETE FROM entries WHERE namespace = ? AND key = ? AND file = ?")
+                .bind(ns)
+                .bind(&key)
+                .bind(&file)
+                .execute(pool)
+                .await
+                .map_err(Error::db("drop a row without its file"))?;
+            report.rows_without_file += 1;
         }
-        report.orphan_files_removed =
-            remove_unknown_files(inner.layout.data_dir().to_path_buf(), known).await?;
+        // What is left on disk has no row: a store interrupted before its commit.
+        report.orphan_files_removed = on_disk.len() as u64;
+        for file in on_disk {
+            inner.layout.unlink(&file).await?;
+        }
 
         let (sum, count): (i64, i64) =
             sqlx::query_as("SELECT COALESCE(SUM(size), 0), COUNT(*) FROM entries WHERE namespace = ?")
@@ -126,7 +128,7 @@ impl EntryStore {
     }
 }
 
-async fn clear_dir(dir: std::path::PathBuf) -> Result<u64> {
+async fn clear_dir(dir: PathBuf) -> Result<u64> {
     let path = dir.clone();
     blocking(move || {
         let mut removed = 0;
@@ -143,25 +145,23 @@ async fn clear_dir(dir: std::path::PathBuf) -> Result<u64> {
     .map_err(Error::io("clear", path))
 }
 
-async fn remove_unknown_files(data: std::path::PathBuf, known: HashSet<std::path::PathBuf>) -> Result<u64> {
+/// Every payload under `data`, as the relative names rows use (`<hh>/<name>`).
+async fn list_payloads(data: PathBuf) -> Result<HashSet<String>> {
     let path = data.clone();
     blocking(move || {
-        let mut removed = 0;
+        let mut names = HashSet::new();
         for shard in std::fs::read_dir(&data)? {
             let shard = shard?;
             if !shard.file_type()?.is_dir() {
                 continue;
             }
+            let shard_name = shard.file_name().to_string_lossy().into_owned();
             for file in std::fs::read_dir(shard.path())? {
-                let file = file?.path();
-                if !known.contains(Path::new(&file)) {
-                    std::fs::remove_file(&file)?;
-                    removed += 1;
-                }
+                names.insert(format!("{shard_name}/{}", file?.file_name().to_string_lossy()));
             }
         }
-        Ok(removed)
+        Ok(names)
     })
     .await
-    .map_err(Error::io("reconcile", path))
+    .map_err(Error::io("list payloads in", path))
 }
