@@ -2,5 +2,9 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests report failure by panicking")]
 
+mod chaos;
 mod e2e;
+mod hostile;
+mod rig;
+mod soak;
 mod tidy;

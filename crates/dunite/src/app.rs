@@ -10,7 +10,7 @@ use axum::extract::{Request, State};
 use axum::http::StatusCode;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{any, get};
 
 use dunite_core::{CacheOptions, Database, DatabaseOptions, EntryCache, EvictionPolicy, OnConflict};
 use dunite_oci::BlobCache;
@@ -161,7 +161,8 @@ impl App {
         Router::new()
             .route("/v2/", get(oci::root))
             .route("/v2", get(oci::root))
-            .route("/v2/{*rest}", get(oci::dispatch).head(oci::dispatch))
+            // Every method reaches the dispatcher, which answers non-pulls with the spec error.
+            .route("/v2/{*rest}", any(oci::dispatch))
             .route("/dl/{*url}", get(crate::dl::download))
             .route("/metrics", get(metrics))
             .route("/healthz", get(|| async { "ok\n" }))

@@ -1,0 +1,335 @@
+//! Hostile input: the public parsers fuzzed with arbitrary and traversal-shaped strings, and a
+//! running dunite fed traversal attempts, oversized requests and methods it does not serve.
+//!
+//! The fuzzing respects `PROPTEST_CASES`.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use proptest::prelude::*;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+use dunite::spec::{Reference, is_valid_name, is_valid_tag};
+use dunite_download::UrlKey;
+use dunite_oci::Digest;
+
+use crate::rig::{Server, Upstream, tail};
+
+/// Pieces that make up traversal-shaped and near-valid inputs.
+const FRAGMENTS: &[&str] = &[
+    "..",
+    ".",
+    "/",
+    "%2e%2e",
+    "%2E%2E",
+    "%2f",
+    "%2F",
+    "%5c",
+    "\\",
+    "%00",
+    "\0",
+    ":",
+    "a",
+    "b0",
+    "_",
+    "__",
+    "-",
+    "A",
+    "sha256:",
+    "sha512:",
+    "0123456789abcdef",
+    "etc",
+    "passwd",
+    "http://",
+    "https://",
+    "file://",
+    "h.example",
+    ":8080",
+    "?",
+    "#",
+    "@",
+    "~",
+    " ",
+    "é",
+    "//",
+];
+
+fn shaped() -> impl Strategy<Value = String> {
+    prop::collection::vec(prop::sample::select(FRAGMENTS), 0..16).prop_map(|parts| parts.concat())
+}
+
+fn hostile_text() -> impl Strategy<Value = String> {
+    prop_oneof![any::<String>(), "[a-z0-9._/%:-]{0,80}", shaped()]
+}
+
+/// What a traversal or an escape looks like in a name, a tag or a digest.
+fn traversal_shaped(text: &str) -> bool {
+    let lower = text.to_ascii_lowercase();
+    lower.starts_with('/')
+        || lower.contains("..")
+        || lower.contains('%')
+        || lower.contains('\\')
+        || lower.contains('\0')
+        || lower.contains("//")
+}
+
+/// The grammar of a name, written independently of `is_valid_name`.
+fn name_grammar(name: &str) -> bool {
+    let alnum = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit();
+    name.len() <= 255
+        && name.split('/').all(|component| {
+            let chars: Vec<char> = component.chars().collect();
+            !chars.is_empty()
+                && alnum(chars[0])
+                && alnum(chars[chars.len() - 1])
+                && chars.iter().all(|&c| alnum(c) || matches!(c, '.' | '_' | '-'))
+                && !component.contains("..")
+                && !component.contains("___")
+                && !component.contains("._")
+                && !component.contains("_.")
+                && !component.contains(".-")
+                && !component.contains("-.")
+                && !component.contains("_-")
+                && !component.contains("-_")
+        })
+}
+
+/// A URL path's segments, between the authority and the query.
+fn url_path(canonical: &str) -> &str {
+    let after_scheme = canonical.split_once("://").map_or(canonical, |(_, rest)| rest);
+    let path = after_scheme.find('/').map_or("", |i| &after_scheme[i..]);
+    path.split(['?', '#']).next().unwrap_or("")
+}
+
+proptest! {
+    #[test]
+    fn names_accepted_satisfy_the_grammar_and_are_never_paths(text in hostile_text()) {
+        if is_valid_name(&text) {
+            prop_assert!(name_grammar(&text), "accepted {text:?}");
+            prop_assert!(!traversal_shaped(&text), "accepted {text:?}");
+        }
+    }
+
+    #[test]
+    fn tags_and_references_accepted_round_trip(text in hostile_text()) {
+        let tag = is_valid_tag(&text);
+        if tag {
+            // `..` may occur inside a tag (the grammar allows `a..b`), but a tag is one path
+            // segment that is never a dot segment and never escapes.
+            let escapes = ['/', '%', '\\', '\0'].iter().any(|&c| text.contains(c));
+            prop_assert!(!escapes && text.len() <= 128, "tag {text:?}");
+            prop_assert!(!text.starts_with('.') && !text.starts_with('-'), "tag {text:?}");
+        }
+        match Reference::parse(&text) {
+            Ok(Reference::Tag(t)) => prop_assert!(tag && t == text, "tag {text:?} became {t:?}"),
+            Ok(Reference::Digest(d)) => prop_assert_eq!(d.to_string(), text),
+            Err(e) => prop_assert!(e.status.is_client_error() && !tag, "{text:?}: {e:?}"),
+        }
+    }
+
+    #[test]
+    fn digests_accepted_are_exactly_algorithm_colon_lower_hex(text in hostile_text()) {
+        if let Ok(digest) = text.parse::<Digest>() {
+            prop_assert_eq!(digest.to_string(), text.clone());
+            let (algorithm, hex) = text.split_once(':').unwrap();
+            let want = match algorithm { "sha256" => 64, "sha512" => 128, _ => 0 };
+            prop_assert_eq!(hex.len(), want, "{}", text);
+            prop_assert!(hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)));
+        }
+    }
+
+    #[test]
+    fn digests_built_from_hex_round_trip(hex in "[0-9a-f]{64}") {
+        let text = format!("sha256:{hex}");
+        prop_assert_eq!(text.parse::<Digest>().unwrap().to_string(), text.clone());
+        let upper = format!("sha256:{}", hex.to_uppercase());
+        let has_letter = hex.contains(|c: char| c.is_ascii_alphabetic());
+        prop_assert!(!has_letter || upper.parse::<Digest>().is_err(), "upper case accepted: {}", upper);
+        let escaped = format!("sha256:{hex}/..");
+        prop_assert!(escaped.parse::<Digest>().is_err(), "accepted {}", escaped);
+    }
+
+    #[test]
+    fn url_keys_are_canonical_http_with_no_dot_segments(text in hostile_text(), path in shaped()) {
+        for input in [text.clone(), format!("http://h.example/{path}"), format!("https://h.example/a/{path}?q")] {
+            if let Ok(key) = UrlKey::parse(&input) {
+                let canonical = key.as_str();
+                prop_assert!(canonical.starts_with("http://") || canonical.starts_with("https://"), "{input:?} -> {canonical:?}");
+                prop_assert!(!canonical.contains('#'), "{input:?} -> {canonical:?}");
+                let again = UrlKey::parse(canonical).map(|k| k.as_str().to_owned());
+                prop_assert_eq!(again.as_deref(), Ok(canonical), "not idempotent for {:?}", input);
+                for segment in url_path(canonical).split('/') {
+                    let lower = segment.to_ascii_lowercase().replace("%2e", ".");
+                    prop_assert!(lower != "." && lower != "..", "dot segment in {canonical:?} from {input:?}");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn absolute_and_traversal_inputs_are_rejected() {
+    let hex = "0".repeat(64);
+    for name in ["/etc/passwd", "..", "a/..", "../a", "a/%2e%2e", "a%2fb", "a/./b", "a\\..\\b", "/", "a/", ""]
+    {
+        assert!(!is_valid_name(name), "{name:?}");
+    }
+    for reference in ["..", "../etc", "%2e%2e", "a%2fb", "/etc/passwd", "sha256:..%2f..", "a/b"] {
+        assert!(Reference::parse(reference).is_err(), "{reference:?}");
+    }
+    for digest in
+        [format!("sha256:../{hex}"), format!("sha256:{hex}/"), format!("/sha256:{hex}"), "sha256:..".into()]
+    {
+        assert!(digest.parse::<Digest>().is_err(), "{digest:?}");
+    }
+    for url in ["file:///etc/passwd", "/etc/passwd", "ftp://h/x", "../x", "%2e%2e/x"] {
+        assert!(UrlKey::parse(url).is_err(), "{url:?}");
+    }
+    let key = UrlKey::parse("http://h.example/a/%2e%2e/%2E./../b").unwrap();
+    assert_eq!(key.as_str(), "http://h.example/b");
+}
+
+/// One raw HTTP/1.1 exchange: send `request` (while reading, so an early answer is seen),
+/// return the status and the body. `None` when the server closed without an answer.
+async fn raw(addr: SocketAddr, request: Vec<u8>) -> Option<(u16, String)> {
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut reader, mut writer) = stream.into_split();
+    let send = tokio::spawn(async move {
+        // The server may answer and close before taking it all: a failed write is expected.
+        let _ = writer.write_all(&request).await;
+        writer
+    });
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(20), reader.read_to_end(&mut answer)).await;
+    assert!(read.is_ok(), "no answer within 20 s");
+    drop(send.await);
+    let text = String::from_utf8_lossy(&answer).into_owned();
+    let status = text.strip_prefix("HTTP/1.1 ")?.get(..3)?.parse().ok()?;
+    let body = text.split_once("\r\n\r\n").map(|(_, body)| body.to_owned()).unwrap_or_default();
+    Some((status, body))
+}
+
+fn get(target: &str) -> Vec<u8> {
+    request("GET", target, "")
+}
+
+fn request(method: &str, target: &str, extra_headers: &str) -> Vec<u8> {
+    format!("{method} {target} HTTP/1.1\r\nHost: mirror\r\nConnection: close\r\n{extra_headers}Content-Length: 0\r\n\r\n")
+        .into_bytes()
+}
+
+/// Whether `body` is the spec's error body, `{"errors":[{"code":...}]}`.
+fn is_spec_error(body: &str) -> bool {
+    let Ok(json) = serde_json::from_str::<serde_json::Value>(body) else { return false };
+    json["errors"]
+        .as_array()
+        .is_some_and(|errors| !errors.is_empty() && errors.iter().all(|e| e["code"].is_string()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_requests_get_4xx_never_5xx_and_the_server_keeps_serving() {
+    let upstream = Upstream::start(11, 1, 1, 10_000).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (data, log) = (dir.path().join("cache"), dir.path().join("dunite.log"));
+    let server = Server::start(upstream.addr, &data, 64 << 20, &log).await;
+    let addr = server.addr;
+    let hex = "0".repeat(64);
+    let big = "a".repeat(100 * 1024);
+
+    // (request, what it is, whether the answer must be the spec's JSON error body)
+    let mut cases: Vec<(Vec<u8>, String, bool)> = Vec::new();
+    let mut oci = |target: String| cases.push((get(&target), target, true));
+    oci(format!("/v2/../../etc/passwd/blobs/sha256:{hex}"));
+    oci(format!("/v2/a/%2e%2e/blobs/sha256:{hex}"));
+    oci(format!("/v2/a/%2E%2E/%2e%2e/etc/blobs/sha256:{hex}"));
+    oci("/v2/a/blobs/sha256:..%2f..".into());
+    oci("/v2/a/blobs/sha256:..%2f..%2f..%2fetc%2fpasswd".into());
+    oci(format!("/v2/a%2f..%2f..%2fetc/blobs/sha256:{hex}"));
+    oci(format!("/v2/%2fetc%2fpasswd/blobs/sha256:{hex}"));
+    oci("/v2/a/manifests/..%2f..%2fetc%2fpasswd".into());
+    oci("/v2/%2e%2e/manifests/v1".into());
+    oci("/v2/a/manifests/%2e%2e".into());
+    oci(format!("/v2/a/blobs/sha256:{hex}%00"));
+    oci("/v2/a/blobs/%2fetc%2fpasswd".into());
+    oci(format!("/v2/a%5c..%5c..%5cetc/blobs/sha256:{hex}"));
+    oci(format!("/v2/chaos/img0/blobs/sha256:{hex}?ns=..%2f..%2fetc"));
+    oci(format!("/v2/a%2fb/blobs/sha256:{hex}"));
+    oci(format!("/v2/{}/manifests/v1", "a".repeat(10 * 1024)));
+    oci(format!("/v2/a/manifests/{}", "t".repeat(129)));
+    oci("/v2/a/tags/list".into());
+    // Methods the mirror does not serve: axum answers 405 before dunite's handler runs, so
+    // with an empty body, not the spec's (see docs/reliability.md, "Known gaps").
+    for method in ["PUT", "DELETE", "POST", "PATCH"] {
+        for target in ["/v2/chaos/img0/manifests/v1".to_owned(), format!("/v2/chaos/img0/blobs/sha256:{hex}")]
+        {
+            cases.push((request(method, &target, ""), format!("{method} {target}"), false));
+        }
+    }
+    cases.push((request("POST", "/v2/chaos/img0/blobs/uploads/", ""), "POST uploads".into(), false));
+    cases.push((
+        get(&format!("/v2/{big}/manifests/v1")),
+        "a 100 KiB name (over hyper's URI limit)".into(),
+        false,
+    ));
+    let header = format!("X-Junk: {big}\r\n");
+    let target = format!("/v2/chaos/img0/blobs/sha256:{hex}");
+    cases.push((request("GET", &target, &header), "a 100 KiB header".into(), false));
+    let huge_header = format!("X-Junk: {}\r\n", "a".repeat(1 << 20));
+    cases.push((request("GET", "/healthz", &huge_header), "a 1 MiB header".into(), false));
+    cases.push((get(&format!("/{}", "a/".repeat(512 * 1024))), "a 1 MiB path".into(), false));
+    cases.push((get("/../../etc/passwd"), "a traversal outside /v2".into(), false));
+    cases.push((get("/dl/file:///etc/passwd"), "a file: download".into(), false));
+    cases.push((
+        get("/dl/http://127.0.0.1:1/../../etc/passwd"),
+        "a download off the allowlist".into(),
+        false,
+    ));
+    cases.push((
+        get("/dl/sha256:..%2f../http://h.example/x"),
+        "a download pinned to a bad digest".into(),
+        false,
+    ));
+    cases.push((b"GARBAGE\r\n\r\n".to_vec(), "a garbage request line".into(), false));
+    cases.push((
+        b"GET /v2/ HTTP/1.1\r\nHost: m\r\nContent-Length: -1\r\n\r\n".to_vec(),
+        "a negative Content-Length".into(),
+        false,
+    ));
+
+    let mut failures = Vec::new();
+    for (bytes, what, spec_body) in cases {
+        match raw(addr, bytes).await {
+            Some((status, body)) => {
+                if !(400..500).contains(&status) {
+                    failures.push(format!("{what}: {status} {body}"));
+                } else if spec_body && !is_spec_error(&body) {
+                    failures.push(format!("{what}: {status} without the spec's error body: {body:?}"));
+                }
+            }
+            None => failures.push(format!("{what}: the connection closed without an answer")),
+        }
+    }
+    let health = reqwest::get(format!("http://{addr}/healthz")).await.unwrap();
+    assert!(health.status().is_success(), "/healthz after the hostile requests: {}", health.status());
+    assert_eq!(server.metric("dunite_errors_total").await, 0, "server errors:\n{}", tail(&log));
+    assert!(failures.is_empty(), "{}\ndunite's log:\n{}", failures.join("\n"), tail(&log));
+    let log_text = std::fs::read_to_string(&log).unwrap();
+    assert!(!log_text.contains("panicked"), "a panic in the log:\n{}", tail(&log));
+    assert!(server.stop().await.success());
+}
+
+/// Methods a pull-through mirror does not serve get the spec's JSON error, not a bare 405.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn methods_the_mirror_does_not_serve_get_the_spec_error_body() {
+    let upstream = Upstream::start(13, 1, 1, 1_000).await;
+    let dir = tempfile::tempdir().unwrap();
+    let server =
+        Server::start(upstream.addr, &dir.path().join("cache"), 1 << 20, &dir.path().join("log")).await;
+    for method in ["PUT", "DELETE", "POST", "PATCH"] {
+        for target in ["/v2/chaos/img0/manifests/v1", "/v2/chaos/img0/blobs/uploads/"] {
+            let (status, body) = raw(server.addr, request(method, target, "")).await.unwrap();
+            assert_eq!(status, 405, "{method} {target}");
+            assert!(is_spec_error(&body), "{method} {target}: {body:?}");
+        }
+    }
+}

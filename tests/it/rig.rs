@@ -1,0 +1,459 @@
+//! The rig the reliability tests (`chaos`, `soak`, `hostile`) share: an upstream registry with
+//! pushed images, a `dunite serve` process on a data directory that outlives it (so it can be
+//! killed and restarted), and an offline consistency check of that directory.
+//!
+//! The e2e harness keeps its helpers private to `e2e`; this is a separate, small rig.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use sha2::Digest as _;
+use sqlx::Connection as _;
+use tokio::process::{Child, Command};
+
+/// How long any one external command may run.
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// The caches of a data directory: metadata namespace and directory.
+pub const CACHES: [(&str, &str); 4] = [
+    ("oci-blobs", "blobs"),
+    ("oci-manifests", "manifests"),
+    ("oci-tags", "tags"),
+    ("downloads", "downloads"),
+];
+
+/// A free loopback port (bound and released; the usual small race is acceptable here).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn tool(name: &str) -> PathBuf {
+    ["/usr/bin", "/usr/local/bin"]
+        .iter()
+        .map(|dir| Path::new(dir).join(name))
+        .find(|path| path.exists())
+        .unwrap_or_else(|| panic!("`{name}` is not installed (apt-get install skopeo docker-registry)"))
+}
+
+/// Poll `ready` every 20 ms until it holds; panic with `what` after `limit`.
+pub async fn poll_until<F, Fut>(limit: Duration, what: &str, mut ready: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let give_up = tokio::time::Instant::now() + limit;
+    while !ready().await {
+        assert!(tokio::time::Instant::now() < give_up, "gave up waiting: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Debian's distribution registry on a free loopback port, with images `chaos/img<i>:v1`.
+pub struct Upstream {
+    _child: Child,
+    pub addr: SocketAddr,
+    dir: tempfile::TempDir,
+    /// A direct pull of each pushed repository, from the registry itself.
+    pub direct: BTreeMap<String, tempfile::TempDir>,
+}
+
+impl Upstream {
+    /// Start the registry and push `images` images of `layers` random layers of about
+    /// `layer_size` bytes each, derived from `seed`.
+    pub async fn start(seed: u64, images: u64, layers: usize, layer_size: usize) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let config = dir.path().join("config.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "version: 0.1\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {addr}\nlog:\n  level: warn\n",
+                dir.path().join("data").display()
+            ),
+        )
+        .unwrap();
+        let child = Command::new(tool("docker-registry"))
+            .arg("serve")
+            .arg(&config)
+            .stdout(std::fs::File::create(dir.path().join("registry.log")).unwrap())
+            .stderr(std::fs::File::create(dir.path().join("registry.err")).unwrap())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        poll_until(Duration::from_secs(30), "docker-registry listening", || async {
+            tokio::net::TcpStream::connect(addr).await.is_ok()
+        })
+        .await;
+        let mut upstream = Self { _child: child, addr, dir, direct: BTreeMap::new() };
+        for i in 0..images {
+            let repo = format!("chaos/img{i}");
+            let layout = oci_layout(seed * 100 + i, layers, layer_size);
+            let source = format!("oci:{}:v1", layout.path().display());
+            skopeo(&["copy", "--dest-tls-verify=false", &source, &format!("docker://{addr}/{repo}:v1")])
+                .await
+                .unwrap();
+            let copy = pull(addr, &repo).await.unwrap();
+            upstream.direct.insert(repo, copy);
+        }
+        upstream
+    }
+
+    /// The registry's own log, for failure messages.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("registry.err")).unwrap_or_default()
+    }
+
+    /// The bytes of every blob across the pushed images (each pull's files but
+    /// `manifest.json` and `version`).
+    pub fn blob_bytes(&self) -> u64 {
+        self.direct.values().map(|copy| same_copy(copy.path(), copy.path()).unwrap()).sum()
+    }
+}
+
+/// An OCI image layout holding one image, `v1`, with random layers.
+fn oci_layout(seed: u64, layers: usize, layer_size: usize) -> tempfile::TempDir {
+    let layout = tempfile::tempdir().unwrap();
+    let blobs = layout.path().join("blobs/sha256");
+    std::fs::create_dir_all(&blobs).unwrap();
+    let put = |bytes: &[u8]| {
+        let hex = hex::encode(sha2::Sha256::digest(bytes));
+        std::fs::write(blobs.join(&hex), bytes).unwrap();
+        serde_json::json!({"digest": format!("sha256:{hex}"), "size": bytes.len()})
+    };
+    let mut layer_descriptors = Vec::new();
+    for i in 0..layers {
+        let bytes =
+            dunite_testkit::pseudo_random_bytes(seed.wrapping_mul(7919) + i as u64, layer_size + i * 1013);
+        let mut descriptor = put(&bytes);
+        descriptor["mediaType"] = "application/vnd.oci.image.layer.v1.tar".into();
+        layer_descriptors.push(descriptor);
+    }
+    let config = serde_json::json!({
+        "architecture": "amd64", "os": "linux", "rootfs": {"type": "layers", "diff_ids": []},
+        "config": {"Labels": {"seed": seed.to_string()}},
+    });
+    let mut config = put(&serde_json::to_vec(&config).unwrap());
+    config["mediaType"] = "application/vnd.oci.image.config.v1+json".into();
+    let manifest = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": config,
+        "layers": layer_descriptors,
+    }))
+    .unwrap();
+    let mut descriptor = put(&manifest);
+    descriptor["mediaType"] = "application/vnd.oci.image.manifest.v1+json".into();
+    descriptor["annotations"] = serde_json::json!({"org.opencontainers.image.ref.name": "v1"});
+    let index = serde_json::json!({"schemaVersion": 2, "manifests": [descriptor]});
+    std::fs::write(layout.path().join("index.json"), serde_json::to_vec(&index).unwrap()).unwrap();
+    std::fs::write(layout.path().join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
+    layout
+}
+
+/// Run skopeo with a timeout; Err carries its output.
+pub async fn skopeo(args: &[&str]) -> Result<(), String> {
+    let run = Command::new(tool("skopeo")).args(args).kill_on_drop(true).output();
+    let output =
+        tokio::time::timeout(COMMAND_TIMEOUT, run).await.map_err(|_| "skopeo timed out".to_owned())?;
+    let output = output.map_err(|e| e.to_string())?;
+    if output.status.success() {
+        Ok(())
+    } else {
+        Err(format!("skopeo {args:?} failed:\n{}", String::from_utf8_lossy(&output.stderr)))
+    }
+}
+
+/// Pull `repo:v1` from `registry` (dunite or the upstream itself) into a fresh `dir:`.
+pub async fn pull(registry: SocketAddr, repo: &str) -> Result<tempfile::TempDir, String> {
+    let dest = tempfile::tempdir().unwrap();
+    let target = format!("dir:{}", dest.path().display());
+    skopeo(&["copy", "--src-tls-verify=false", &format!("docker://{registry}/{repo}:v1"), &target]).await?;
+    Ok(dest)
+}
+
+/// Compare two `skopeo copy ... dir:` results file by file; Ok carries the blob bytes.
+pub fn same_copy(expected: &Path, actual: &Path) -> Result<u64, String> {
+    let names = |dir: &Path| {
+        let mut names: Vec<_> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name()).collect();
+        names.sort();
+        names
+    };
+    let (want, got) = (names(expected), names(actual));
+    if want != got {
+        return Err(format!("the copies hold different files: {want:?} vs {got:?}"));
+    }
+    let mut blob_bytes = 0;
+    for name in want {
+        let a = std::fs::read(expected.join(&name)).unwrap();
+        if a != std::fs::read(actual.join(&name)).unwrap() {
+            return Err(format!("{name:?} differs between the direct and the mirrored copy"));
+        }
+        if name != "manifest.json" && name != "version" {
+            blob_bytes += a.len() as u64;
+        }
+    }
+    Ok(blob_bytes)
+}
+
+/// The `dunite` binary, built next to this test binary (`cargo build -p dunite`).
+fn dunite_binary() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let bin = exe.parent().and_then(Path::parent).unwrap().join("dunite");
+    assert!(bin.exists(), "{} is not built; run `cargo build -p dunite` first", bin.display());
+    bin
+}
+
+/// A running `dunite serve` on a data directory the caller owns.
+pub struct Server {
+    child: Child,
+    pub addr: SocketAddr,
+    pub pid: u32,
+}
+
+impl Server {
+    /// Serve `upstream` as the default registry from `data` with an OCI cap of `cap` bytes;
+    /// the log is appended to `log`. Returns once `/healthz` answers (start-up reconciliation
+    /// has then finished: the listener is bound before the caches open).
+    pub async fn start(upstream: SocketAddr, data: &Path, cap: u64, log: &Path) -> Self {
+        let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let append = || std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
+        let mut child = Command::new(dunite_binary())
+            .args(["serve", "--listen", &addr.to_string()])
+            .arg("--data-dir")
+            .arg(data)
+            .args(["--upstream", &format!("local=http://{upstream}"), "--default-registry", "local"])
+            .args(["--oci-max-bytes", &cap.to_string()])
+            .env("DUNITE_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(append())
+            .stderr(append())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let pid = child.id().unwrap();
+        let url = format!("http://{addr}/healthz");
+        let give_up = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            if reqwest::get(&url).await.is_ok_and(|r| r.status().is_success()) {
+                break;
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!("dunite exited at start ({status}); its log:\n{}", tail(log));
+            }
+            assert!(tokio::time::Instant::now() < give_up, "dunite did not become healthy:\n{}", tail(log));
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Self { child, addr, pid }
+    }
+
+    /// SIGKILL: no shutdown code runs.
+    pub async fn kill9(mut self) {
+        self.child.start_kill().unwrap();
+        tokio::time::timeout(Duration::from_secs(10), self.child.wait()).await.unwrap().unwrap();
+    }
+
+    /// SIGTERM, then wait for the exit.
+    pub async fn stop(mut self) -> std::process::ExitStatus {
+        let status =
+            std::process::Command::new("kill").args(["-TERM", &self.pid.to_string()]).status().unwrap();
+        assert!(status.success());
+        tokio::time::timeout(Duration::from_secs(30), self.child.wait()).await.unwrap().unwrap()
+    }
+
+    /// One sample from `GET /metrics`, e.g. `dunite_errors_total`.
+    pub async fn metric(&self, series: &str) -> u64 {
+        let text = reqwest::get(format!("http://{}/metrics", self.addr)).await.unwrap().text().await.unwrap();
+        text.lines()
+            .find_map(|line| line.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')))
+            .unwrap_or_else(|| panic!("no series {series} in:\n{text}"))
+            .trim()
+            .parse()
+            .unwrap()
+    }
+
+    /// Resident set size in KiB, from `/proc/<pid>/status`.
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid)).unwrap();
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix("VmRSS:"))
+            .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap()
+    }
+}
+
+/// The open descriptors of `pid` by kind: `socket`, `metadata.db*`, `anon_inode`, `other`.
+pub fn fd_kinds(pid: u32) -> BTreeMap<&'static str, usize> {
+    let mut kinds = BTreeMap::new();
+    for entry in std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap() {
+        let target =
+            std::fs::read_link(entry.unwrap().path()).map(|t| t.display().to_string()).unwrap_or_default();
+        let kind = if target.starts_with("socket:") {
+            "socket"
+        } else if target.contains("metadata.db") {
+            "metadata.db*"
+        } else if target.starts_with("anon_inode:") {
+            "anon_inode"
+        } else {
+            "other"
+        };
+        *kinds.entry(kind).or_insert(0) += 1;
+    }
+    kinds
+}
+
+/// The last 8 KiB of a log, for failure messages.
+pub fn tail(log: &Path) -> String {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let mut start = text.len().saturating_sub(8192);
+    while !text.is_char_boundary(start) {
+        start += 1;
+    }
+    text[start..].to_owned()
+}
+
+/// Regular files below `dir` (recursively) with their sizes; empty if it does not exist.
+pub fn files_under(dir: &Path) -> Vec<(PathBuf, u64)> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else { continue };
+        for entry in entries {
+            let entry = entry.unwrap();
+            let meta = entry.metadata().unwrap();
+            if meta.is_dir() {
+                stack.push(entry.path());
+            } else {
+                out.push((entry.path(), meta.len()));
+            }
+        }
+    }
+    out
+}
+
+/// Files left in the caches' `tmp/` directories and in `spool/`.
+pub fn leftovers(data: &Path) -> Vec<PathBuf> {
+    let mut left: Vec<_> = files_under(&data.join("spool")).into_iter().map(|(p, _)| p).collect();
+    for (_, dir) in CACHES {
+        left.extend(files_under(&data.join(dir).join("tmp")).into_iter().map(|(p, _)| p));
+    }
+    left
+}
+
+/// What the offline check found.
+#[derive(Debug, Default)]
+pub struct Checked {
+    /// Each inconsistency, described.
+    pub violations: Vec<String>,
+    /// Blobs hashed and found to match their digests.
+    pub blobs_verified: usize,
+}
+
+/// Check a data directory no process is using: per namespace, the live rows' bytes and
+/// count equal the `totals` row and the files under the cache's `data/`; no row is marked
+/// for removal; every row's payload exists; `tmp/` and `spool/` are empty; and every blob's
+/// bytes hash to its digest.
+pub async fn check_data_dir(data: &Path) -> Checked {
+    let mut violations = Vec::new();
+    let mut blobs_verified = 0;
+    let options = sqlx::sqlite::SqliteConnectOptions::new().filename(data.join("metadata.db"));
+    let mut db = sqlx::SqliteConnection::connect_with(&options).await.unwrap();
+    for (ns, dir) in CACHES {
+        let rows: Vec<(String, String, i64, i64)> =
+            sqlx::query_as("SELECT key, file, size, state FROM entries WHERE namespace = ?")
+                .bind(ns)
+                .fetch_all(&mut db)
+                .await
+                .unwrap();
+        let totals: Option<(i64, i64)> =
+            sqlx::query_as("SELECT bytes, entries FROM totals WHERE namespace = ?")
+                .bind(ns)
+                .fetch_optional(&mut db)
+                .await
+                .unwrap();
+        let (total_bytes, total_entries) = totals.unwrap_or((0, 0));
+        let live: Vec<_> = rows.iter().filter(|row| row.3 == 0).collect();
+        let marked = rows.len() - live.len();
+        if marked > 0 {
+            violations.push(format!("{ns}: {marked} rows not live (state <> 0)"));
+        }
+        let row_bytes: i64 = live.iter().map(|row| row.2).sum();
+        let row_count = live.len() as i64;
+        if (row_bytes, row_count) != (total_bytes, total_entries) {
+            violations.push(format!(
+                "{ns}: rows hold {row_bytes} bytes in {row_count} entries, totals say {total_bytes} in {total_entries}"
+            ));
+        }
+        let files = files_under(&data.join(dir).join("data"));
+        let file_bytes: u64 = files.iter().map(|f| f.1).sum();
+        if (file_bytes, files.len()) != (row_bytes as u64, live.len()) {
+            violations.push(format!(
+                "{ns}: {} files of {file_bytes} bytes under data/, rows say {row_count} of {row_bytes}",
+                files.len()
+            ));
+        }
+        for (key, file, size, _) in &live {
+            let path = data.join(dir).join("data").join(file);
+            let Ok(bytes) = std::fs::read(&path) else {
+                violations.push(format!("{ns}: {key}: payload {} is missing", path.display()));
+                continue;
+            };
+            if bytes.len() as i64 != *size {
+                violations.push(format!("{ns}: {key}: {} bytes on disk, row says {size}", bytes.len()));
+            }
+            if ns == "oci-blobs" {
+                let actual = format!("sha256:{}", hex::encode(sha2::Sha256::digest(&bytes)));
+                if key.starts_with("sha256:") && actual != *key {
+                    violations.push(format!("{ns}: {key}: the payload hashes to {actual}"));
+                } else if !key.starts_with("sha256:") {
+                    violations.push(format!("{ns}: unexpected blob key {key:?}"));
+                } else {
+                    blobs_verified += 1;
+                }
+            }
+        }
+    }
+    for path in leftovers(data) {
+        violations.push(format!("left over: {}", path.display()));
+    }
+    db.close().await.unwrap();
+    Checked { violations, blobs_verified }
+}
+
+/// The check must be able to fail: tamper with a healthy directory in three ways.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_offline_check_sees_a_corrupt_blob_a_stray_temp_file_and_a_wrong_total() {
+    let upstream = Upstream::start(12, 1, 2, 50_000).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (data, log) = (dir.path().join("cache"), dir.path().join("dunite.log"));
+    let server = Server::start(upstream.addr, &data, 64 << 20, &log).await;
+    let copy = pull(server.addr, "chaos/img0").await.unwrap();
+    same_copy(upstream.direct["chaos/img0"].path(), copy.path()).unwrap();
+    assert!(server.stop().await.success());
+    let healthy = check_data_dir(&data).await;
+    assert!(healthy.violations.is_empty(), "{:?}", healthy.violations);
+    assert_eq!(healthy.blobs_verified, 3, "two layers and a config");
+
+    let (blob, _) = files_under(&data.join("blobs/data")).into_iter().max_by_key(|f| f.1).unwrap();
+    let mut bytes = std::fs::read(&blob).unwrap();
+    bytes[0] ^= 1;
+    std::fs::write(&blob, bytes).unwrap();
+    std::fs::write(data.join("manifests/tmp/store-stray"), b"x").unwrap();
+    let options = sqlx::sqlite::SqliteConnectOptions::new().filename(data.join("metadata.db"));
+    let mut db = sqlx::SqliteConnection::connect_with(&options).await.unwrap();
+    sqlx::query("UPDATE totals SET bytes = bytes + 1 WHERE namespace = 'oci-tags'")
+        .execute(&mut db)
+        .await
+        .unwrap();
+    db.close().await.unwrap();
+
+    let found = check_data_dir(&data).await.violations;
+    assert_eq!(found.len(), 3, "{found:?}");
+    assert!(found.iter().any(|v| v.contains("hashes to")), "{found:?}");
+    assert!(found.iter().any(|v| v.contains("store-stray")), "{found:?}");
+    assert!(found.iter().any(|v| v.starts_with("oci-tags: rows hold")), "{found:?}");
+}
