@@ -4,6 +4,7 @@
 
 mod auth;
 mod downloads;
+mod faults;
 mod harness;
 mod origin;
 mod pulls;

@@ -1,0 +1,68 @@
+//! Upstream faults during a blob fill: a transfer cut short and wrong bytes for a digest.
+//! Each reaches the client as an error, nothing is cached, the evictor lives on, and the
+//! blob is served once the upstream behaves again.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering};
+
+use sha2::Digest as _;
+
+use super::harness::Dunite;
+use super::origin::Origin;
+
+/// What the mock registry does with the blob.
+const CUT: u8 = 0;
+const WRONG: u8 = 1;
+const GOOD: u8 = 2;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cut_or_wrong_upstream_blobs_are_errors_and_never_cached() {
+    let blob = dunite_testkit::pseudo_random_bytes(21, 500_000);
+    let digest = format!("sha256:{}", hex::encode(sha2::Sha256::digest(&blob)));
+    let mode = Arc::new(AtomicU8::new(CUT));
+    let (served, path) = (blob.clone(), format!("/v2/faulty/app/blobs/{digest}"));
+    let state = Arc::clone(&mode);
+    let registry = Origin::serve(move |head, _| {
+        if head.path != path {
+            return b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".to_vec();
+        }
+        let head =
+            format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", served.len());
+        let mut response = head.into_bytes();
+        match state.load(Ordering::SeqCst) {
+            CUT => response.extend_from_slice(&served[..served.len() / 3]),
+            WRONG => response.extend(served.iter().map(|b| b ^ 0x5a)),
+            _ => response.extend_from_slice(&served),
+        }
+        response
+    })
+    .await;
+    let dunite = Dunite::start(registry.addr, "64MiB", &[]).await;
+    let url = format!("http://{}/v2/faulty/app/blobs/{digest}", dunite.addr);
+
+    for fault in [CUT, WRONG] {
+        mode.store(fault, Ordering::SeqCst);
+        let body = match reqwest::get(&url).await {
+            Ok(response) => response.bytes().await.map(|b| b.to_vec()),
+            Err(e) => Err(e),
+        };
+        match body {
+            Ok(bytes) => panic!("fault {fault}: the client got a complete body of {} bytes", bytes.len()),
+            Err(e) => assert!(e.is_body() || e.is_request() || e.is_decode(), "fault {fault}: {e}"),
+        }
+        assert_eq!(dunite.metric("dunite_cache_entries{cache=\"blobs\"}").await, 0, "fault {fault}: cached");
+        assert_eq!(dunite.metric("dunite_cache_bytes{cache=\"blobs\"}").await, 0);
+    }
+    assert_eq!(dunite.metric("dunite_evictor_errors_total{cache=\"blobs\"}").await, 0);
+
+    // The fault clears: the same blob is fetched, verified, cached and served.
+    mode.store(GOOD, Ordering::SeqCst);
+    let bytes = reqwest::get(&url).await.unwrap().bytes().await.unwrap();
+    assert!(bytes[..] == blob[..]);
+    assert_eq!(dunite.metric("dunite_cache_entries{cache=\"blobs\"}").await, 1);
+    let again = reqwest::get(&url).await.unwrap().bytes().await.unwrap();
+    assert!(again[..] == blob[..]);
+    assert!(dunite.metric("dunite_blob_hits_total").await >= 1);
+    let log = dunite.log_text();
+    assert!(log.contains("fill failed; nothing cached"), "the faults are logged:\n{log}");
+}
