@@ -138,7 +138,12 @@ impl App {
             config.dl_freshness,
         )
         .await?;
-        let fetcher = crate::dl::HttpFetcher::new(config.dl_allow.clone())
+        let private = if config.dl_allow_private_networks {
+            crate::dl::PrivateNetworks::Allowed
+        } else {
+            crate::dl::PrivateNetworks::Refused
+        };
+        let fetcher = crate::dl::HttpFetcher::new(config.dl_allow.clone(), private)
             .map_err(|e| StartError::Upstream(crate::upstream::UpstreamError::Http(e)))?;
         let registries = Registries::new(config.upstreams.clone(), config.credentials.clone())?;
         Ok(Arc::new(Self {

@@ -66,6 +66,10 @@ pub struct ServeArgs {
     /// Host the download proxy may fetch from (repeatable); none by default.
     #[arg(long = "dl-allow", env = "DUNITE_DL_ALLOW", value_delimiter = ',')]
     pub dl_allow: Vec<String>,
+    /// Let allowlisted host names resolve to loopback, private or link-local addresses
+    /// (refused by default; an IP literal on the allowlist is always explicit).
+    #[arg(long, env = "DUNITE_DL_ALLOW_PRIVATE_NETWORKS")]
+    pub dl_allow_private_networks: bool,
     /// How long a download is served before it is revalidated upstream, e.g. 1h [default: 1h].
     #[arg(long, env = "DUNITE_DL_FRESHNESS")]
     pub dl_freshness: Option<String>,
@@ -89,6 +93,8 @@ struct FileConfig {
     tag_ttl: Option<String>,
     #[serde(default)]
     dl_allow: Vec<String>,
+    #[serde(default)]
+    dl_allow_private_networks: bool,
     dl_freshness: Option<String>,
     shutdown_grace: Option<String>,
     /// `host -> { username, password }` for upstream token authentication.
@@ -150,6 +156,8 @@ pub struct Config {
     pub tag_ttl: Duration,
     /// Hosts the download proxy may fetch from.
     pub dl_allow: Vec<String>,
+    /// Whether allowlisted host names may resolve to non-public addresses.
+    pub dl_allow_private_networks: bool,
     /// Download revalidation age.
     pub dl_freshness: Duration,
     /// Upstream credentials by host.
@@ -177,6 +185,7 @@ impl Config {
             default_registry: "docker.io".to_owned(),
             tag_ttl: Duration::from_secs(300),
             dl_allow: Vec::new(),
+            dl_allow_private_networks: false,
             dl_freshness: Duration::from_secs(3600),
             credentials: BTreeMap::new(),
             shutdown_grace: Duration::from_secs(30),
@@ -240,6 +249,7 @@ impl Config {
         }
         config.dl_allow = if args.dl_allow.is_empty() { file.dl_allow } else { args.dl_allow };
         config.dl_allow.iter_mut().for_each(|h| *h = h.to_ascii_lowercase());
+        config.dl_allow_private_networks = args.dl_allow_private_networks || file.dl_allow_private_networks;
         config.credentials = file.credentials;
         if config.oci_max_bytes == 0 || config.dl_max_bytes == 0 {
             return Err(bad("oci-max-bytes", "caps must be positive"));

@@ -29,15 +29,81 @@ use crate::fill::{FillState, run_fill};
 #[error("upstream answered {0}")]
 struct UpstreamStatus(StatusCode);
 
+/// Whether the download proxy may reach private networks through allowlisted host names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum PrivateNetworks {
+    /// Host names must resolve to public addresses (the default).
+    Refused,
+    /// Host names may resolve to loopback or private addresses.
+    Allowed,
+}
+
 /// Fetches over HTTP(S) with reqwest, conditionally when given validators.
 #[derive(Debug, Clone)]
 pub(crate) struct HttpFetcher {
     client: reqwest::Client,
 }
 
+/// Resolves host names for the download proxy, refusing loopback, private, link-local and
+/// other non-public addresses unless private networks are allowed. (A URL with a literal IP
+/// never reaches the resolver: it must be on the allowlist itself, which is explicit.)
+#[derive(Debug)]
+struct PublicOnly {
+    allow_private: bool,
+}
+
+/// Whether `ip` is an address the proxy may reach without explicit permission.
+pub(crate) fn is_public(ip: std::net::IpAddr) -> bool {
+    match ip {
+        std::net::IpAddr::V4(v4) => {
+            let [a, b, ..] = v4.octets();
+            !(v4.is_loopback()
+                || v4.is_private()
+                || v4.is_link_local()
+                || v4.is_unspecified()
+                || v4.is_broadcast()
+                || v4.is_multicast()
+                || v4.is_documentation()
+                || a == 0
+                || (a == 100 && (64..128).contains(&b)))
+        }
+        std::net::IpAddr::V6(v6) => {
+            if let Some(v4) = v6.to_ipv4_mapped() {
+                return is_public(std::net::IpAddr::V4(v4));
+            }
+            let first = v6.segments()[0];
+            !(v6.is_loopback()
+                || v6.is_unspecified()
+                || v6.is_multicast()
+                || (first & 0xfe00) == 0xfc00
+                || (first & 0xffc0) == 0xfe80)
+        }
+    }
+}
+
+impl reqwest::dns::Resolve for PublicOnly {
+    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
+        let allow_private = self.allow_private;
+        let host = name.as_str().to_owned();
+        Box::pin(async move {
+            let addrs: Vec<std::net::SocketAddr> =
+                tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
+            let usable: Vec<_> = addrs.into_iter().filter(|a| allow_private || is_public(a.ip())).collect();
+            if usable.is_empty() {
+                return Err(format!(
+                    "{host} resolves to no public address (private networks are not allowed)"
+                )
+                .into());
+            }
+            Ok(Box::new(usable.into_iter()) as reqwest::dns::Addrs)
+        })
+    }
+}
+
 impl HttpFetcher {
-    /// A client that follows redirects only within `allow`.
-    pub(crate) fn new(allow: Vec<String>) -> Result<Self, reqwest::Error> {
+    /// A client that follows redirects only within `allow` and, unless `private` allows it,
+    /// reaches only public addresses through host names.
+    pub(crate) fn new(allow: Vec<String>, private: PrivateNetworks) -> Result<Self, reqwest::Error> {
         let allow = Arc::new(allow);
         let policy = reqwest::redirect::Policy::custom(move |attempt| {
             let host = attempt.url().host_str().map(str::to_ascii_lowercase);
@@ -53,6 +119,7 @@ impl HttpFetcher {
             .user_agent(concat!("dunite/", env!("CARGO_PKG_VERSION")))
             .connect_timeout(Duration::from_secs(10))
             .redirect(policy)
+            .dns_resolver(Arc::new(PublicOnly { allow_private: private == PrivateNetworks::Allowed }))
             .build()?;
         Ok(Self { client })
     }
@@ -306,4 +373,31 @@ async fn stream_miss(app: &Arc<App>, request: DownloadRequest) -> Response {
     );
     response.extensions_mut().insert(CacheOutcome::Miss);
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_public_addresses_are_public() {
+        for private in [
+            "127.0.0.1",
+            "10.1.2.3",
+            "172.16.0.1",
+            "192.168.1.1",
+            "169.254.1.1",
+            "0.0.0.0",
+            "100.64.0.1",
+            "::1",
+            "fc00::1",
+            "fe80::1",
+            "::ffff:127.0.0.1",
+        ] {
+            assert!(!is_public(private.parse().unwrap()), "{private}");
+        }
+        for public in ["93.184.216.34", "1.1.1.1", "2606:4700::1111"] {
+            assert!(is_public(public.parse().unwrap()), "{public}");
+        }
+    }
 }

@@ -110,3 +110,25 @@ async fn concurrent_download_misses_share_one_transfer_and_a_bad_pin_caches_noth
     assert!(got == body);
     assert_eq!(origin.requests.load(Ordering::SeqCst), before + 1);
 }
+
+/// An allowlisted host name that resolves to a loopback (or private) address is refused
+/// unless private networks are explicitly allowed; an allowlisted IP literal is explicit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn allowlisted_names_must_resolve_to_public_addresses_unless_private_networks_are_allowed() {
+    let body = dunite_testkit::pseudo_random_bytes(8, 10_000);
+    let mut answers = HashMap::new();
+    answers.insert("/f".to_owned(), Answer::File { body: body.clone(), etag: "f1".into() });
+    let origin = Origin::start(answers).await;
+    let registry = Registry::start().await;
+    let by_name = format!("http://localhost:{}/f", origin.addr.port());
+
+    let strict = Dunite::start(registry.addr, "64MiB", &["--dl-allow", "localhost"]).await;
+    let (status, _) = curl(&format!("http://{}/dl/{by_name}", strict.addr)).await;
+    assert_eq!(status, 502, "localhost resolves to loopback: refused by default");
+    assert_eq!(origin.requests.load(Ordering::SeqCst), 0, "nothing reached the origin");
+
+    let open = Dunite::start(registry.addr, "64MiB", &["--dl-allow", "localhost", "--dl-allow-private-networks"]).await;
+    let (status, got) = curl(&format!("http://{}/dl/{by_name}", open.addr)).await;
+    assert_eq!(status, 200);
+    assert!(got == body);
+}
