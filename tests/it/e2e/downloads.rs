@@ -127,7 +127,9 @@ async fn allowlisted_names_must_resolve_to_public_addresses_unless_private_netwo
     assert_eq!(status, 502, "localhost resolves to loopback: refused by default");
     assert_eq!(origin.requests.load(Ordering::SeqCst), 0, "nothing reached the origin");
 
-    let open = Dunite::start(registry.addr, "64MiB", &["--dl-allow", "localhost", "--dl-allow-private-networks"]).await;
+    let open =
+        Dunite::start(registry.addr, "64MiB", &["--dl-allow", "localhost", "--dl-allow-private-networks"])
+            .await;
     let (status, got) = curl(&format!("http://{}/dl/{by_name}", open.addr)).await;
     assert_eq!(status, 200);
     assert!(got == body);
