@@ -4,6 +4,8 @@
 //!
 //! The e2e harness keeps its helpers private to `e2e`; this is a separate, small rig.
 
+use crate::e2e::harness::{Image, dunite_binary, tool};
+pub use crate::e2e::harness::{free_port, pull, same_copy, skopeo};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -14,9 +16,6 @@ use sha2::Digest as _;
 use sqlx::Connection as _;
 use tokio::process::{Child, Command};
 
-/// How long any one external command may run.
-const COMMAND_TIMEOUT: Duration = Duration::from_secs(120);
-
 /// The caches of a data directory: metadata namespace and directory.
 pub const CACHES: [(&str, &str); 4] = [
     ("oci-blobs", "blobs"),
@@ -24,19 +23,6 @@ pub const CACHES: [(&str, &str); 4] = [
     ("oci-tags", "tags"),
     ("downloads", "downloads"),
 ];
-
-/// A free loopback port (bound and released; the usual small race is acceptable here).
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-fn tool(name: &str) -> PathBuf {
-    ["/usr/bin", "/usr/local/bin"]
-        .iter()
-        .map(|dir| Path::new(dir).join(name))
-        .find(|path| path.exists())
-        .unwrap_or_else(|| panic!("`{name}` is not installed (apt-get install skopeo docker-registry)"))
-}
 
 /// Poll `ready` every 20 ms until it holds; panic with `what` after `limit`.
 pub async fn poll_until<F, Fut>(limit: Duration, what: &str, mut ready: F)
@@ -90,7 +76,7 @@ impl Upstream {
         let mut upstream = Self { _child: child, addr, dir, direct: BTreeMap::new() };
         for i in 0..images {
             let repo = format!("chaos/img{i}");
-            let layout = oci_layout(seed * 100 + i, layers, layer_size);
+            let layout = Image::build(seed * 100 + i, layers, layer_size).layout;
             let source = format!("oci:{}:v1", layout.path().display());
             skopeo(&["copy", "--dest-tls-verify=false", &source, &format!("docker://{addr}/{repo}:v1")])
                 .await
@@ -111,99 +97,6 @@ impl Upstream {
     pub fn blob_bytes(&self) -> u64 {
         self.direct.values().map(|copy| same_copy(copy.path(), copy.path()).unwrap()).sum()
     }
-}
-
-/// An OCI image layout holding one image, `v1`, with random layers.
-fn oci_layout(seed: u64, layers: usize, layer_size: usize) -> tempfile::TempDir {
-    let layout = tempfile::tempdir().unwrap();
-    let blobs = layout.path().join("blobs/sha256");
-    std::fs::create_dir_all(&blobs).unwrap();
-    let put = |bytes: &[u8]| {
-        let hex = hex::encode(sha2::Sha256::digest(bytes));
-        std::fs::write(blobs.join(&hex), bytes).unwrap();
-        serde_json::json!({"digest": format!("sha256:{hex}"), "size": bytes.len()})
-    };
-    let mut layer_descriptors = Vec::new();
-    for i in 0..layers {
-        let bytes =
-            dunite_testkit::pseudo_random_bytes(seed.wrapping_mul(7919) + i as u64, layer_size + i * 1013);
-        let mut descriptor = put(&bytes);
-        descriptor["mediaType"] = "application/vnd.oci.image.layer.v1.tar".into();
-        layer_descriptors.push(descriptor);
-    }
-    let config = serde_json::json!({
-        "architecture": "amd64", "os": "linux", "rootfs": {"type": "layers", "diff_ids": []},
-        "config": {"Labels": {"seed": seed.to_string()}},
-    });
-    let mut config = put(&serde_json::to_vec(&config).unwrap());
-    config["mediaType"] = "application/vnd.oci.image.config.v1+json".into();
-    let manifest = serde_json::to_vec(&serde_json::json!({
-        "schemaVersion": 2,
-        "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "config": config,
-        "layers": layer_descriptors,
-    }))
-    .unwrap();
-    let mut descriptor = put(&manifest);
-    descriptor["mediaType"] = "application/vnd.oci.image.manifest.v1+json".into();
-    descriptor["annotations"] = serde_json::json!({"org.opencontainers.image.ref.name": "v1"});
-    let index = serde_json::json!({"schemaVersion": 2, "manifests": [descriptor]});
-    std::fs::write(layout.path().join("index.json"), serde_json::to_vec(&index).unwrap()).unwrap();
-    std::fs::write(layout.path().join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
-    layout
-}
-
-/// Run skopeo with a timeout; Err carries its output.
-pub async fn skopeo(args: &[&str]) -> Result<(), String> {
-    let run = Command::new(tool("skopeo")).args(args).kill_on_drop(true).output();
-    let output =
-        tokio::time::timeout(COMMAND_TIMEOUT, run).await.map_err(|_| "skopeo timed out".to_owned())?;
-    let output = output.map_err(|e| e.to_string())?;
-    if output.status.success() {
-        Ok(())
-    } else {
-        Err(format!("skopeo {args:?} failed:\n{}", String::from_utf8_lossy(&output.stderr)))
-    }
-}
-
-/// Pull `repo:v1` from `registry` (dunite or the upstream itself) into a fresh `dir:`.
-pub async fn pull(registry: SocketAddr, repo: &str) -> Result<tempfile::TempDir, String> {
-    let dest = tempfile::tempdir().unwrap();
-    let target = format!("dir:{}", dest.path().display());
-    skopeo(&["copy", "--src-tls-verify=false", &format!("docker://{registry}/{repo}:v1"), &target]).await?;
-    Ok(dest)
-}
-
-/// Compare two `skopeo copy ... dir:` results file by file; Ok carries the blob bytes.
-pub fn same_copy(expected: &Path, actual: &Path) -> Result<u64, String> {
-    let names = |dir: &Path| {
-        let mut names: Vec<_> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name()).collect();
-        names.sort();
-        names
-    };
-    let (want, got) = (names(expected), names(actual));
-    if want != got {
-        return Err(format!("the copies hold different files: {want:?} vs {got:?}"));
-    }
-    let mut blob_bytes = 0;
-    for name in want {
-        let a = std::fs::read(expected.join(&name)).unwrap();
-        if a != std::fs::read(actual.join(&name)).unwrap() {
-            return Err(format!("{name:?} differs between the direct and the mirrored copy"));
-        }
-        if name != "manifest.json" && name != "version" {
-            blob_bytes += a.len() as u64;
-        }
-    }
-    Ok(blob_bytes)
-}
-
-/// The `dunite` binary, built next to this test binary (`cargo build -p dunite`).
-fn dunite_binary() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let bin = exe.parent().and_then(Path::parent).unwrap().join("dunite");
-    assert!(bin.exists(), "{} is not built; run `cargo build -p dunite` first", bin.display());
-    bin
 }
 
 /// A running `dunite serve` on a data directory the caller owns.

@@ -28,7 +28,7 @@ async fn wait_listening(addr: SocketAddr, what: &str, log: &Path) {
     }
 }
 
-fn tool(name: &str) -> PathBuf {
+pub fn tool(name: &str) -> PathBuf {
     for dir in ["/usr/bin", "/usr/local/bin"] {
         let path = Path::new(dir).join(name);
         if path.exists() {
@@ -73,7 +73,7 @@ impl Registry {
 }
 
 /// The `dunite` binary, built by the workspace build next to this test binary.
-fn dunite_binary() -> PathBuf {
+pub fn dunite_binary() -> PathBuf {
     let exe = std::env::current_exe().unwrap();
     let bin = exe.parent().and_then(Path::parent).unwrap().join("dunite");
     assert!(
@@ -217,24 +217,34 @@ impl Image {
     }
 }
 
-/// Assert two `skopeo copy ... dir:` results hold the same files, byte for byte. Returns the
-/// blob bytes (all files but `manifest.json` and `version`).
-pub fn assert_same_copy(expected: &Path, actual: &Path) -> u64 {
-    let mut names: Vec<_> = std::fs::read_dir(expected).unwrap().map(|e| e.unwrap().file_name()).collect();
-    names.sort();
-    let mut got: Vec<_> = std::fs::read_dir(actual).unwrap().map(|e| e.unwrap().file_name()).collect();
-    got.sort();
-    assert_eq!(names, got, "the copies hold different files");
+/// Compare two `skopeo copy ... dir:` results file by file; Ok carries the blob bytes (all
+/// files but `manifest.json` and `version`).
+pub fn same_copy(expected: &Path, actual: &Path) -> Result<u64, String> {
+    let names = |dir: &Path| {
+        let mut names: Vec<_> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name()).collect();
+        names.sort();
+        names
+    };
+    let (want, got) = (names(expected), names(actual));
+    if want != got {
+        return Err(format!("the copies hold different files: {want:?} vs {got:?}"));
+    }
     let mut blob_bytes = 0;
-    for name in names {
-        let (a, b) =
-            (std::fs::read(expected.join(&name)).unwrap(), std::fs::read(actual.join(&name)).unwrap());
-        assert!(a == b, "{name:?} differs between the direct and the mirrored copy");
+    for name in want {
+        let a = std::fs::read(expected.join(&name)).unwrap();
+        if a != std::fs::read(actual.join(&name)).unwrap() {
+            return Err(format!("{name:?} differs between the direct and the mirrored copy"));
+        }
         if name != "manifest.json" && name != "version" {
             blob_bytes += a.len() as u64;
         }
     }
-    blob_bytes
+    Ok(blob_bytes)
+}
+
+/// As [`same_copy`], panicking on a difference.
+pub fn assert_same_copy(expected: &Path, actual: &Path) -> u64 {
+    same_copy(expected, actual).unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// Run skopeo with a timeout; Err carries its output.

@@ -5,6 +5,6 @@
 mod auth;
 mod downloads;
 mod faults;
-mod harness;
+pub(crate) mod harness;
 mod origin;
 mod pulls;
