@@ -13,7 +13,7 @@ use axum::body::Body;
 use axum::extract::{Path, RawQuery, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use futures_util::{StreamExt as _, TryStreamExt as _};
+use futures_util::TryStreamExt as _;
 use reqwest::header::{IF_MODIFIED_SINCE, IF_NONE_MATCH};
 
 use dunite_core::{ContentDigest, DigestAlgorithm};
@@ -22,7 +22,7 @@ use dunite_download::{
 };
 
 use crate::app::{App, CacheOutcome};
-use crate::fill::{FillState, run_fill};
+use crate::fill::{FillState, fill_from_upstream};
 
 /// An upstream answer that is not a body: relayed to the client with its status.
 #[derive(Debug, thiserror::Error)]
@@ -310,38 +310,19 @@ async fn stream_miss(app: &Arc<App>, request: DownloadRequest) -> Response {
     let fill_key = key.clone();
     let joined = app.dl_fills.join(&key, &app.spool_dir, move |spool, state| async move {
         let app = fill_app;
-        match app.fetcher.get(request.url(), None).await {
-            Ok(response) if response.status().is_success() => {
-                let meta = meta_of(&response);
-                let total = response.content_length();
-                let content_type = meta.content_type().map(Arc::from);
-                let body = response.bytes_stream().map(|chunk| chunk.map_err(|e| e.to_string()));
-                let downloads = app.downloads.clone();
-                let store = |spool, _written| async move {
-                    let fetcher = SpoolFetcher { spool, meta };
-                    downloads.get_or_fetch(&request, &fetcher).await.map(drop).map_err(|e| e.to_string())
-                };
-                run_fill(
-                    spool,
-                    state,
-                    body,
-                    (total, content_type),
-                    Arc::clone(&app.metrics.upstream_bytes),
-                    store,
-                )
-                .await;
-            }
-            Ok(response) => {
-                let status = response.status();
-                state.send_replace(FillState::Failed {
-                    status: Some(status.as_u16()),
-                    message: format!("upstream answered {status}"),
-                });
-            }
-            Err(e) => {
-                state.send_replace(FillState::Failed { status: None, message: e.to_string() });
-            }
-        }
+        let answer = app.fetcher.get(request.url(), None).await;
+        let downloads = app.downloads.clone();
+        let upstream_bytes = Arc::clone(&app.metrics.upstream_bytes);
+        fill_from_upstream(answer, spool, state, upstream_bytes, |response| {
+            let meta = meta_of(response);
+            let content_type = meta.content_type().map(Arc::from);
+            let store = |spool, _written| async move {
+                let fetcher = SpoolFetcher { spool, meta };
+                downloads.get_or_fetch(&request, &fetcher).await.map(drop).map_err(|e| e.to_string())
+            };
+            (content_type, store)
+        })
+        .await;
         app.dl_fills.finish(&fill_key);
     });
     let mut subscription = match joined {

@@ -129,7 +129,7 @@ impl<K: Eq + Hash + Clone> Fills<K> {
 
 /// Copy an upstream body into the spool, publishing progress, then hand the spool to `store`
 /// (which puts it in a cache and verifies it). Sets the final state.
-pub(crate) async fn run_fill<S, F, Fut>(
+async fn run_fill<S, F, Fut>(
     spool: std::path::PathBuf,
     state: watch::Sender<FillState>,
     body: S,
@@ -173,6 +173,41 @@ pub(crate) async fn run_fill<S, F, Fut>(
         Err(message) => {
             tracing::warn!(%message, "fill failed; nothing cached");
             state.send_replace(FillState::Failed { status: None, message });
+        }
+    }
+}
+
+/// Run a fill from an upstream's answer: a success is spooled and handed to the store step
+/// that `prepare` builds from the response (with the content type to show clients); an error
+/// status or a failed request fails the fill with it.
+pub(crate) async fn fill_from_upstream<E, P, F, Fut>(
+    answer: Result<reqwest::Response, E>,
+    spool: std::path::PathBuf,
+    state: watch::Sender<FillState>,
+    upstream_bytes: Arc<std::sync::atomic::AtomicU64>,
+    prepare: P,
+) where
+    E: std::fmt::Display,
+    P: FnOnce(&reqwest::Response) -> (Option<Arc<str>>, F),
+    F: FnOnce(std::path::PathBuf, u64) -> Fut,
+    Fut: Future<Output = Result<(), String>>,
+{
+    match answer {
+        Ok(response) if response.status().is_success() => {
+            let total = response.content_length();
+            let (content_type, store) = prepare(&response);
+            let body = response.bytes_stream().map(|chunk| chunk.map_err(|e| e.to_string()));
+            run_fill(spool, state, body, (total, content_type), upstream_bytes, store).await;
+        }
+        Ok(response) => {
+            let status = response.status();
+            state.send_replace(FillState::Failed {
+                status: Some(status.as_u16()),
+                message: format!("upstream answered {status}"),
+            });
+        }
+        Err(e) => {
+            state.send_replace(FillState::Failed { status: None, message: e.to_string() });
         }
     }
 }

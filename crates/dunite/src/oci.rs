@@ -9,7 +9,6 @@ use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
-use futures_util::StreamExt as _;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt as _, AsyncSeekExt as _};
 
@@ -17,7 +16,7 @@ use dunite_core::{ContentDigest, DigestAlgorithm, Expected};
 use dunite_oci::Digest;
 
 use crate::app::{App, CacheOutcome};
-use crate::fill::{FillState, run_fill};
+use crate::fill::{FillState, fill_from_upstream};
 use crate::spec::{Reference, SpecError, is_valid_name};
 
 /// Manifests larger than this are refused (the spec suggests registries cap them at 4 MiB).
@@ -153,40 +152,17 @@ async fn blob(
         .fills
         .join(digest, &app.spool_dir, move |spool, state| async move {
             let app = fill_app;
-            match app.registries.send(&fill_host, &upstream_name, Method::GET, &path, None).await {
-                Ok(response) if response.status().is_success() => {
-                    let total = response.content_length();
-                    let body = response.bytes_stream().map(|chunk| chunk.map_err(|e| e.to_string()));
-                    let (cache, digest) = (app.blobs.clone(), fill_digest.clone());
-                    let store = |spool, written| async move {
-                        let reader = tokio::fs::File::open(spool).await.map_err(|e| e.to_string())?;
-                        cache
-                            .store_with_size(&digest, written, reader)
-                            .await
-                            .map(drop)
-                            .map_err(|e| e.to_string())
-                    };
-                    run_fill(
-                        spool,
-                        state,
-                        body,
-                        (total, None),
-                        Arc::clone(&app.metrics.upstream_bytes),
-                        store,
-                    )
-                    .await;
-                }
-                Ok(response) => {
-                    let status = response.status();
-                    state.send_replace(FillState::Failed {
-                        status: Some(status.as_u16()),
-                        message: format!("upstream answered {status}"),
-                    });
-                }
-                Err(e) => {
-                    state.send_replace(FillState::Failed { status: None, message: e.to_string() });
-                }
-            }
+            let answer = app.registries.send(&fill_host, &upstream_name, Method::GET, &path, None).await;
+            let (cache, digest) = (app.blobs.clone(), fill_digest.clone());
+            let upstream_bytes = Arc::clone(&app.metrics.upstream_bytes);
+            fill_from_upstream(answer, spool, state, upstream_bytes, |_| {
+                let store = |spool, written| async move {
+                    let reader = tokio::fs::File::open(spool).await.map_err(|e| e.to_string())?;
+                    cache.store_with_size(&digest, written, reader).await.map(drop).map_err(|e| e.to_string())
+                };
+                (None, store)
+            })
+            .await;
             app.fills.finish(&fill_digest);
         })
         .map_err(|e| internal(dunite_oci::Error::Cache(dunite_core::Error::InvalidConfig(e.to_string()))))?;
