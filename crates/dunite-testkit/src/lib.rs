@@ -236,3 +236,10 @@ where
         tokio::time::sleep(std::time::Duration::from_millis(5)).await;
     }
 }
+
+/// The proptest case count: `PROPTEST_CASES` when set (`cargo xtask ci` sets 256), else
+/// `default` for a quick local run.
+#[must_use]
+pub fn proptest_cases(default: u32) -> u32 {
+    std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}

@@ -130,12 +130,8 @@ async fn run(scenario: Scenario) -> Result<(), String> {
     check_removal_log(&store, &stored)
 }
 
-fn cases() -> u32 {
-    std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(64)
-}
-
 proptest! {
-    #![proptest_config(ProptestConfig { cases: cases(), ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: dunite_testkit::proptest_cases(64), ..ProptestConfig::default() })]
 
     #[test]
     fn evictor_converges_under_random_bursts_and_faults(scenario in scenario()) {

@@ -23,10 +23,6 @@ fn op() -> impl Strategy<Value = Op> {
     ]
 }
 
-fn cases() -> u32 {
-    std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).map_or(32, |n: u32| (n / 4).max(16))
-}
-
 async fn run(cap: u64, ops: Vec<Op>) -> Result<(), String> {
     let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
     let policy = EvictionPolicy::new(cap).with_low_watermark(cap / 2).without_safety_tick();
@@ -70,7 +66,7 @@ async fn run(cap: u64, ops: Vec<Op>) -> Result<(), String> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: cases(), ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: dunite_testkit::proptest_cases(32), ..ProptestConfig::default() })]
 
     #[test]
     fn random_sequences_keep_the_invariants(cap in 1_000u64..30_000, ops in prop::collection::vec(op(), 0..40)) {
