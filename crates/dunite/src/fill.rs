@@ -287,3 +287,59 @@ impl Subscription {
         )
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write as _;
+
+    use futures_util::StreamExt as _;
+
+    use super::*;
+
+    /// A subscription on a spool holding `bytes`, with its state driven by hand.
+    fn subscription(bytes: &[u8]) -> (watch::Sender<FillState>, Subscription, tempfile::NamedTempFile) {
+        let mut spool = tempfile::NamedTempFile::new().unwrap();
+        spool.write_all(bytes).unwrap();
+        spool.flush().unwrap();
+        let (state, rx) = watch::channel(FillState::Connecting);
+        let file = std::fs::File::open(spool.path()).unwrap();
+        (state, Subscription { state: rx, spool: file }, spool)
+    }
+
+    async fn collect(stream: impl Stream<Item = std::io::Result<Bytes>>) -> (Vec<u8>, Option<String>) {
+        let mut stream = std::pin::pin!(stream);
+        let mut got = Vec::new();
+        while let Some(chunk) = stream.next().await {
+            match chunk {
+                Ok(bytes) => got.extend_from_slice(&bytes),
+                Err(e) => return (got, Some(e.to_string())),
+            }
+        }
+        (got, None)
+    }
+
+    #[tokio::test]
+    async fn the_last_byte_waits_for_verification() {
+        let (state, sub, _spool) = subscription(b"0123456789");
+        state.send_replace(FillState::Streaming { written: 10, total: Some(10), content_type: None });
+        let reader = tokio::spawn(collect(sub.into_stream()));
+        // Everything but the last byte may flow while the fill is unverified; then verify.
+        tokio::task::yield_now().await;
+        state.send_replace(FillState::Done { written: 10 });
+        let (got, error) = reader.await.unwrap();
+        assert_eq!(got, b"0123456789");
+        assert_eq!(error, None);
+    }
+
+    #[tokio::test]
+    async fn a_failed_verification_never_yields_a_complete_body() {
+        let (state, sub, _spool) = subscription(b"0123456789");
+        state.send_replace(FillState::Streaming { written: 10, total: Some(10), content_type: None });
+        let reader = tokio::spawn(collect(sub.into_stream()));
+        tokio::task::yield_now().await;
+        state.send_replace(FillState::Failed { status: None, message: "digest mismatch".into() });
+        let (got, error) = reader.await.unwrap();
+        assert!(got.len() < 10, "a client must never receive the whole body of a failed fill: {got:?}");
+        assert_eq!(error.as_deref(), Some("digest mismatch"));
+    }
+}
