@@ -108,6 +108,28 @@ impl BlobCache {
         self.store_expecting(digest, Expected::new().with_size(size), reader).await
     }
 
+    /// Store the blob already written to the file at `path` (say, an upstream fill's spool)
+    /// without copying it: verified in place against `digest` and `size`, then moved into the
+    /// cache; see [`EntryStore::store_file`](dunite_core::EntryStore::store_file) for what
+    /// happens to the file on each outcome.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancelling never leaves a visible partial blob or counted bytes.
+    ///
+    /// # Errors
+    ///
+    /// As [`store_with_size`](Self::store_with_size).
+    pub async fn store_file_with_size(
+        &self,
+        digest: &Digest,
+        size: u64,
+        path: &std::path::Path,
+    ) -> Result<Stored> {
+        let expected = Expected::new().with_size(size).with_digest(digest.content_digest().clone());
+        Ok(self.cache.store_file(&digest.to_string(), path, &expected, "").await?)
+    }
+
     async fn store_expecting<R>(&self, digest: &Digest, expected: Expected, reader: R) -> Result<Stored>
     where
         R: AsyncRead + Unpin + Send,

@@ -223,6 +223,31 @@ impl EntryCache {
         Ok(stored)
     }
 
+    /// Store the file at `path` without copying it, then poke the evictor; see
+    /// [`EntryStore::store_file`].
+    ///
+    /// # Cancel safety
+    ///
+    /// As [`EntryStore::store`].
+    ///
+    /// # Errors
+    ///
+    /// As [`EntryStore::store_file`].
+    pub async fn store_file(
+        &self,
+        key: &str,
+        path: &Path,
+        expected: &Expected,
+        meta: &str,
+    ) -> Result<Stored> {
+        let stored = self.store.store_file(key, path, expected, meta).await?;
+        if stored.outcome != StoreOutcome::AlreadyPresent {
+            // After the commit, as the evictor's contract requires.
+            self.evictor.poke();
+        }
+        Ok(stored)
+    }
+
     /// Open `key`'s payload, recording the access; see [`EntryStore::open_entry`].
     ///
     /// # Errors

@@ -65,61 +65,41 @@ impl Layout {
     /// `expected` and `max_bytes`. On any error the temporary file is already gone.
     pub(crate) async fn write_temp<R>(
         &self,
-        mut reader: R,
+        reader: R,
         expected: &Expected,
         max_bytes: u64,
     ) -> Result<Written>
     where
         R: AsyncRead + Unpin,
     {
-        if let Some(size) = expected.size
-            && size > max_bytes
-        {
-            return Err(Error::TooLarge { size, max_bytes });
-        }
+        check_declared_size(expected, max_bytes)?;
         let tmp = self.tmp.clone();
         let named = blocking(move || tempfile::Builder::new().prefix("store-").tempfile_in(&tmp))
             .await
             .map_err(Error::io("create a temporary file in", self.tmp.clone()))?;
         let (file, temp) = named.into_parts();
         let mut file = tokio::fs::File::from_std(file);
-        let algorithm = expected.digest.as_ref().map_or(DigestAlgorithm::Sha256, ContentDigest::algorithm);
-        let mut hasher = algorithm.hasher();
-        let mut buf = vec![0u8; CHUNK];
-        let mut size = 0u64;
-        loop {
-            let n = reader
-                .read(&mut buf)
-                .await
-                .map_err(|e| Error::Source { received: size, source: std::sync::Arc::new(e) })?;
-            if n == 0 {
-                break;
-            }
-            size += n as u64;
-            if size > max_bytes {
-                return Err(Error::TooLarge { size, max_bytes });
-            }
-            if let Some(expected) = expected.size
-                && size > expected
-            {
-                return Err(Error::TooLong { expected });
-            }
-            hasher.update(&buf[..n]);
-            file.write_all(&buf[..n]).await.map_err(Error::io("write", temp.to_path_buf()))?;
-        }
-        if let Some(expected) = expected.size
-            && size < expected
-        {
-            return Err(Error::Truncated { expected, received: size });
-        }
-        let digest = hasher.finish();
-        if let Some(want) = &expected.digest
-            && *want != digest
-        {
-            return Err(Error::DigestMismatch { expected: want.to_string(), actual: digest.to_string() });
-        }
+        let (size, digest) =
+            verify_stream(reader, Some((&mut file, temp.as_ref())), expected, max_bytes).await?;
         file.sync_all().await.map_err(Error::io("sync", temp.to_path_buf()))?;
         drop(file);
+        Ok(Written { temp, size, digest })
+    }
+
+    /// Verify a file already on disk against `expected` and `max_bytes`, reading it once and
+    /// copying nothing, and sync it. On success the file belongs to the returned `Written`
+    /// (moved into place by `persist`, or deleted if dropped); on an error it is left alone.
+    pub(crate) async fn adopt(&self, path: &Path, expected: &Expected, max_bytes: u64) -> Result<Written> {
+        check_declared_size(expected, max_bytes)?;
+        let file = tokio::fs::File::open(path).await.map_err(Error::io("open", path))?;
+        let (size, digest) = verify_stream(file, None, expected, max_bytes).await.map_err(|e| match e {
+            Error::Source { source, .. } => Error::Io { op: "read", path: path.to_path_buf(), source },
+            other => other,
+        })?;
+        let file =
+            tokio::fs::OpenOptions::new().write(true).open(path).await.map_err(Error::io("open", path))?;
+        file.sync_all().await.map_err(Error::io("sync", path))?;
+        let temp = TempPath::try_from_path(path).map_err(Error::io("take over", path))?;
         Ok(Written { temp, size, digest })
     }
 
@@ -133,7 +113,16 @@ impl Layout {
             let dir =
                 dest.parent().ok_or_else(|| std::io::Error::other("payload path without a directory"))?;
             std::fs::create_dir_all(dir)?;
-            written.persist(&dest).map_err(|e| e.error)?;
+            match written.persist(&dest) {
+                Ok(()) => {}
+                // An adopted file on another file system: copy it over, then drop the original
+                // (the returned TempPath deletes it).
+                Err(e) if e.error.kind() == std::io::ErrorKind::CrossesDevices => {
+                    std::fs::copy(&e.path, &dest)?;
+                    std::fs::File::open(&dest)?.sync_all()?;
+                }
+                Err(e) => return Err(e.error),
+            }
             // The rename is durable only once the directory is.
             std::fs::File::open(dir)?.sync_all()
         })
@@ -216,4 +205,60 @@ pub(crate) async fn blocking<T: Send + 'static>(
     work: impl FnOnce() -> std::io::Result<T> + Send + 'static,
 ) -> std::io::Result<T> {
     tokio::task::spawn_blocking(work).await.map_err(std::io::Error::other)?
+}
+
+/// Refuse up front an entry whose declared size is over the cap.
+fn check_declared_size(expected: &Expected, max_bytes: u64) -> Result<()> {
+    match expected.size {
+        Some(size) if size > max_bytes => Err(Error::TooLarge { size, max_bytes }),
+        _ => Ok(()),
+    }
+}
+
+/// Read `reader` to its end through a bounded buffer, hashing it and, with a sink, writing it
+/// there; check the bytes against `expected` and `max_bytes` as they come.
+async fn verify_stream<R: AsyncRead + Unpin>(
+    mut reader: R,
+    mut sink: Option<(&mut tokio::fs::File, &Path)>,
+    expected: &Expected,
+    max_bytes: u64,
+) -> Result<(u64, ContentDigest)> {
+    let algorithm = expected.digest.as_ref().map_or(DigestAlgorithm::Sha256, ContentDigest::algorithm);
+    let mut hasher = algorithm.hasher();
+    let mut buf = vec![0u8; CHUNK];
+    let mut size = 0u64;
+    loop {
+        let n = reader
+            .read(&mut buf)
+            .await
+            .map_err(|e| Error::Source { received: size, source: std::sync::Arc::new(e) })?;
+        if n == 0 {
+            break;
+        }
+        size += n as u64;
+        if size > max_bytes {
+            return Err(Error::TooLarge { size, max_bytes });
+        }
+        if let Some(expected) = expected.size
+            && size > expected
+        {
+            return Err(Error::TooLong { expected });
+        }
+        hasher.update(&buf[..n]);
+        if let Some((file, path)) = sink.as_mut() {
+            file.write_all(&buf[..n]).await.map_err(Error::io("write", *path))?;
+        }
+    }
+    if let Some(expected) = expected.size
+        && size < expected
+    {
+        return Err(Error::Truncated { expected, received: size });
+    }
+    let digest = hasher.finish();
+    if let Some(want) = &expected.digest
+        && *want != digest
+    {
+        return Err(Error::DigestMismatch { expected: want.to_string(), actual: digest.to_string() });
+    }
+    Ok((size, digest))
 }

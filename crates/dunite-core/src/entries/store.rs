@@ -320,8 +320,42 @@ impl EntryStore {
         R: AsyncRead + Unpin + Send,
         M: FnOnce(&ContentDigest) -> String + Send,
     {
+        let written = self.inner.layout.write_temp(reader, expected, self.inner.max_bytes).await?;
+        self.commit_written(key, written, meta).await
+    }
+
+    /// Store the file at `path` under `key` without copying it: the file is verified against
+    /// `expected` in place (read once), synced, and moved into the cache (copied and removed
+    /// if it is on another file system). For a payload already spooled to disk, such as an
+    /// upstream fill. The file must not be written to any more.
+    ///
+    /// On success the file is gone from `path`. On a verification error (size, digest, cap) it
+    /// is left where it is; on a later error (the move or the commit) it is deleted.
+    ///
+    /// # Cancel safety
+    ///
+    /// As [`store`](Self::store).
+    ///
+    /// # Errors
+    ///
+    /// As [`store`](Self::store), with [`Error::Io`] where `store` has [`Error::Source`].
+    pub async fn store_file(
+        &self,
+        key: &str,
+        path: &std::path::Path,
+        expected: &Expected,
+        meta: &str,
+    ) -> Result<Stored> {
+        let written = self.inner.layout.adopt(path, expected, self.inner.max_bytes).await?;
+        self.commit_written(key, written, |_| meta.to_owned()).await
+    }
+
+    /// Move a verified payload into place and commit it (the shared half of every store).
+    async fn commit_written<M>(&self, key: &str, written: super::layout::Written, meta: M) -> Result<Stored>
+    where
+        M: FnOnce(&ContentDigest) -> String + Send,
+    {
         let inner = &self.inner;
-        let written = inner.layout.write_temp(reader, expected, inner.max_bytes).await?;
         let (size, digest) = (written.size, written.digest.clone());
         let meta = meta(&digest);
         let file = inner.layout.persist(written.temp, key).await?;

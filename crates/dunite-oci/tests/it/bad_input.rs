@@ -100,3 +100,28 @@ async fn a_dead_database_stores_nothing() {
     // Reads fail with a typed error too, rather than handing out anything.
     assert!(matches!(cache.open(&digest).await, Err(Error::Cache(CoreError::Database { .. }))));
 }
+
+/// A blob already on disk is verified in place and moved in; a wrong one stays where it is and
+/// nothing is stored.
+#[tokio::test]
+async fn storing_a_file_moves_it_in_only_when_it_verifies() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = open(dir.path(), 1 << 20).await;
+    let spool = dir.path().join("spool-file");
+    let (digest, bytes) = blob(9, 50_000);
+    let (other, _) = blob(10, 50_000);
+    std::fs::write(&spool, &bytes).unwrap();
+
+    let err = core(cache.store_file_with_size(&other, 50_000, &spool).await);
+    assert!(matches!(err, CoreError::DigestMismatch { .. }), "{err}");
+    assert!(spool.exists(), "a file that fails verification is left alone");
+    assert_eq!(cache.total_bytes().await.unwrap(), 0);
+
+    cache.store_file_with_size(&digest, 50_000, &spool).await.unwrap();
+    assert!(!spool.exists(), "the verified file was moved into the cache");
+    let mut read = cache.open(&digest).await.unwrap().unwrap();
+    let mut got = Vec::new();
+    tokio::io::AsyncReadExt::read_to_end(read.file_mut(), &mut got).await.unwrap();
+    assert_eq!(got, bytes);
+    check_consistency(cache.entries().entries(), dir.path()).await.unwrap();
+}
