@@ -12,6 +12,9 @@ async fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(EnvFilter::try_from_env("DUNITE_LOG").unwrap_or_else(|_| EnvFilter::new("info")))
         .init();
+    // Registered before anything slow (opening and reconciling the caches): a SIGTERM during
+    // start-up then ends in a clean shutdown, not a kill.
+    let shutdown = shutdown_signal();
     let cli = Cli::parse();
     let Command::Serve(args) = cli.command;
     let config = match Config::resolve(args) {
@@ -37,7 +40,7 @@ async fn main() -> ExitCode {
         }
     };
     tracing::info!(%addr, "dunite listening");
-    match serve(app, listener, shutdown_signal()).await {
+    match serve(app, listener, shutdown).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             tracing::error!(%error, "server failed");
