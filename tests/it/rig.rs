@@ -4,8 +4,8 @@
 //!
 //! The e2e harness keeps its helpers private to `e2e`; this is a separate, small rig.
 
-use crate::e2e::harness::{Image, dunite_binary, tool};
-pub use crate::e2e::harness::{free_port, pull, same_copy, skopeo};
+use crate::e2e::harness::{Image, Registry, dunite_binary};
+pub use crate::e2e::harness::{free_port, pull, same_copy};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -39,9 +39,8 @@ where
 
 /// Debian's distribution registry on a free loopback port, with images `chaos/img<i>:v1`.
 pub struct Upstream {
-    _child: Child,
+    registry: Registry,
     pub addr: SocketAddr,
-    dir: tempfile::TempDir,
     /// A direct pull of each pushed repository, from the registry itself.
     pub direct: BTreeMap<String, tempfile::TempDir>,
 }
@@ -50,46 +49,20 @@ impl Upstream {
     /// Start the registry and push `images` images of `layers` random layers of about
     /// `layer_size` bytes each, derived from `seed`.
     pub async fn start(seed: u64, images: u64, layers: usize, layer_size: usize) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
-        let config = dir.path().join("config.yml");
-        std::fs::write(
-            &config,
-            format!(
-                "version: 0.1\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {addr}\nlog:\n  level: warn\n",
-                dir.path().join("data").display()
-            ),
-        )
-        .unwrap();
-        let child = Command::new(tool("docker-registry"))
-            .arg("serve")
-            .arg(&config)
-            .stdout(std::fs::File::create(dir.path().join("registry.log")).unwrap())
-            .stderr(std::fs::File::create(dir.path().join("registry.err")).unwrap())
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap();
-        poll_until(Duration::from_secs(30), "docker-registry listening", || async {
-            tokio::net::TcpStream::connect(addr).await.is_ok()
-        })
-        .await;
-        let mut upstream = Self { _child: child, addr, dir, direct: BTreeMap::new() };
+        let registry = Registry::start().await;
+        let addr = registry.addr;
+        let mut direct = BTreeMap::new();
         for i in 0..images {
             let repo = format!("chaos/img{i}");
-            let layout = Image::build(seed * 100 + i, layers, layer_size).layout;
-            let source = format!("oci:{}:v1", layout.path().display());
-            skopeo(&["copy", "--dest-tls-verify=false", &source, &format!("docker://{addr}/{repo}:v1")])
-                .await
-                .unwrap();
-            let copy = pull(addr, &repo).await.unwrap();
-            upstream.direct.insert(repo, copy);
+            Image::build(seed * 100 + i, layers, layer_size).push(addr, &repo).await;
+            direct.insert(repo.clone(), pull(addr, &repo).await.unwrap());
         }
-        upstream
+        Self { registry, addr, direct }
     }
 
     /// The registry's own log, for failure messages.
     pub fn log_text(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("registry.err")).unwrap_or_default()
+        self.registry.log_text()
     }
 
     /// The bytes of every blob across the pushed images (each pull's files but

@@ -42,10 +42,15 @@ pub fn tool(name: &str) -> PathBuf {
 pub struct Registry {
     _child: Child,
     pub addr: SocketAddr,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
 }
 
 impl Registry {
+    /// The registry's error log, for failure messages.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("registry.err")).unwrap_or_default()
+    }
+
     pub async fn start() -> Self {
         let dir = tempfile::tempdir().unwrap();
         let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
@@ -68,7 +73,7 @@ impl Registry {
             .spawn()
             .unwrap();
         wait_listening(addr, "docker-registry", &log).await;
-        Self { _child: child, addr, _dir: dir }
+        Self { _child: child, addr, dir }
     }
 }
 
