@@ -132,13 +132,7 @@ impl Server {
 
     /// One sample from `GET /metrics`, e.g. `dunite_errors_total`.
     pub async fn metric(&self, series: &str) -> u64 {
-        let text = reqwest::get(format!("http://{}/metrics", self.addr)).await.unwrap().text().await.unwrap();
-        text.lines()
-            .find_map(|line| line.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')))
-            .unwrap_or_else(|| panic!("no series {series} in:\n{text}"))
-            .trim()
-            .parse()
-            .unwrap()
+        crate::e2e::harness::metric(self.addr, series).await
     }
 
     /// Resident set size in KiB, from `/proc/<pid>/status`.

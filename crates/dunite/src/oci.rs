@@ -116,16 +116,7 @@ async fn blob(
 ) -> Result<Response, SpecError> {
     if let Some(blob) = app.blobs.open(digest).await.map_err(internal)? {
         app.metrics.blob_hits.fetch_add(1, Ordering::Relaxed);
-        return serve_file(
-            app,
-            method,
-            blob.size(),
-            blob.into_file(),
-            digest,
-            headers.get(header::RANGE),
-            CacheOutcome::Hit,
-        )
-        .await;
+        return serve_file(app, method, blob, digest, headers.get(header::RANGE), CacheOutcome::Hit).await;
     }
     app.metrics.blob_misses.fetch_add(1, Ordering::Relaxed);
     let upstream_name = app.registries.upstream_name(host, name);
@@ -179,16 +170,7 @@ async fn blob(
             _ => return Err(SpecError::upstream("blob fill ended without an outcome")),
         }
         let blob = app.blobs.open(digest).await.map_err(internal)?.ok_or_else(SpecError::blob_unknown)?;
-        return serve_file(
-            app,
-            method,
-            blob.size(),
-            blob.into_file(),
-            digest,
-            headers.get(header::RANGE),
-            CacheOutcome::Miss,
-        )
-        .await;
+        return serve_file(app, method, blob, digest, headers.get(header::RANGE), CacheOutcome::Miss).await;
     }
     let total = match subscription.state.borrow().clone() {
         FillState::Streaming { total, .. } => total,
@@ -207,16 +189,17 @@ async fn blob(
     Ok(response)
 }
 
-/// Serve a cached file, whole or one `Range`.
+/// Serve a cached blob, whole or one `Range`.
 async fn serve_file(
     app: &App,
     method: &Method,
-    size: u64,
-    mut file: tokio::fs::File,
+    blob: dunite_oci::Blob,
     digest: &Digest,
     range: Option<&HeaderValue>,
     outcome: CacheOutcome,
 ) -> Result<Response, SpecError> {
+    let size = blob.size();
+    let mut file = blob.into_file();
     let (status, start, len) = match range.map(|r| parse_range(r, size)) {
         None => (StatusCode::OK, 0, size),
         Some(Some((start, end))) => (StatusCode::PARTIAL_CONTENT, start, end - start + 1),

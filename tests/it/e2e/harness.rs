@@ -131,16 +131,9 @@ impl Dunite {
         Self { child, addr, _data: data, log }
     }
 
-    /// One sample from `GET /metrics`, e.g. `dunite_blob_misses_total` or
-    /// `dunite_cache_bytes{cache="blobs"}`.
+    /// One sample from `GET /metrics`; see [`metric`].
     pub async fn metric(&self, series: &str) -> u64 {
-        let text = reqwest::get(format!("http://{}/metrics", self.addr)).await.unwrap().text().await.unwrap();
-        text.lines()
-            .find_map(|line| line.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')))
-            .unwrap_or_else(|| panic!("no series {series} in:\n{text}"))
-            .trim()
-            .parse()
-            .unwrap()
+        metric(self.addr, series).await
     }
 
     pub fn log_text(&self) -> String {
@@ -154,6 +147,18 @@ impl Dunite {
         assert!(status.success());
         tokio::time::timeout(Duration::from_secs(30), self.child.wait()).await.unwrap().unwrap()
     }
+}
+
+/// One sample from a dunite's `GET /metrics`, e.g. `dunite_blob_misses_total` or
+/// `dunite_cache_bytes{cache="blobs"}`.
+pub async fn metric(addr: SocketAddr, series: &str) -> u64 {
+    let text = reqwest::get(format!("http://{addr}/metrics")).await.unwrap().text().await.unwrap();
+    text.lines()
+        .find_map(|line| line.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')))
+        .unwrap_or_else(|| panic!("no series {series} in:\n{text}"))
+        .trim()
+        .parse()
+        .unwrap()
 }
 
 /// An OCI image layout with random layers.

@@ -6,7 +6,7 @@ use dunite_core::{DatabaseOptions, EvictionPolicy};
 use dunite_download::{DownloadRequest, Source, Validators};
 use dunite_testkit::check_consistency;
 
-use crate::{Upstream, content, open_with, read_all, url};
+use crate::{Upstream, content, eventually, open_with, read_all, url};
 
 async fn stale_cache(dir: &std::path::Path) -> dunite_download::DownloadCache {
     let policy = EvictionPolicy::new(1 << 20).without_safety_tick();
@@ -30,8 +30,12 @@ async fn a_stale_entry_answered_not_modified_is_refreshed_without_a_transfer() {
     let stores = cache.stats().entries.stores;
     let bytes_stored = cache.stats().entries.bytes_stored;
     assert_eq!(upstream.bytes_sent(), bytes.len() as u64);
-    // Stored times have millisecond resolution: let the clock move past the first one.
-    tokio::time::sleep(Duration::from_millis(5)).await;
+    // Stored times have millisecond resolution: wait (with a deadline) until the wall clock
+    // has moved past the first one, so the refresh can be seen to move it.
+    eventually(Duration::from_secs(5), || async {
+        std::time::SystemTime::now() > stored_at + Duration::from_millis(1)
+    })
+    .await;
 
     // With a freshness of zero the entry is stale at once, and its validators are public.
     assert!(cache.info(&key).await.unwrap().unwrap().is_stale(cache.freshness()));
