@@ -117,6 +117,8 @@ pub enum StoreOp {
     SelectVictims,
     /// [`EvictionPass::remove`](crate::EvictionPass::remove).
     Remove,
+    /// [`EvictionPass::finish`](crate::EvictionPass::finish).
+    FinishPass,
 }
 
 impl fmt::Display for StoreOp {
@@ -126,6 +128,7 @@ impl fmt::Display for StoreOp {
             Self::TotalSize => "read the accounted total",
             Self::SelectVictims => "select least-recently-used entries",
             Self::Remove => "remove an entry",
+            Self::FinishPass => "finish a pass",
         })
     }
 }

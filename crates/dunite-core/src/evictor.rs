@@ -98,6 +98,9 @@ pub struct EvictorStats {
     pub bytes_evicted: u64,
     /// Passes that failed (store errors or panics).
     pub errors: u64,
+    /// Passes not run because another process sharing the store was evicting it
+    /// ([`PassOutcome::Elsewhere`]); not counted in `passes`.
+    pub passes_elsewhere: u64,
     /// The most recent pass that ran to an outcome.
     pub last_pass: Option<PassReport>,
 }
@@ -138,6 +141,11 @@ pub enum PassOutcome {
     NoProgress,
     /// The last handle was dropped; the pass stopped at a batch boundary.
     ShutDown,
+    /// Another process sharing the store holds its eviction lock, so this pass did not run
+    /// (and read no total: the report's totals are zero). The evictor tries again after the
+    /// policy's initial retry delay, so a store that committed after the other process's
+    /// pass read its total is still seen by a later pass.
+    Elsewhere,
 }
 
 impl<S: EvictionStore> DebouncedEvictor<S> {
@@ -235,6 +243,7 @@ struct StatsCell {
     entries_evicted: AtomicU64,
     bytes_evicted: AtomicU64,
     errors: AtomicU64,
+    passes_elsewhere: AtomicU64,
     last_pass: Mutex<Option<PassReport>>,
 }
 
@@ -247,11 +256,16 @@ impl StatsCell {
             entries_evicted: self.entries_evicted.load(Ordering::Relaxed),
             bytes_evicted: self.bytes_evicted.load(Ordering::Relaxed),
             errors: self.errors.load(Ordering::Relaxed),
+            passes_elsewhere: self.passes_elsewhere.load(Ordering::Relaxed),
             last_pass: self.last_pass.lock().unwrap_or_else(PoisonError::into_inner).clone(),
         }
     }
 
     fn record(&self, result: &Result<PassReport>) {
+        if let Ok(PassReport { outcome: PassOutcome::Elsewhere, .. }) = result {
+            self.passes_elsewhere.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
         self.passes.fetch_add(1, Ordering::Relaxed);
         match result {
             Ok(report) => {
@@ -280,6 +294,7 @@ enum Trigger {
 enum Next {
     Idle,
     ContinueNow,
+    RetrySoon,
     RetryAfterBackoff,
 }
 
@@ -361,6 +376,10 @@ async fn run<S: EvictionStore>(
                         );
                         Next::RetryAfterBackoff
                     }
+                    PassOutcome::Elsewhere => {
+                        tracing::debug!("another instance is evicting this cache; trying again shortly");
+                        Next::RetrySoon
+                    }
                     PassOutcome::ShutDown => break,
                 }
             }
@@ -372,6 +391,8 @@ async fn run<S: EvictionStore>(
         continue_now = matches!(next, Next::ContinueNow);
         retry = match next {
             Next::Idle | Next::ContinueNow => None,
+            // Not a failure: no backoff growth, just the shortest delay.
+            Next::RetrySoon => Some((Instant::now() + policy.retry_delay(0), 0)),
             Next::RetryAfterBackoff => {
                 let attempt = retry.map_or(0, |(_, attempt)| attempt.saturating_add(1));
                 Some((Instant::now() + policy.retry_delay(attempt), attempt))
@@ -406,23 +427,45 @@ async fn tick_opt(tick: Option<&mut tokio::time::Interval>) {
 async fn run_pass<S: EvictionStore>(shared: &Shared<S>, pokes: &mpsc::Receiver<()>) -> Result<PassReport> {
     let policy = &shared.policy;
     let started = Instant::now();
-    let mut pass = shared.store.begin_pass().await.map_err(|e| Error::store(StoreOp::BeginPass, None, e))?;
-    let total_before =
-        pass.total_size_bytes().await.map_err(|e| Error::store(StoreOp::TotalSize, None, e))?;
     let mut report = PassReport {
         outcome: PassOutcome::UnderCap,
-        total_before,
-        total_after: total_before,
+        total_before: 0,
+        total_after: 0,
         entries_evicted: 0,
         bytes_evicted: 0,
         entries_skipped: 0,
         duration: Duration::ZERO,
     };
-    if total_before > policy.max_bytes() {
-        report.outcome = evict_to_watermark(&mut pass, policy, started, pokes, &mut report).await?;
-    }
+    let begun = shared.store.begin_pass().await.map_err(|e| Error::store(StoreOp::BeginPass, None, e))?;
+    let Some(mut pass) = begun else {
+        report.outcome = PassOutcome::Elsewhere;
+        report.duration = started.elapsed();
+        return Ok(report);
+    };
+    let driven = drive_pass(&mut pass, policy, started, pokes, &mut report).await;
+    // Finish even a failed pass: it releases what the pass took (a shared store's lock).
+    let finished = pass.finish().await.map_err(|e| Error::store(StoreOp::FinishPass, None, e));
+    driven?;
+    finished?;
     report.duration = started.elapsed();
     Ok(report)
+}
+
+async fn drive_pass<P: EvictionPass>(
+    pass: &mut P,
+    policy: &EvictionPolicy,
+    started: Instant,
+    pokes: &mpsc::Receiver<()>,
+    report: &mut PassReport,
+) -> Result<()> {
+    let total_before =
+        pass.total_size_bytes().await.map_err(|e| Error::store(StoreOp::TotalSize, None, e))?;
+    report.total_before = total_before;
+    report.total_after = total_before;
+    if total_before > policy.max_bytes() {
+        report.outcome = evict_to_watermark(pass, policy, started, pokes, report).await?;
+    }
+    Ok(())
 }
 
 async fn evict_to_watermark<P: EvictionPass>(

@@ -55,8 +55,8 @@ mod policy;
 mod store;
 
 pub use entries::{
-    CacheOptions, CacheStats, Database, DatabaseOptions, EntryCache, EntryInfo, EntryPass, EntryStats,
-    EntryStore, Expected, OnConflict, OpenEntry, Pin, ReconcileReport, StoreOutcome, Stored,
+    Backend, CacheOptions, CacheStats, Database, DatabaseOptions, EntryCache, EntryInfo, EntryPass,
+    EntryStats, EntryStore, Expected, OnConflict, OpenEntry, Pin, ReconcileReport, StoreOutcome, Stored,
 };
 pub use error::{BoxError, Error, Result, StoreOp};
 pub use evictor::{DebouncedEvictor, EvictorStats, PassOutcome, PassReport};

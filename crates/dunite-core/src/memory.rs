@@ -187,8 +187,8 @@ impl EvictionStore for MemoryStore {
     type Error = MemoryStoreError;
     type Pass = MemoryPass;
 
-    async fn begin_pass(&self) -> Result<MemoryPass, MemoryStoreError> {
-        Ok(MemoryPass { store: self.clone() })
+    async fn begin_pass(&self) -> Result<Option<MemoryPass>, MemoryStoreError> {
+        Ok(Some(MemoryPass { store: self.clone() }))
     }
 }
 
@@ -237,7 +237,7 @@ mod tests {
         let store = MemoryStore::new();
         store.insert("a", 5);
         store.insert("b", 7);
-        let mut pass = store.begin_pass().await.unwrap();
+        let mut pass = store.begin_pass().await.unwrap().unwrap();
         let victims = pass.least_recently_used(10).await.unwrap();
         assert_eq!(victims.iter().map(|v| v.key.as_str()).collect::<Vec<_>>(), ["a", "b"]);
 
@@ -257,7 +257,7 @@ mod tests {
     async fn pinned_entries_are_never_selected_or_removed() {
         let store = MemoryStore::new();
         store.insert("a", 5);
-        let mut pass = store.begin_pass().await.unwrap();
+        let mut pass = store.begin_pass().await.unwrap().unwrap();
         let victims = pass.least_recently_used(10).await.unwrap();
         assert!(store.pin("a"));
         assert_eq!(pass.remove(&victims[0]).await.unwrap(), Removal::Skipped);

@@ -11,6 +11,10 @@ use async_trait::async_trait;
 /// connection per pass (held by the pass value, released when it drops) instead of one per
 /// call: a pass, however many entries it removes, holds at most one connection.
 ///
+/// A store shared by several processes also decides there that only one of them evicts at a
+/// time: `begin_pass` returns `Ok(None)` when another process's pass holds the store, and
+/// the evictor then retries shortly (see [`PassOutcome::Elsewhere`](crate::PassOutcome)).
+///
 /// Implementations must be cheap to share (the evictor keeps the store for its whole life)
 /// and every method must be cancel safe at `.await` points: the evictor never drops a call in
 /// flight, but the runtime may shut down mid-pass.
@@ -25,11 +29,15 @@ pub trait EvictionStore: Send + Sync + 'static {
     /// One pass's exclusive view of the store (for SQL: one pooled connection).
     type Pass: EvictionPass<Error = Self::Error>;
 
-    /// Start a pass, acquiring whatever it holds for its duration.
-    async fn begin_pass(&self) -> Result<Self::Pass, Self::Error>;
+    /// Start a pass, acquiring whatever it holds for its duration, or return `Ok(None)` at
+    /// once, holding nothing, when another process sharing the store is running a pass (never
+    /// wait for it: the caller retries later).
+    async fn begin_pass(&self) -> Result<Option<Self::Pass>, Self::Error>;
 }
 
-/// One eviction pass over a store. Dropping it ends the pass and releases what it holds.
+/// One eviction pass over a store. The evictor ends every pass it began with
+/// [`finish`](Self::finish); dropping it instead (a cancelled pass) must also release what it
+/// holds, if less gracefully.
 #[async_trait]
 pub trait EvictionPass: Send {
     /// The store's error type.
@@ -64,6 +72,16 @@ pub trait EvictionPass: Send {
             removals.push(self.remove(victim).await?);
         }
         Ok(removals)
+    }
+
+    /// End the pass and release what [`begin_pass`](EvictionStore::begin_pass) took (for a
+    /// shared SQL store, the cross-process eviction lock). Called after every pass, whether it
+    /// succeeded or not. The default releases nothing.
+    async fn finish(self) -> Result<(), Self::Error>
+    where
+        Self: Sized,
+    {
+        Ok(())
     }
 }
 
@@ -107,7 +125,7 @@ impl<T: EvictionStore> EvictionStore for Arc<T> {
     type Error = T::Error;
     type Pass = T::Pass;
 
-    async fn begin_pass(&self) -> Result<Self::Pass, Self::Error> {
+    async fn begin_pass(&self) -> Result<Option<Self::Pass>, Self::Error> {
         (**self).begin_pass().await
     }
 }

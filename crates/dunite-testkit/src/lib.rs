@@ -21,10 +21,13 @@ pub async fn legacy_evict_if_over_cap<S: EvictionStore>(
     store: S,
     policy: EvictionPolicy,
 ) -> Result<(), S::Error> {
-    let mut pass = store.begin_pass().await?;
+    // The legacy pattern knew nothing of other processes: a busy store just means no pass.
+    let Some(mut pass) = store.begin_pass().await? else {
+        return Ok(());
+    };
     let mut total = pass.total_size_bytes().await?;
     if total <= policy.max_bytes() {
-        return Ok(());
+        return pass.finish().await;
     }
     while total > policy.low_watermark() {
         let victims = pass.least_recently_used(policy.batch_size()).await?;
@@ -37,7 +40,7 @@ pub async fn legacy_evict_if_over_cap<S: EvictionStore>(
             }
         }
     }
-    Ok(())
+    pass.finish().await
 }
 
 /// What a cache directory holds on disk.

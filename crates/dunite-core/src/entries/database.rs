@@ -1,17 +1,20 @@
-//! The metadata database: connection setup, pool bounds and embedded migrations.
+//! The metadata database: the backends (SQLite, PostgreSQL), connection set-up, pool bounds,
+//! embedded migrations, and the locks that differ between backends.
 
 use std::path::Path;
 use std::str::FromStr as _;
 use std::sync::Arc;
 use std::time::Duration;
 
-use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
-};
+use sha2::Digest as _;
+use sqlx::any::{Any, AnyPoolOptions};
+use sqlx::sqlite::SqliteConnectOptions;
+use sqlx::{AnyConnection, AnyPool, Transaction};
 
 use crate::{Error, Result};
 
-static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
+static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
+static POSTGRES_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
 
 /// Bounds of the metadata database's connection pool.
 ///
@@ -65,7 +68,7 @@ impl DatabaseOptions {
         self
     }
 
-    /// How long SQLite waits on a locked database before `SQLITE_BUSY`.
+    /// How long SQLite waits on a locked database before `SQLITE_BUSY` (SQLite only).
     #[must_use]
     pub fn with_busy_timeout(mut self, timeout: Duration) -> Self {
         self.busy_timeout = timeout;
@@ -88,23 +91,45 @@ impl DatabaseOptions {
     }
 }
 
+/// Which database server a [`Database`] talks to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Backend {
+    /// The embedded default: one file, one process.
+    Sqlite,
+    /// A PostgreSQL server, which several dunite instances may share.
+    Postgres,
+}
+
 /// A handle to the metadata database; cheap to clone, and shareable by several caches (each
 /// keeps its rows under its own namespace).
 ///
-/// SQLite is the embedded default. The database is created in WAL mode (set once, when the
-/// file is created; WAL is a property of the file), with `synchronous = NORMAL`, which WAL
-/// keeps consistent across crashes. Every write transaction that reads first is begun with
-/// `BEGIN IMMEDIATE`, so it takes the write lock up front and waits out the busy timeout
-/// instead of failing with `SQLITE_BUSY` on lock upgrade; within one process, writes are
-/// also funnelled through one FIFO turn, so our own connections never wait on each other
-/// inside SQLite's busy handler.
+/// Every query the caches run is written once, in SQL both backends accept; what differs
+/// between them lives here: connection set-up, migrations, how a write transaction takes its
+/// lock, and the cross-instance eviction lock.
+///
+/// **SQLite** is the embedded default, for one process per database file (a second process
+/// on the same file and directory is not supported). The database is created in WAL mode
+/// (set once, when the file is created; WAL is a property of the file), with
+/// `synchronous = NORMAL`, which WAL keeps consistent across crashes. Write transactions
+/// begin with `BEGIN IMMEDIATE`, so they take the write lock up front instead of failing with
+/// `SQLITE_BUSY` on lock upgrade.
+///
+/// **PostgreSQL** is for several instances sharing one database and one cache directory.
+/// Every write transaction first locks its namespace's row in `totals`
+/// (`SELECT ... FOR UPDATE`), which serialises writers per cache across instances as
+/// SQLite's lock does within one, and an eviction pass runs only while holding a session
+/// advisory lock on its namespace (taken without waiting: see
+/// [`EvictionStore::begin_pass`](crate::EvictionStore::begin_pass)).
+///
+/// On both, this process's writes are also funnelled through one FIFO turn, so its own
+/// connections never queue inside the database's lock (SQLite's busy handler sleeps in steps
+/// of up to 100 ms, holding a pooled connection all the while).
 #[derive(Debug, Clone)]
 pub struct Database {
-    pool: SqlitePool,
+    pool: AnyPool,
+    backend: Backend,
     latency: Duration,
-    /// Funnels this process's write transactions (FIFO), so SQLite never busy-waits between
-    /// our own connections: its busy handler sleeps in steps of up to 100 ms, holding a pooled
-    /// connection all the while.
     writer: Arc<tokio::sync::Mutex<()>>,
 }
 
@@ -114,58 +139,106 @@ impl Database {
     ///
     /// # Errors
     ///
-    /// [`Error::Database`] if the file cannot be opened or migrated.
+    /// [`Error::InvalidConfig`] for a path that is not UTF-8, [`Error::Database`] if the file
+    /// cannot be opened or migrated.
     pub async fn open_sqlite(path: &Path, options: &DatabaseOptions) -> Result<Self> {
-        let connect = SqliteConnectOptions::new().filename(path);
-        Self::open_with(connect, options).await
+        let Some(text) = path.to_str() else {
+            return Err(Error::InvalidConfig(format!("database path {} is not UTF-8", path.display())));
+        };
+        let is_new = !tokio::fs::try_exists(path).await.unwrap_or(false);
+        let url = format!("sqlite://{}?mode=rwc", encode_path(text));
+        let pool = Self::open_pool(&url, Backend::Sqlite, options).await?;
+        if is_new {
+            // WAL is persistent: set it once on the new file, not on every connection.
+            sqlx::raw_sql("PRAGMA journal_mode = WAL")
+                .execute(&pool)
+                .await
+                .map_err(Error::db("create the database"))?;
+        }
+        Self::migrate(pool, Backend::Sqlite, options).await
     }
 
-    /// Open a database by URL (`sqlite://path/to/file.db`, `sqlite::memory:`).
+    /// Open a database by URL: `sqlite://path/to/file.db` (created if missing) or
+    /// `postgres://user:password@host:port/database` (the database must exist; its tables
+    /// are created by the embedded migrations). Requires a Tokio runtime.
     ///
     /// # Errors
     ///
     /// [`Error::InvalidConfig`] for a URL this build cannot use, [`Error::Database`] if the
-    /// database cannot be opened or migrated.
+    /// database cannot be reached or migrated.
     pub async fn connect(url: &str, options: &DatabaseOptions) -> Result<Self> {
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            let pool = Self::open_pool(url, Backend::Postgres, options).await?;
+            return Self::migrate(pool, Backend::Postgres, options).await;
+        }
         if !url.starts_with("sqlite:") {
             return Err(Error::InvalidConfig(format!(
-                "unsupported database URL scheme in {url:?} (expected sqlite:)"
+                "unsupported database URL scheme in {} (expected sqlite: or postgres:)",
+                redact(url)
             )));
         }
-        let connect = SqliteConnectOptions::from_str(url)
+        let parsed = SqliteConnectOptions::from_str(url)
             .map_err(|e| Error::InvalidConfig(format!("bad database URL {url:?}: {e}")))?;
-        Self::open_with(connect, options).await
+        let path = parsed.get_filename();
+        if url.contains(":memory:") || path.as_os_str().is_empty() {
+            return Err(Error::InvalidConfig(format!(
+                "database URL {url:?} names no file (a cache's database must be a file)"
+            )));
+        }
+        Self::open_sqlite(path, options).await
     }
 
-    async fn open_with(connect: SqliteConnectOptions, options: &DatabaseOptions) -> Result<Self> {
+    async fn open_pool(url: &str, backend: Backend, options: &DatabaseOptions) -> Result<AnyPool> {
         if options.max_connections == 0 {
             return Err(Error::InvalidConfig("database pool needs at least one connection".into()));
         }
-        let connect = connect
-            .create_if_missing(true)
-            .busy_timeout(options.busy_timeout)
-            .synchronous(SqliteSynchronous::Normal)
-            .foreign_keys(true);
-        let is_new = !tokio::fs::try_exists(connect.get_filename()).await.unwrap_or(false);
-        if is_new {
-            // WAL is persistent: set it once on the new file, not on every connection.
-            let once = connect.clone().journal_mode(SqliteJournalMode::Wal);
-            let conn =
-                sqlx::ConnectOptions::connect(&once).await.map_err(Error::db("create the database"))?;
-            sqlx::Connection::close(conn).await.map_err(Error::db("create the database"))?;
-        }
-        let pool = SqlitePoolOptions::new()
+        sqlx::any::install_default_drivers();
+        let mut pool = AnyPoolOptions::new()
             .max_connections(options.max_connections)
             .min_connections(0)
-            .acquire_timeout(options.acquire_timeout)
-            .connect_with(connect)
-            .await
-            .map_err(Error::db("open the database"))?;
-        MIGRATOR.run(&pool).await.map_err(|e| Error::Database {
+            .acquire_timeout(options.acquire_timeout);
+        if backend == Backend::Sqlite {
+            let busy_ms = options.busy_timeout.as_millis();
+            pool = pool.after_connect(move |conn, _meta| {
+                Box::pin(async move {
+                    let pragmas = format!(
+                        "PRAGMA busy_timeout = {busy_ms}; PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON;"
+                    );
+                    sqlx::raw_sql(sqlx::AssertSqlSafe(pragmas)).execute(conn).await.map(drop)
+                })
+            });
+        }
+        pool.connect(url).await.map_err(|source| Error::Database {
+            op: "open the database",
+            source: Arc::new(redact_error(source)),
+        })
+    }
+
+    async fn migrate(pool: AnyPool, backend: Backend, options: &DatabaseOptions) -> Result<Self> {
+        let migrator = match backend {
+            Backend::Sqlite => &SQLITE_MIGRATIONS,
+            Backend::Postgres => &POSTGRES_MIGRATIONS,
+        };
+        // Concurrent start-ups are safe: the migrator holds a database lock while it runs.
+        migrator.run(&pool).await.map_err(|e| Error::Database {
             op: "migrate the database",
             source: sqlx::Error::from(e).into(),
         })?;
-        Ok(Self { pool, latency: options.simulated_latency, writer: Arc::default() })
+        Ok(Self { pool, backend, latency: options.simulated_latency, writer: Arc::default() })
+    }
+
+    /// Which backend this is.
+    #[must_use]
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    /// Whether other processes may use this database (and the cache directories beside it)
+    /// at the same time: true for PostgreSQL. Start-up cleanup then leaves young temporary
+    /// and orphan files alone, since they may be another instance's stores in flight.
+    #[must_use]
+    pub fn is_shared(&self) -> bool {
+        self.backend == Backend::Postgres
     }
 
     /// Wait for this process's turn to write. Take it after acquiring the connection and
@@ -175,6 +248,68 @@ impl Database {
         Arc::clone(&self.writer).lock_owned().await
     }
 
+    /// Begin a write transaction on `namespace`, holding its write lock until commit or
+    /// rollback: SQLite's database lock, or PostgreSQL's lock on the namespace's `totals`
+    /// row. Take the [`write_turn`](Self::write_turn) first.
+    pub(crate) async fn begin_write<'c>(
+        &self,
+        conn: &'c mut AnyConnection,
+        namespace: &str,
+        op: &'static str,
+    ) -> Result<Transaction<'c, Any>> {
+        self.round_trip().await;
+        match self.backend {
+            Backend::Sqlite => {
+                sqlx::Connection::begin_with(conn, "BEGIN IMMEDIATE").await.map_err(Error::db(op))
+            }
+            Backend::Postgres => {
+                let mut tx = sqlx::Connection::begin(conn).await.map_err(Error::db(op))?;
+                self.round_trip().await;
+                sqlx::query("SELECT bytes FROM totals WHERE namespace = $1 FOR UPDATE")
+                    .bind(namespace)
+                    .fetch_optional(&mut *tx)
+                    .await
+                    .map_err(Error::db(op))?;
+                Ok(tx)
+            }
+        }
+    }
+
+    /// Try to take the eviction lock of `namespace` on `conn`, without waiting. Always granted
+    /// on SQLite (one process; the evictor already runs one pass at a time); on PostgreSQL a
+    /// session advisory lock, held until [`unlock_evictions`](Self::unlock_evictions) or
+    /// until the connection closes.
+    pub(crate) async fn try_lock_evictions(&self, conn: &mut AnyConnection, namespace: &str) -> Result<bool> {
+        match self.backend {
+            Backend::Sqlite => Ok(true),
+            Backend::Postgres => {
+                self.round_trip().await;
+                let (granted,): (bool,) = sqlx::query_as("SELECT pg_try_advisory_lock($1)")
+                    .bind(eviction_lock_id(namespace))
+                    .fetch_one(conn)
+                    .await
+                    .map_err(Error::db("take the eviction lock"))?;
+                Ok(granted)
+            }
+        }
+    }
+
+    /// Release what [`try_lock_evictions`](Self::try_lock_evictions) took.
+    pub(crate) async fn unlock_evictions(&self, conn: &mut AnyConnection, namespace: &str) -> Result<()> {
+        match self.backend {
+            Backend::Sqlite => Ok(()),
+            Backend::Postgres => {
+                self.round_trip().await;
+                sqlx::query("SELECT pg_advisory_unlock($1)")
+                    .bind(eviction_lock_id(namespace))
+                    .execute(conn)
+                    .await
+                    .map_err(Error::db("release the eviction lock"))?;
+                Ok(())
+            }
+        }
+    }
+
     /// The simulated per-statement latency (see [`DatabaseOptions::with_simulated_latency`]).
     pub(crate) async fn round_trip(&self) {
         if !self.latency.is_zero() {
@@ -182,9 +317,78 @@ impl Database {
         }
     }
 
-    /// The underlying pool.
+    /// The underlying pool. Queries written for both backends use `$1`-style placeholders,
+    /// which SQLite also accepts.
     #[must_use]
-    pub fn pool(&self) -> &SqlitePool {
+    pub fn pool(&self) -> &AnyPool {
         &self.pool
+    }
+}
+
+/// The advisory lock key of a namespace's eviction passes: 64 bits of a hash of its name,
+/// stable across processes and versions.
+fn eviction_lock_id(namespace: &str) -> i64 {
+    let digest = sha2::Sha256::digest(format!("dunite-eviction:{namespace}").as_bytes());
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&digest[..8]);
+    i64::from_be_bytes(first)
+}
+
+/// Percent-encode a file path for a `sqlite://` URL (the driver decodes it again).
+fn encode_path(path: &str) -> String {
+    let mut out = String::with_capacity(path.len());
+    for byte in path.bytes() {
+        if byte.is_ascii_alphanumeric() || b"/-_.~".contains(&byte) {
+            out.push(char::from(byte));
+        } else {
+            out.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    out
+}
+
+/// A URL with its password replaced, for messages.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let userinfo = &url[scheme + 3..at];
+            match userinfo.find(':') {
+                Some(colon) => format!("{}:***{}", &url[..scheme + 3 + colon], &url[at..]),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
+    }
+}
+
+/// Connection errors can quote the URL; keep passwords out of logs.
+fn redact_error(error: sqlx::Error) -> sqlx::Error {
+    match error {
+        sqlx::Error::Configuration(source) => sqlx::Error::Configuration(redact(&source.to_string()).into()),
+        other => other,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_are_encoded_for_the_sqlite_url() {
+        assert_eq!(encode_path("/tmp/a b/c?d#e%f.db"), "/tmp/a%20b/c%3Fd%23e%25f.db");
+        assert_eq!(encode_path("/var/lib/dunite/metadata.db"), "/var/lib/dunite/metadata.db");
+    }
+
+    #[test]
+    fn passwords_are_redacted() {
+        assert_eq!(redact("postgres://u:secret@h:5432/db"), "postgres://u:***@h:5432/db");
+        assert_eq!(redact("postgres://u@h/db"), "postgres://u@h/db");
+        assert_eq!(redact("mysql://h/db"), "mysql://h/db");
+    }
+
+    #[test]
+    fn lock_ids_differ_per_namespace_and_are_stable() {
+        assert_ne!(eviction_lock_id("oci-blobs"), eviction_lock_id("downloads"));
+        assert_eq!(eviction_lock_id("oci-blobs"), eviction_lock_id("oci-blobs"));
     }
 }

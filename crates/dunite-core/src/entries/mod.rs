@@ -12,7 +12,7 @@ mod reconcile;
 mod store;
 
 pub use cache::{CacheOptions, CacheStats, EntryCache};
-pub use database::{Database, DatabaseOptions};
+pub use database::{Backend, Database, DatabaseOptions};
 pub use layout::Expected;
 pub use reconcile::ReconcileReport;
 pub use store::{

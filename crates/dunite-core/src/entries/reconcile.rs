@@ -2,6 +2,7 @@
 
 use std::collections::HashSet;
 use std::path::PathBuf;
+use std::time::{Duration, SystemTime};
 
 use super::layout::blocking;
 use super::store::EntryStore;
@@ -23,13 +24,21 @@ pub struct ReconcileReport {
     pub total_corrected: Option<(u64, u64)>,
 }
 
+/// On a shared database, how old a temporary or orphan payload file must be before start-up
+/// cleanup deletes it: younger ones may be another instance's store in flight (a payload is
+/// renamed into place just before its row commits). Far longer than a commit can take.
+pub(crate) const SHARED_GRACE: Duration = Duration::from_secs(15 * 60);
+
 impl EntryStore {
     /// Bring the payload directory and the rows into agreement: delete temporary files,
     /// finish interrupted removals, drop rows whose file is missing, delete files without a
     /// row, and recompute the accounted total (logging it if it was wrong).
     ///
-    /// [`open`](Self::open) runs this. Run it only while no store into this cache is in
-    /// flight: a store's payload is renamed into place just before its row commits.
+    /// [`open`](Self::open) runs this. On SQLite, run it only while no store into this cache
+    /// is in flight: a store's payload is renamed into place just before its row commits. On
+    /// a shared database (PostgreSQL), other instances may be storing meanwhile, so temporary
+    /// and orphan files younger than 15 minutes are left for a later start-up; rows, files
+    /// and the total are changed only in transactions that keep the total exact.
     ///
     /// # Errors
     ///
@@ -39,57 +48,45 @@ impl EntryStore {
         let inner = self.inner();
         let ns = inner.namespace.as_str();
         let pool = inner.db.pool();
+        let grace = if inner.db.is_shared() { SHARED_GRACE } else { Duration::ZERO };
         let mut report = ReconcileReport {
-            temp_files_removed: clear_dir(inner.layout.tmp_dir().to_path_buf()).await?,
+            temp_files_removed: clear_dir(inner.layout.tmp_dir().to_path_buf(), grace).await?,
             ..ReconcileReport::default()
         };
 
-        let marked: Vec<(String,)> =
-            sqlx::query_as("SELECT key FROM entries WHERE namespace = ? AND state = 1")
+        let marked: Vec<(String, String)> =
+            sqlx::query_as("SELECT key, file FROM entries WHERE namespace = $1 AND state = 1")
                 .bind(ns)
                 .fetch_all(pool)
                 .await
                 .map_err(Error::db("list interrupted removals"))?;
-        for (key,) in marked {
-            let file: Option<(String,)> =
-                sqlx::query_as("SELECT file FROM entries WHERE namespace = ? AND key = ?")
-                    .bind(ns)
-                    .bind(&key)
-                    .fetch_optional(pool)
-                    .await
-                    .map_err(Error::db("look up an interrupted removal"))?;
-            if let Some((file,)) = file {
-                inner.layout.unlink(&file).await?;
+        for (key, file) in marked {
+            inner.layout.unlink(&file).await?;
+            if self.delete_row(&key, &file, "finish an interrupted removal").await? {
+                report.removals_finished += 1;
             }
-            sqlx::query("DELETE FROM entries WHERE namespace = ? AND key = ? AND state = 1")
-                .bind(ns)
-                .bind(&key)
-                .execute(pool)
-                .await
-                .map_err(Error::db("finish an interrupted removal"))?;
-            report.removals_finished += 1;
         }
 
         // One walk of the payload directory, then set comparisons: no system call per row.
-        let mut on_disk = list_payloads(inner.layout.data_dir().to_path_buf()).await?;
-        let rows: Vec<(String, String)> = sqlx::query_as("SELECT key, file FROM entries WHERE namespace = ?")
-            .bind(ns)
-            .fetch_all(pool)
-            .await
-            .map_err(Error::db("list entries"))?;
+        // Rows first: a row listed here had its file in place before it committed.
+        let rows: Vec<(String, String)> =
+            sqlx::query_as("SELECT key, file FROM entries WHERE namespace = $1")
+                .bind(ns)
+                .fetch_all(pool)
+                .await
+                .map_err(Error::db("list entries"))?;
+        let mut on_disk = list_payloads(inner.layout.data_dir().to_path_buf(), grace).await?;
         for (key, file) in rows {
             if on_disk.remove(&file) {
                 continue;
             }
-            tracing::warn!(key, "entry without its payload file; dropping the row");
-            sqlx::query("DELETE FROM entries WHERE namespace = ? AND key = ? AND file = ?")
-                .bind(ns)
-                .bind(&key)
-                .bind(&file)
-                .execute(pool)
-                .await
-                .map_err(Error::db("drop a row without its file"))?;
-            report.rows_without_file += 1;
+            if !file_exists(&inner.layout.payload(&file)).await? {
+                // Missing, not just young (a young file is left out of the walk).
+                if self.delete_row(&key, &file, "drop a row without its file").await? {
+                    tracing::warn!(key, "entry without its payload file; dropped the row");
+                    report.rows_without_file += 1;
+                }
+            }
         }
         // What is left on disk has no row: a store interrupted before its commit.
         report.orphan_files_removed = on_disk.len() as u64;
@@ -97,44 +94,100 @@ impl EntryStore {
             inner.layout.unlink(&file).await?;
         }
 
-        let (sum, count): (i64, i64) =
-            sqlx::query_as("SELECT COALESCE(SUM(size), 0), COUNT(*) FROM entries WHERE namespace = ?")
-                .bind(ns)
-                .fetch_one(pool)
-                .await
-                .map_err(Error::db("recount entries"))?;
-        let (bytes, entries): (i64, i64) =
-            sqlx::query_as("SELECT bytes, entries FROM totals WHERE namespace = ?")
-                .bind(ns)
-                .fetch_one(pool)
-                .await
-                .map_err(Error::db("read the accounted total"))?;
-        if (bytes, entries) != (sum, count) {
-            tracing::warn!(namespace = ns, was = bytes, now = sum, "accounted total was wrong; corrected");
-            sqlx::query("UPDATE totals SET bytes = ?, entries = ? WHERE namespace = ?")
-                .bind(sum)
-                .bind(count)
-                .bind(ns)
-                .execute(pool)
-                .await
-                .map_err(Error::db("correct the accounted total"))?;
-            report.total_corrected =
-                Some((u64::try_from(bytes).unwrap_or(0), u64::try_from(sum).unwrap_or(0)));
-        }
+        report.total_corrected = self.recount().await?;
         if report != ReconcileReport::default() {
             tracing::info!(namespace = ns, ?report, "reconciled the cache directory with its rows");
         }
         Ok(report)
     }
+
+    /// Delete the row of `key` if it still names `file`, keeping the total in step. Returns
+    /// whether a row was deleted.
+    async fn delete_row(&self, key: &str, file: &str, op: &'static str) -> Result<bool> {
+        let inner = self.inner();
+        let mut conn = inner.db.pool().acquire().await.map_err(Error::db("acquire a connection"))?;
+        let _turn = inner.db.write_turn().await;
+        let mut tx = inner.db.begin_write(&mut conn, &inner.namespace, op).await?;
+        let deleted: Option<(i64,)> = sqlx::query_as(
+            "DELETE FROM entries WHERE namespace = $1 AND key = $2 AND file = $3 RETURNING size",
+        )
+        .bind(&inner.namespace)
+        .bind(key)
+        .bind(file)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(Error::db(op))?;
+        if let Some((size,)) = deleted {
+            sqlx::query("UPDATE totals SET bytes = bytes - $1, entries = entries - 1 WHERE namespace = $2")
+                .bind(size)
+                .bind(&inner.namespace)
+                .execute(&mut *tx)
+                .await
+                .map_err(Error::db("update the accounted total"))?;
+        }
+        tx.commit().await.map_err(Error::db(op))?;
+        Ok(deleted.is_some())
+    }
+
+    /// Recompute the accounted total from the rows, under the namespace's write lock (so no
+    /// store commits in between); returns the total before and after when it was wrong.
+    async fn recount(&self) -> Result<Option<(u64, u64)>> {
+        let inner = self.inner();
+        let ns = inner.namespace.as_str();
+        let mut conn = inner.db.pool().acquire().await.map_err(Error::db("acquire a connection"))?;
+        let _turn = inner.db.write_turn().await;
+        let mut tx = inner.db.begin_write(&mut conn, ns, "begin a recount").await?;
+        // SUM of a BIGINT is NUMERIC on PostgreSQL: cast back.
+        let (sum, count): (i64, i64) = sqlx::query_as(
+            "SELECT CAST(COALESCE(SUM(size), 0) AS BIGINT), COUNT(*) FROM entries WHERE namespace = $1",
+        )
+        .bind(ns)
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(Error::db("recount entries"))?;
+        let (bytes, entries): (i64, i64) =
+            sqlx::query_as("SELECT bytes, entries FROM totals WHERE namespace = $1")
+                .bind(ns)
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(Error::db("read the accounted total"))?;
+        if (bytes, entries) == (sum, count) {
+            return Ok(None);
+        }
+        tracing::warn!(namespace = ns, was = bytes, now = sum, "accounted total was wrong; corrected");
+        sqlx::query("UPDATE totals SET bytes = $1, entries = $2 WHERE namespace = $3")
+            .bind(sum)
+            .bind(count)
+            .bind(ns)
+            .execute(&mut *tx)
+            .await
+            .map_err(Error::db("correct the accounted total"))?;
+        tx.commit().await.map_err(Error::db("commit a recount"))?;
+        Ok(Some((u64::try_from(bytes).unwrap_or(0), u64::try_from(sum).unwrap_or(0))))
+    }
 }
 
-async fn clear_dir(dir: PathBuf) -> Result<u64> {
+/// Whether `path` exists (a payload young enough to be skipped by the walk).
+async fn file_exists(path: &std::path::Path) -> Result<bool> {
+    tokio::fs::try_exists(path).await.map_err(Error::io("look for", path.to_path_buf()))
+}
+
+/// Whether `entry` was last written at least `grace` ago (always, for a zero grace).
+fn is_stale(entry: &std::fs::DirEntry, grace: Duration) -> std::io::Result<bool> {
+    if grace.is_zero() {
+        return Ok(true);
+    }
+    let modified = entry.metadata()?.modified()?;
+    Ok(SystemTime::now().duration_since(modified).is_ok_and(|age| age >= grace))
+}
+
+async fn clear_dir(dir: PathBuf, grace: Duration) -> Result<u64> {
     let path = dir.clone();
     blocking(move || {
         let mut removed = 0;
         for entry in std::fs::read_dir(&dir)? {
             let entry = entry?;
-            if entry.file_type()?.is_file() {
+            if entry.file_type()?.is_file() && is_stale(&entry, grace)? {
                 std::fs::remove_file(entry.path())?;
                 removed += 1;
             }
@@ -145,8 +198,9 @@ async fn clear_dir(dir: PathBuf) -> Result<u64> {
     .map_err(Error::io("clear", path))
 }
 
-/// Every payload under `data`, as the relative names rows use (`<hh>/<name>`).
-async fn list_payloads(data: PathBuf) -> Result<HashSet<String>> {
+/// Every payload under `data` last written at least `grace` ago, as the relative names rows
+/// use (`<hh>/<name>`).
+async fn list_payloads(data: PathBuf, grace: Duration) -> Result<HashSet<String>> {
     let path = data.clone();
     blocking(move || {
         let mut names = HashSet::new();
@@ -157,7 +211,10 @@ async fn list_payloads(data: PathBuf) -> Result<HashSet<String>> {
             }
             let shard_name = shard.file_name().to_string_lossy().into_owned();
             for file in std::fs::read_dir(shard.path())? {
-                names.insert(format!("{shard_name}/{}", file?.file_name().to_string_lossy()));
+                let file = file?;
+                if is_stale(&file, grace)? {
+                    names.insert(format!("{shard_name}/{}", file.file_name().to_string_lossy()));
+                }
             }
         }
         Ok(names)

@@ -7,9 +7,8 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
-use sqlx::SqliteConnection;
 use sqlx::pool::PoolConnection;
-use sqlx::sqlite::Sqlite;
+use sqlx::{Any, AnyConnection};
 use tokio::io::AsyncRead;
 
 use super::database::Database;
@@ -145,6 +144,26 @@ impl fmt::Debug for EntryStore {
 /// Access stamps written per statement (two bound values each, well under SQLite's limit).
 const FLUSH_CHUNK: usize = 500;
 
+/// `rows` parenthesised groups of `cols` numbered placeholders, starting at `$first`:
+/// `values_list(2, 2, 2)` is `($2, $3), ($4, $5)`.
+fn values_list(first: usize, rows: usize, cols: usize) -> String {
+    let mut out = String::with_capacity(rows * cols * 6);
+    for row in 0..rows {
+        if row > 0 {
+            out.push_str(", ");
+        }
+        out.push('(');
+        for col in 0..cols {
+            if col > 0 {
+                out.push_str(", ");
+            }
+            out.push_str(&format!("${}", first + row * cols + col));
+        }
+        out.push(')');
+    }
+    out
+}
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
@@ -229,11 +248,13 @@ impl EntryStore {
         }
         let layout = Layout::create(dir).await?;
         db.round_trip().await;
-        sqlx::query("INSERT INTO totals (namespace, bytes, entries) VALUES (?, 0, 0) ON CONFLICT DO NOTHING")
-            .bind(namespace)
-            .execute(db.pool())
-            .await
-            .map_err(Error::db("create the totals row"))?;
+        sqlx::query(
+            "INSERT INTO totals (namespace, bytes, entries) VALUES ($1, 0, 0) ON CONFLICT DO NOTHING",
+        )
+        .bind(namespace)
+        .execute(db.pool())
+        .await
+        .map_err(Error::db("create the totals row"))?;
         let store = Self {
             inner: Arc::new(Inner {
                 db,
@@ -400,12 +421,10 @@ impl EntryStore {
         // holds its connection across turns).
         let mut conn = inner.db.pool().acquire().await.map_err(Error::db("acquire a connection"))?;
         let _turn = inner.db.write_turn().await;
-        let mut tx = sqlx::Connection::begin_with(&mut *conn, "BEGIN IMMEDIATE")
-            .await
-            .map_err(Error::db("begin a store"))?;
+        let mut tx = inner.db.begin_write(&mut conn, &inner.namespace, "begin a store").await?;
         self.inner.db.round_trip().await;
         let existing: Option<(String, i64, i64)> =
-            sqlx::query_as("SELECT file, size, state FROM entries WHERE namespace = ? AND key = ?")
+            sqlx::query_as("SELECT file, size, state FROM entries WHERE namespace = $1 AND key = $2")
                 .bind(&inner.namespace)
                 .bind(key)
                 .fetch_optional(&mut *tx)
@@ -418,7 +437,7 @@ impl EntryStore {
                 self.inner.db.round_trip().await;
                 sqlx::query(
                     "INSERT INTO entries (namespace, key, file, size, version, stored_at, state, meta) \
-                     VALUES (?, ?, ?, ?, ?, ?, 0, ?)",
+                     VALUES ($1, $2, $3, $4, $5, $6, 0, $7)",
                 )
                 .bind(&inner.namespace)
                 .bind(key)
@@ -438,8 +457,8 @@ impl EntryStore {
             Some((old_file, old_size, state)) => {
                 self.inner.db.round_trip().await;
                 sqlx::query(
-                    "UPDATE entries SET file = ?, size = ?, version = ?, stored_at = ?, state = 0, meta = ? \
-                     WHERE namespace = ? AND key = ?",
+                    "UPDATE entries SET file = $1, size = $2, version = $3, stored_at = $4, state = 0, meta = $5 \
+                     WHERE namespace = $6 AND key = $7",
                 )
                 .bind(file)
                 .bind(size_i)
@@ -457,7 +476,7 @@ impl EntryStore {
             }
         };
         self.inner.db.round_trip().await;
-        sqlx::query("UPDATE totals SET bytes = bytes + ?, entries = entries + ? WHERE namespace = ?")
+        sqlx::query("UPDATE totals SET bytes = bytes + $1, entries = entries + $2 WHERE namespace = $3")
             .bind(delta_bytes)
             .bind(delta_entries)
             .bind(&inner.namespace)
@@ -510,7 +529,7 @@ impl EntryStore {
         let mut conn = self.inner.db.pool().acquire().await.map_err(Error::db("acquire a connection"))?;
         self.inner.db.round_trip().await;
         let row: Option<(String, i64, i64, String)> = sqlx::query_as(
-            "SELECT file, size, stored_at, meta FROM entries WHERE namespace = ? AND key = ? AND state = 0",
+            "SELECT file, size, stored_at, meta FROM entries WHERE namespace = $1 AND key = $2 AND state = 0",
         )
         .bind(&self.inner.namespace)
         .bind(key)
@@ -531,18 +550,20 @@ impl EntryStore {
     pub async fn refresh(&self, key: &str, meta: &str) -> Result<bool> {
         let mut conn = self.inner.db.pool().acquire().await.map_err(Error::db("acquire a connection"))?;
         let _turn = self.inner.db.write_turn().await;
+        let mut tx = self.inner.db.begin_write(&mut conn, &self.inner.namespace, "begin a refresh").await?;
         self.inner.db.round_trip().await;
         let done = sqlx::query(
-            "UPDATE entries SET meta = ?, stored_at = ?, version = ? WHERE namespace = ? AND key = ? AND state = 0",
+            "UPDATE entries SET meta = $1, stored_at = $2, version = $3 WHERE namespace = $4 AND key = $5 AND state = 0",
         )
         .bind(meta)
         .bind(now_ms())
         .bind(self.inner.clock.next())
         .bind(&self.inner.namespace)
         .bind(key)
-        .execute(&mut *conn)
+        .execute(&mut *tx)
         .await
         .map_err(Error::db("refresh an entry"))?;
+        tx.commit().await.map_err(Error::db("commit a refresh"))?;
         Ok(done.rows_affected() == 1)
     }
 
@@ -669,10 +690,10 @@ enum Committed {
 }
 
 impl Inner {
-    pub(crate) async fn totals_on(&self, conn: &mut SqliteConnection) -> Result<(u64, u64)> {
+    pub(crate) async fn totals_on(&self, conn: &mut AnyConnection) -> Result<(u64, u64)> {
         self.db.round_trip().await;
         let (bytes, entries): (i64, i64) =
-            sqlx::query_as("SELECT bytes, entries FROM totals WHERE namespace = ?")
+            sqlx::query_as("SELECT bytes, entries FROM totals WHERE namespace = $1")
                 .bind(&self.namespace)
                 .fetch_one(&mut *conn)
                 .await
@@ -680,26 +701,25 @@ impl Inner {
         Ok((to_u64(bytes), to_u64(entries)))
     }
 
-    async fn flush_accesses_on(&self, conn: &mut SqliteConnection) -> Result<()> {
+    async fn flush_accesses_on(&self, conn: &mut AnyConnection) -> Result<()> {
         let pending = std::mem::take(&mut *lock(&self.touches));
         if pending.is_empty() {
             return Ok(());
         }
         let result = async {
             let _turn = self.db.write_turn().await;
-            let mut tx = sqlx::Connection::begin_with(&mut *conn, "BEGIN IMMEDIATE")
-                .await
-                .map_err(Error::db("begin an access flush"))?;
+            let mut tx = self.db.begin_write(conn, &self.namespace, "begin an access flush").await?;
             let pending: Vec<(&String, &i64)> = pending.iter().collect();
             // One statement per chunk, not per key: on a networked database every statement
             // is a round trip made while holding the write lock.
             for chunk in pending.chunks(FLUSH_CHUNK) {
-                let values = vec!["(?, ?)"; chunk.len()].join(", ");
+                let values = values_list(1, chunk.len(), 2);
                 let sql = format!(
                     "WITH t(key, stamp) AS (VALUES {values}) \
                      UPDATE entries SET version = t.stamp FROM t \
-                     WHERE entries.namespace = ? AND entries.key = t.key AND entries.state = 0 \
-                     AND entries.version < t.stamp"
+                     WHERE entries.namespace = ${} AND entries.key = t.key AND entries.state = 0 \
+                     AND entries.version < t.stamp",
+                    2 * chunk.len() + 1
                 );
                 let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
                 for (key, stamp) in chunk {
@@ -738,7 +758,7 @@ impl Inner {
     /// whatever its version. Returns one [`Removal`] per target, in order.
     pub(crate) async fn remove_entries(
         &self,
-        conn: &mut SqliteConnection,
+        conn: &mut AnyConnection,
         targets: Targets<'_>,
     ) -> Result<Vec<Removal>> {
         let keys: Vec<&str> = match &targets {
@@ -767,18 +787,19 @@ impl Inner {
         // 1. Mark: from here on no reader is handed these rows.
         let marked: Vec<(String, String)> = {
             let _turn = self.db.write_turn().await;
+            let mut tx = self.db.begin_write(conn, &self.namespace, "begin a removal").await?;
             self.db.round_trip().await;
             let (sql, pairs) = match &targets {
                 Targets::Victims(_) => (
                     format!(
-                        "UPDATE entries SET state = 1 WHERE namespace = ? AND state = 0 \
+                        "UPDATE entries SET state = 1 WHERE namespace = $1 AND state = 0 \
                          AND (key, version) IN (VALUES {}) RETURNING key, file",
-                        vec!["(?, ?)"; eligible.len()].join(", ")
+                        values_list(2, eligible.len(), 2)
                     ),
                     true,
                 ),
                 Targets::Key(_) => {
-                    ("UPDATE entries SET state = 1 WHERE namespace = ? AND state = 0 AND key = ? RETURNING key, file".to_owned(), false)
+                    ("UPDATE entries SET state = 1 WHERE namespace = $1 AND state = 0 AND key = $2 RETURNING key, file".to_owned(), false)
                 }
             };
             let mut query = sqlx::query_as(sqlx::AssertSqlSafe(sql)).bind(&self.namespace);
@@ -788,23 +809,27 @@ impl Inner {
                     query = query.bind(victims[i].version);
                 }
             }
-            query.fetch_all(&mut *conn).await.map_err(Error::db("mark entries for removal"))?
+            let marked = query.fetch_all(&mut *tx).await.map_err(Error::db("mark entries for removal"))?;
+            tx.commit().await.map_err(Error::db("commit a removal mark"))?;
+            marked
         };
         // Pinned between the check and the mark: put those back (rare).
         let mut doomed = Vec::with_capacity(marked.len());
         for (key, file) in marked {
             if matches!(targets, Targets::Victims(_)) && self.is_pinned(&key) {
                 let _turn = self.db.write_turn().await;
+                let mut tx = self.db.begin_write(conn, &self.namespace, "begin an unmark").await?;
                 self.db.round_trip().await;
                 sqlx::query(
-                    "UPDATE entries SET state = 0 WHERE namespace = ? AND key = ? AND state = 1 AND file = ?",
+                    "UPDATE entries SET state = 0 WHERE namespace = $1 AND key = $2 AND state = 1 AND file = $3",
                 )
                 .bind(&self.namespace)
                 .bind(&key)
                 .bind(&file)
-                .execute(&mut *conn)
+                .execute(&mut *tx)
                 .await
                 .map_err(Error::db("unmark an entry"))?;
+                tx.commit().await.map_err(Error::db("commit an unmark"))?;
             } else {
                 doomed.push((key, file));
             }
@@ -826,13 +851,11 @@ impl Inner {
         // 3. Delete the rows and subtract their bytes, unless a store took a row over.
         if !unlinked.is_empty() {
             let _turn = self.db.write_turn().await;
-            let mut tx = sqlx::Connection::begin_with(&mut *conn, "BEGIN IMMEDIATE")
-                .await
-                .map_err(Error::db("begin a removal"))?;
+            let mut tx = self.db.begin_write(conn, &self.namespace, "begin a removal").await?;
             self.db.round_trip().await;
             let sql = format!(
-                "DELETE FROM entries WHERE namespace = ? AND state = 1 AND (key, file) IN (VALUES {}) RETURNING key, size",
-                vec!["(?, ?)"; unlinked.len()].join(", ")
+                "DELETE FROM entries WHERE namespace = $1 AND state = 1 AND (key, file) IN (VALUES {}) RETURNING key, size",
+                values_list(2, unlinked.len(), 2)
             );
             let mut query = sqlx::query_as(sqlx::AssertSqlSafe(sql)).bind(&self.namespace);
             for (key, file) in &unlinked {
@@ -842,7 +865,7 @@ impl Inner {
                 query.fetch_all(&mut *tx).await.map_err(Error::db("delete entries"))?;
             let bytes: i64 = deleted.iter().map(|(_, size)| size).sum();
             self.db.round_trip().await;
-            sqlx::query("UPDATE totals SET bytes = bytes - ?, entries = entries - ? WHERE namespace = ?")
+            sqlx::query("UPDATE totals SET bytes = bytes - $1, entries = entries - $2 WHERE namespace = $3")
                 .bind(bytes)
                 .bind(i64::try_from(deleted.len()).unwrap_or(i64::MAX))
                 .bind(&self.namespace)
@@ -871,10 +894,23 @@ pub(crate) enum Targets<'a> {
     Key(&'a str),
 }
 
-/// One eviction pass over an [`EntryStore`]: one pooled connection for the whole pass.
+/// One eviction pass over an [`EntryStore`]: one pooled connection for the whole pass, holding
+/// the namespace's eviction lock on a shared database.
 pub struct EntryPass {
     inner: Arc<Inner>,
-    conn: PoolConnection<Sqlite>,
+    conn: PoolConnection<Any>,
+    /// Whether `conn` holds the cross-process eviction lock (PostgreSQL).
+    locked: bool,
+}
+
+impl Drop for EntryPass {
+    fn drop(&mut self) {
+        if self.locked {
+            // Not finished (cancelled, or the unlock failed): a session lock must not go back
+            // to the pool with its connection. Closing the connection releases it.
+            self.conn.close_on_drop();
+        }
+    }
 }
 
 impl fmt::Debug for EntryPass {
@@ -888,9 +924,14 @@ impl EvictionStore for EntryStore {
     type Error = Error;
     type Pass = EntryPass;
 
-    async fn begin_pass(&self) -> Result<EntryPass> {
-        let conn = self.inner.db.pool().acquire().await.map_err(Error::db("acquire a connection"))?;
-        Ok(EntryPass { inner: Arc::clone(&self.inner), conn })
+    async fn begin_pass(&self) -> Result<Option<EntryPass>> {
+        let inner = &self.inner;
+        let mut conn = inner.db.pool().acquire().await.map_err(Error::db("acquire a connection"))?;
+        if !inner.db.try_lock_evictions(&mut conn, &inner.namespace).await? {
+            // Another instance is evicting: give the connection back at once.
+            return Ok(None);
+        }
+        Ok(Some(EntryPass { inner: Arc::clone(inner), conn, locked: inner.db.is_shared() }))
     }
 }
 
@@ -910,7 +951,7 @@ impl EvictionPass for EntryPass {
         let pinned = lock(&self.inner.pins).len();
         self.inner.db.round_trip().await;
         let rows: Vec<(String, i64, i64)> = sqlx::query_as(
-            "SELECT key, size, version FROM entries WHERE namespace = ? AND state = 0 ORDER BY version LIMIT ?",
+            "SELECT key, size, version FROM entries WHERE namespace = $1 AND state = 0 ORDER BY version LIMIT $2",
         )
         .bind(&self.inner.namespace)
         .bind(to_i64((limit + pinned) as u64))
@@ -932,5 +973,13 @@ impl EvictionPass for EntryPass {
 
     async fn remove_batch(&mut self, victims: &[Victim]) -> Result<Vec<Removal>> {
         self.inner.remove_entries(&mut self.conn, Targets::Victims(victims)).await
+    }
+
+    async fn finish(mut self) -> Result<()> {
+        if self.locked {
+            self.inner.db.unlock_evictions(&mut self.conn, &self.inner.namespace).await?;
+            self.locked = false;
+        }
+        Ok(())
     }
 }

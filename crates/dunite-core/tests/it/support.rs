@@ -124,13 +124,13 @@ impl EvictionStore for TestStore {
     type Error = TestStoreError;
     type Pass = TestPass;
 
-    async fn begin_pass(&self) -> Result<TestPass, TestStoreError> {
+    async fn begin_pass(&self) -> Result<Option<TestPass>, TestStoreError> {
         self.maybe_fail()?;
         let conn = self.acquire().await?;
         let active = self.shared.active_passes.fetch_add(1, Ordering::SeqCst) + 1;
         self.shared.max_active_passes.fetch_max(active, Ordering::SeqCst);
-        let inner = self.inner.begin_pass().await.expect("memory store never fails");
-        Ok(TestPass { store: self.clone(), inner, selected: HashSet::new(), _conn: conn })
+        let inner = self.inner.begin_pass().await.expect("memory store never fails").expect("not shared");
+        Ok(Some(TestPass { store: self.clone(), inner, selected: HashSet::new(), _conn: conn }))
     }
 }
 
