@@ -2,9 +2,12 @@
 //!
 //! This crate is a dev-dependency only. It keeps alive, for tests and benchmarks, the
 //! pattern dunite replaces ([`legacy_evict_if_over_cap`]), and checks that a cache's rows,
-//! accounted total and files on disk agree ([`check_consistency`]).
+//! accounted total and files on disk agree ([`check_consistency`]). [`pg`] gives tests
+//! databases on the PostgreSQL test server.
 
 #![warn(missing_docs, missing_debug_implementations, unreachable_pub)]
+
+pub mod pg;
 
 use std::path::Path;
 
