@@ -94,17 +94,18 @@ pub async fn check_consistency(store: &EntryStore, dir: &Path) -> Result<u64, St
     let pool = store.database().pool();
     let ns = store.namespace();
     let (sum, count): (i64, i64) = sqlx::query_as(
-        "SELECT COALESCE(SUM(size), 0), COUNT(*) FROM entries WHERE namespace = ? AND state = 0",
+        "SELECT CAST(COALESCE(SUM(size), 0) AS BIGINT), COUNT(*) FROM entries WHERE namespace = $1 AND state = 0",
     )
     .bind(ns)
     .fetch_one(pool)
     .await
     .map_err(|e| e.to_string())?;
-    let (marked,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM entries WHERE namespace = ? AND state <> 0")
-        .bind(ns)
-        .fetch_one(pool)
-        .await
-        .map_err(|e| e.to_string())?;
+    let (marked,): (i64,) =
+        sqlx::query_as("SELECT COUNT(*) FROM entries WHERE namespace = $1 AND state <> 0")
+            .bind(ns)
+            .fetch_one(pool)
+            .await
+            .map_err(|e| e.to_string())?;
     let accounted = store.total_bytes().await.map_err(|e| e.to_string())?;
     let entries = store.len().await.map_err(|e| e.to_string())?;
     let disk = disk_usage(dir);
@@ -149,6 +150,60 @@ pub fn pool_of_two() -> dunite_core::DatabaseOptions {
         .with_max_connections(2)
         .with_acquire_timeout(std::time::Duration::from_millis(200))
         .with_simulated_latency(std::time::Duration::from_millis(2))
+}
+
+/// The database backends a test body runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TestBackend {
+    /// The embedded SQLite file in the test's directory.
+    Sqlite,
+    /// A fresh database on the PostgreSQL test server (see [`pg`]).
+    Postgres,
+}
+
+/// A test's database, and on PostgreSQL the guard that drops it: keep it alive as long as
+/// the caches using it (declare it after them, so it drops last).
+#[derive(Debug)]
+pub struct TestDb {
+    database: dunite_core::Database,
+    _server: Option<pg::TestDatabase>,
+}
+
+impl TestDb {
+    /// The open database.
+    #[must_use]
+    pub fn database(&self) -> &dunite_core::Database {
+        &self.database
+    }
+}
+
+/// Open a database on `backend` with `options`: SQLite at `dir/metadata.db`, or a fresh
+/// database on the PostgreSQL test server. `None` when that server is not configured, which
+/// [`pg::server_url`] allows only outside CI.
+///
+/// # Panics
+///
+/// When the database cannot be opened.
+pub async fn test_database(
+    backend: TestBackend,
+    dir: &Path,
+    options: &dunite_core::DatabaseOptions,
+) -> Option<TestDb> {
+    match backend {
+        TestBackend::Sqlite => {
+            let database = dunite_core::Database::open_sqlite(&dir.join("metadata.db"), options)
+                .await
+                .expect("open the SQLite test database");
+            Some(TestDb { database, _server: None })
+        }
+        TestBackend::Postgres => {
+            let server = pg::fresh_database().await?;
+            let database = dunite_core::Database::connect(server.url(), options)
+                .await
+                .expect("open the PostgreSQL test database");
+            Some(TestDb { database, _server: Some(server) })
+        }
+    }
 }
 
 /// Counts errors of a burst: pool timeouts apart from everything else.

@@ -100,17 +100,14 @@ impl App {
         tokio::fs::create_dir_all(dir).await.map_err(io(dir))?;
         let spool_dir = dir.join("spool");
         tokio::fs::create_dir_all(&spool_dir).await.map_err(io(&spool_dir))?;
-        // Spools of fills interrupted by a crash are worthless.
-        if let Ok(mut entries) = tokio::fs::read_dir(&spool_dir).await {
-            while let Ok(Some(entry)) = entries.next_entry().await {
-                let _ = tokio::fs::remove_file(entry.path()).await;
-            }
-        }
         let options = DatabaseOptions::new().with_max_connections(8);
         let database = match &config.database_url {
             Some(url) => Database::connect(url, &options).await?,
             None => Database::open_sqlite(&dir.join("metadata.db"), &options).await?,
         };
+        // Spools of fills interrupted by a crash are worthless; with a shared database, young
+        // ones may be another instance's fills in flight.
+        remove_stale_spools(&spool_dir, database.orphan_grace()).await;
         let blobs = BlobCache::new(
             BlobCache::options(dir.join("blobs"), EvictionPolicy::new(config.oci_max_bytes))
                 .with_database(database.clone()),
@@ -177,6 +174,22 @@ impl App {
     }
 }
 
+/// Delete the spool files last written at least `grace` ago (all of them for a zero grace).
+async fn remove_stale_spools(dir: &std::path::Path, grace: Duration) {
+    let Ok(mut entries) = tokio::fs::read_dir(dir).await else { return };
+    while let Ok(Some(entry)) = entries.next_entry().await {
+        let stale = grace.is_zero()
+            || entry
+                .metadata()
+                .await
+                .and_then(|m| m.modified())
+                .is_ok_and(|modified| modified.elapsed().is_ok_and(|age| age >= grace));
+        if stale {
+            let _ = tokio::fs::remove_file(entry.path()).await;
+        }
+    }
+}
+
 async fn metrics(State(app): State<Arc<App>>) -> Response {
     let mut caches = Vec::new();
     for (name, cache) in [("blobs", app.blobs.entries()), ("manifests", &app.manifests), ("tags", &app.tags)]
@@ -192,6 +205,7 @@ async fn metrics(State(app): State<Arc<App>>) -> Response {
                 pokes_coalesced: stats.evictor.pokes_coalesced,
                 evicted: stats.evictor.entries_evicted,
                 evictor_errors: stats.evictor.errors,
+                passes_elsewhere: stats.evictor.passes_elsewhere,
             },
         ));
     }

@@ -45,7 +45,8 @@ pub struct ServeArgs {
     /// Directory for cached payloads and the embedded database [default: ./dunite-data].
     #[arg(long, env = "DUNITE_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
-    /// Metadata database URL [default: SQLite at `DATA_DIR/metadata.db`].
+    /// Metadata database URL: `postgres://user:pass@host/db` for several instances sharing one
+    /// database and one DATA_DIR [default: SQLite at `DATA_DIR/metadata.db`].
     #[arg(long, env = "DUNITE_DATABASE_URL")]
     pub database_url: Option<String>,
     /// Byte cap of the OCI blob cache, e.g. 20GiB, 500MB [default: 10GiB].

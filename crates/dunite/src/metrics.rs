@@ -54,6 +54,7 @@ pub(crate) struct CacheGauges {
     pub(crate) evicted: u64,
     /// Failed eviction passes.
     pub(crate) evictor_errors: u64,
+    pub(crate) passes_elsewhere: u64,
 }
 
 impl Metrics {
@@ -117,7 +118,7 @@ impl Metrics {
         for (name, help, value) in counters {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}");
         }
-        let gauges: [Gauge; 7] = [
+        let gauges: [Gauge; 8] = [
             ("dunite_cache_bytes", "gauge", "Accounted bytes in the cache.", |g| g.bytes),
             ("dunite_cache_max_bytes", "gauge", "The cache's byte cap.", |g| g.max_bytes),
             ("dunite_cache_entries", "gauge", "Entries in the cache.", |g| g.entries),
@@ -127,6 +128,12 @@ impl Metrics {
             }),
             ("dunite_evictor_evicted_total", "counter", "Entries evicted.", |g| g.evicted),
             ("dunite_evictor_errors_total", "counter", "Failed eviction passes.", |g| g.evictor_errors),
+            (
+                "dunite_evictor_passes_elsewhere_total",
+                "counter",
+                "Passes not run because another instance sharing the database was evicting.",
+                |g| g.passes_elsewhere,
+            ),
         ];
         for (name, kind, help, get) in gauges {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");

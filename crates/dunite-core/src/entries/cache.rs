@@ -27,6 +27,7 @@ pub struct CacheOptions {
     namespace: String,
     policy: EvictionPolicy,
     database: Option<Database>,
+    database_url: Option<String>,
     database_options: DatabaseOptions,
     on_conflict: OnConflict,
     access_flush_period: Duration,
@@ -43,6 +44,7 @@ impl CacheOptions {
             namespace: namespace.to_owned(),
             policy,
             database: None,
+            database_url: None,
             database_options: DatabaseOptions::new(),
             on_conflict: OnConflict::Replace,
             access_flush_period: Duration::from_secs(1),
@@ -57,7 +59,26 @@ impl CacheOptions {
         self
     }
 
-    /// Pool bounds for the embedded default database.
+    /// Keep the rows in the database at `url` (`postgres://...` for several instances sharing
+    /// one database and one cache directory, or `sqlite://...`), opened with
+    /// [`with_database_options`](Self::with_database_options) when the cache opens. A
+    /// database given with [`with_database`](Self::with_database) takes precedence.
+    ///
+    /// ```
+    /// use dunite_core::{CacheOptions, EvictionPolicy};
+    ///
+    /// let options = CacheOptions::new("/srv/cache/blobs", "oci", EvictionPolicy::new(20 << 30))
+    ///     .with_database_url("postgres://dunite@db.internal/dunite");
+    /// assert_eq!(options.namespace(), "oci");
+    /// ```
+    #[must_use]
+    pub fn with_database_url(mut self, url: impl Into<String>) -> Self {
+        self.database_url = Some(url.into());
+        self
+    }
+
+    /// Pool bounds for a database the cache opens itself (the embedded default, or one given
+    /// by [`with_database_url`](Self::with_database_url)).
     #[must_use]
     pub fn with_database_options(mut self, options: DatabaseOptions) -> Self {
         self.database_options = options;
@@ -153,9 +174,10 @@ impl EntryCache {
     /// directory or the database cannot be opened.
     pub async fn open(options: CacheOptions) -> Result<Self> {
         tokio::runtime::Handle::try_current().map_err(|_| Error::NoRuntime)?;
-        let database = match options.database {
-            Some(database) => database,
-            None => {
+        let database = match (options.database, &options.database_url) {
+            (Some(database), _) => database,
+            (None, Some(url)) => Database::connect(url, &options.database_options).await?,
+            (None, None) => {
                 tokio::fs::create_dir_all(&options.dir)
                     .await
                     .map_err(Error::io("create directory", &options.dir))?;

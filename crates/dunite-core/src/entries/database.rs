@@ -241,6 +241,16 @@ impl Database {
         self.backend == Backend::Postgres
     }
 
+    /// How old a leftover file (a temporary file, a payload without a row, an upstream spool)
+    /// must be before start-up cleanup may delete it: zero for a database one process owns,
+    /// 15 minutes for a shared one, where a younger file may be another instance's store in
+    /// flight (a payload is renamed into place just before its row commits). Far longer than
+    /// a commit can take.
+    #[must_use]
+    pub fn orphan_grace(&self) -> Duration {
+        if self.is_shared() { SHARED_ORPHAN_GRACE } else { Duration::ZERO }
+    }
+
     /// Wait for this process's turn to write. Take it after acquiring the connection and
     /// before beginning the write transaction: always in that order, so holders of the turn
     /// never wait for a connection held by a waiter for the turn.
@@ -324,6 +334,8 @@ impl Database {
         &self.pool
     }
 }
+
+const SHARED_ORPHAN_GRACE: Duration = Duration::from_secs(15 * 60);
 
 /// The advisory lock key of a namespace's eviction passes: 64 bits of a hash of its name,
 /// stable across processes and versions.

@@ -24,11 +24,6 @@ pub struct ReconcileReport {
     pub total_corrected: Option<(u64, u64)>,
 }
 
-/// On a shared database, how old a temporary or orphan payload file must be before start-up
-/// cleanup deletes it: younger ones may be another instance's store in flight (a payload is
-/// renamed into place just before its row commits). Far longer than a commit can take.
-pub(crate) const SHARED_GRACE: Duration = Duration::from_secs(15 * 60);
-
 impl EntryStore {
     /// Bring the payload directory and the rows into agreement: delete temporary files,
     /// finish interrupted removals, drop rows whose file is missing, delete files without a
@@ -37,7 +32,8 @@ impl EntryStore {
     /// [`open`](Self::open) runs this. On SQLite, run it only while no store into this cache
     /// is in flight: a store's payload is renamed into place just before its row commits. On
     /// a shared database (PostgreSQL), other instances may be storing meanwhile, so temporary
-    /// and orphan files younger than 15 minutes are left for a later start-up; rows, files
+    /// and orphan files younger than [`Database::orphan_grace`](crate::Database::orphan_grace)
+    /// are left for a later start-up; rows, files
     /// and the total are changed only in transactions that keep the total exact.
     ///
     /// # Errors
@@ -48,7 +44,7 @@ impl EntryStore {
         let inner = self.inner();
         let ns = inner.namespace.as_str();
         let pool = inner.db.pool();
-        let grace = if inner.db.is_shared() { SHARED_GRACE } else { Duration::ZERO };
+        let grace = inner.db.orphan_grace();
         let mut report = ReconcileReport {
             temp_files_removed: clear_dir(inner.layout.tmp_dir().to_path_buf(), grace).await?,
             ..ReconcileReport::default()

@@ -141,6 +141,9 @@ impl fmt::Debug for EntryStore {
     }
 }
 
+/// Interrupted removals a pass finishes before its own work (the rest wait for the next).
+const MARKED_PER_PASS: usize = 64;
+
 /// Access stamps written per statement (two bound values each, well under SQLite's limit).
 const FLUSH_CHUNK: usize = 500;
 
@@ -849,40 +852,78 @@ impl Inner {
             }
         }
         // 3. Delete the rows and subtract their bytes, unless a store took a row over.
-        if !unlinked.is_empty() {
-            let _turn = self.db.write_turn().await;
-            let mut tx = self.db.begin_write(conn, &self.namespace, "begin a removal").await?;
-            self.db.round_trip().await;
-            let sql = format!(
-                "DELETE FROM entries WHERE namespace = $1 AND state = 1 AND (key, file) IN (VALUES {}) RETURNING key, size",
-                values_list(2, unlinked.len(), 2)
-            );
-            let mut query = sqlx::query_as(sqlx::AssertSqlSafe(sql)).bind(&self.namespace);
-            for (key, file) in &unlinked {
-                query = query.bind(key.as_str()).bind(file.as_str());
-            }
-            let deleted: Vec<(String, i64)> =
-                query.fetch_all(&mut *tx).await.map_err(Error::db("delete entries"))?;
-            let bytes: i64 = deleted.iter().map(|(_, size)| size).sum();
-            self.db.round_trip().await;
-            sqlx::query("UPDATE totals SET bytes = bytes - $1, entries = entries - $2 WHERE namespace = $3")
-                .bind(bytes)
-                .bind(i64::try_from(deleted.len()).unwrap_or(i64::MAX))
-                .bind(&self.namespace)
-                .execute(&mut *tx)
-                .await
-                .map_err(Error::db("update the accounted total"))?;
-            tx.commit().await.map_err(Error::db("commit a removal"))?;
-            for (key, size) in deleted {
-                if let Some(i) = keys.iter().position(|k| *k == key) {
-                    out[i] = Removal::Removed { bytes: to_u64(size) };
-                }
+        for (key, size) in self.delete_unlinked(conn, &unlinked).await? {
+            if let Some(i) = keys.iter().position(|k| *k == key) {
+                out[i] = Removal::Removed { bytes: to_u64(size) };
             }
         }
         match failure {
             Some(e) => Err(e),
             None => Ok(out),
         }
+    }
+
+    /// The last step of a removal: delete the marked rows of `unlinked` (key, file) and
+    /// subtract their bytes, in one write transaction; a row a store took over meanwhile (new
+    /// file, live again) is left alone. Returns the rows deleted, with their sizes.
+    async fn delete_unlinked(
+        &self,
+        conn: &mut AnyConnection,
+        unlinked: &[(String, String)],
+    ) -> Result<Vec<(String, i64)>> {
+        if unlinked.is_empty() {
+            return Ok(Vec::new());
+        }
+        let _turn = self.db.write_turn().await;
+        let mut tx = self.db.begin_write(conn, &self.namespace, "begin a removal").await?;
+        self.db.round_trip().await;
+        let sql = format!(
+            "DELETE FROM entries WHERE namespace = $1 AND state = 1 AND (key, file) IN (VALUES {}) RETURNING key, size",
+            values_list(2, unlinked.len(), 2)
+        );
+        let mut query = sqlx::query_as(sqlx::AssertSqlSafe(sql)).bind(&self.namespace);
+        for (key, file) in unlinked {
+            query = query.bind(key.as_str()).bind(file.as_str());
+        }
+        let deleted: Vec<(String, i64)> =
+            query.fetch_all(&mut *tx).await.map_err(Error::db("delete entries"))?;
+        let bytes: i64 = deleted.iter().map(|(_, size)| size).sum();
+        self.db.round_trip().await;
+        sqlx::query("UPDATE totals SET bytes = bytes - $1, entries = entries - $2 WHERE namespace = $3")
+            .bind(bytes)
+            .bind(i64::try_from(deleted.len()).unwrap_or(i64::MAX))
+            .bind(&self.namespace)
+            .execute(&mut *tx)
+            .await
+            .map_err(Error::db("update the accounted total"))?;
+        tx.commit().await.map_err(Error::db("commit a removal"))?;
+        Ok(deleted)
+    }
+
+    /// Finish removals interrupted after their mark (the database or the disk failed between
+    /// the steps): their rows are never handed out, but their bytes still count until
+    /// deleted. Run at the start of every pass, so an outage does not leave the total
+    /// overstated until the next restart. Safe beside a removal still in flight (on another
+    /// instance, or an explicit remove): unlinking twice is harmless and a row is deleted,
+    /// and its bytes subtracted, once.
+    async fn finish_marked(&self, conn: &mut AnyConnection) -> Result<u64> {
+        self.db.round_trip().await;
+        let marked: Vec<(String, String)> = sqlx::query_as(
+            "SELECT key, file FROM entries WHERE namespace = $1 AND state = 1 ORDER BY version LIMIT $2",
+        )
+        .bind(&self.namespace)
+        .bind(to_i64(MARKED_PER_PASS as u64))
+        .fetch_all(&mut *conn)
+        .await
+        .map_err(Error::db("list interrupted removals"))?;
+        for (_, file) in &marked {
+            self.layout.unlink(file).await?;
+        }
+        let deleted = self.delete_unlinked(conn, &marked).await?;
+        if !deleted.is_empty() {
+            tracing::info!(namespace = %self.namespace, rows = deleted.len(), "finished interrupted removals");
+        }
+        Ok(deleted.len() as u64)
     }
 }
 
@@ -929,9 +970,21 @@ impl EvictionStore for EntryStore {
         let mut conn = inner.db.pool().acquire().await.map_err(Error::db("acquire a connection"))?;
         if !inner.db.try_lock_evictions(&mut conn, &inner.namespace).await? {
             // Another instance is evicting: give the connection back at once.
+            tracing::debug!(namespace = %inner.namespace, "another instance holds the eviction lock");
             return Ok(None);
         }
-        Ok(Some(EntryPass { inner: Arc::clone(inner), conn, locked: inner.db.is_shared() }))
+        if inner.db.is_shared() {
+            tracing::debug!(namespace = %inner.namespace, "eviction lock taken");
+        }
+        let mut pass = EntryPass { inner: Arc::clone(inner), conn, locked: inner.db.is_shared() };
+        if let Err(error) = inner.finish_marked(&mut pass.conn).await {
+            // Leave the lock the way every failed pass does.
+            if let Err(unlock) = pass.finish().await {
+                tracing::debug!(%unlock, "releasing the eviction lock failed; the connection closes");
+            }
+            return Err(error);
+        }
+        Ok(Some(pass))
     }
 }
 
@@ -977,6 +1030,8 @@ impl EvictionPass for EntryPass {
 
     async fn finish(mut self) -> Result<()> {
         if self.locked {
+            // Logged before the unlock, so logged holding times never overlap across instances.
+            tracing::debug!(namespace = %self.inner.namespace, "eviction lock released");
             self.inner.db.unlock_evictions(&mut self.conn, &self.inner.namespace).await?;
             self.locked = false;
         }

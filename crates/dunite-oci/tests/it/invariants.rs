@@ -4,7 +4,18 @@ use dunite_core::{DatabaseOptions, EvictionPolicy};
 use dunite_testkit::check_consistency;
 use proptest::prelude::*;
 
-use crate::{blob, open_with, read_verified};
+use dunite_testkit::TestBackend;
+
+use crate::{blob, open_on, read_verified};
+
+fn block_on<F: Future>(future: F) -> F::Output {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(future)
+}
 
 #[derive(Debug, Clone)]
 enum Op {
@@ -23,10 +34,11 @@ fn op() -> impl Strategy<Value = Op> {
     ]
 }
 
-async fn run(cap: u64, ops: Vec<Op>) -> Result<(), String> {
+async fn run(backend: TestBackend, cap: u64, ops: Vec<Op>) -> Result<(), String> {
     let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
     let policy = EvictionPolicy::new(cap).with_low_watermark(cap / 2).without_safety_tick();
-    let cache = open_with(dir.path(), policy, DatabaseOptions::new().with_max_connections(2)).await;
+    let options = DatabaseOptions::new().with_max_connections(2);
+    let Some((cache, _db)) = open_on(backend, dir.path(), policy, options).await else { return Ok(()) };
     let mut seen = Vec::new();
     for op in ops {
         match op {
@@ -70,8 +82,13 @@ proptest! {
 
     #[test]
     fn random_sequences_keep_the_invariants(cap in 1_000u64..30_000, ops in prop::collection::vec(op(), 0..40)) {
-        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-        let result = runtime.block_on(run(cap, ops));
+        let result = block_on(run(TestBackend::Sqlite, cap, ops));
+        prop_assert!(result.is_ok(), "{}", result.unwrap_err());
+    }
+
+    #[test]
+    fn random_sequences_keep_the_invariants_on_postgres(cap in 1_000u64..30_000, ops in prop::collection::vec(op(), 0..40)) {
+        let result = block_on(run(TestBackend::Postgres, cap, ops));
         prop_assert!(result.is_ok(), "{}", result.unwrap_err());
     }
 }

@@ -6,14 +6,16 @@ mod bad_input;
 mod burst;
 mod crash;
 mod invariants;
+mod pg_restart;
 mod pool;
 mod readers;
+mod shared;
 
 use std::path::Path;
 
 use dunite_core::{DatabaseOptions, EvictionPolicy};
 use dunite_oci::{BlobCache, Digest};
-use dunite_testkit::pseudo_random_bytes;
+use dunite_testkit::{TestBackend, TestDb, pseudo_random_bytes, test_database};
 use tokio::io::AsyncReadExt as _;
 
 /// A blob and its digest.
@@ -29,6 +31,21 @@ pub async fn open(dir: &Path, max_bytes: u64) -> BlobCache {
 
 pub async fn open_with(dir: &Path, policy: EvictionPolicy, db: DatabaseOptions) -> BlobCache {
     BlobCache::new(BlobCache::options(dir, policy).with_database_options(db)).await.unwrap()
+}
+
+/// A cache in `dir` whose rows live on `backend`, and the database's guard (keep it, declared
+/// after the cache). `None` when the PostgreSQL test server is not configured (never in CI).
+pub async fn open_on(
+    backend: TestBackend,
+    dir: &Path,
+    policy: EvictionPolicy,
+    db: DatabaseOptions,
+) -> Option<(BlobCache, TestDb)> {
+    let test_db = test_database(backend, dir, &db).await?;
+    let cache = BlobCache::new(BlobCache::options(dir, policy).with_database(test_db.database().clone()))
+        .await
+        .unwrap();
+    Some((cache, test_db))
 }
 
 /// Read a cached blob whole and check it against its digest.
