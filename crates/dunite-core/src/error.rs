@@ -151,6 +151,12 @@ impl Error {
         matches!(self, Self::Io { source, .. } if source.kind() == std::io::ErrorKind::StorageFull)
     }
 
+    /// Whether the metadata database failed (unreachable, timed out, refused the statement).
+    #[must_use]
+    pub fn is_database(&self) -> bool {
+        matches!(self, Self::Database { .. })
+    }
+
     /// Whether this is the pool's `PoolTimedOut`: no connection within the acquire timeout.
     #[must_use]
     pub fn is_pool_timeout(&self) -> bool {

@@ -141,16 +141,25 @@ impl BlobCache {
     /// Open the blob with `digest`, if cached, and record the hit for LRU order (in memory;
     /// written in batches, so the hit path makes no database write).
     ///
+    /// When the metadata database is unreachable, the blob is looked for on disk instead and
+    /// handed out only if its bytes hash to `digest` (a full read of the file first): cached
+    /// blobs stay servable through a database outage, more slowly.
+    ///
     /// # Errors
     ///
-    /// [`Error::Cache`](crate::Error::Cache) if the metadata cannot be read or the payload
-    /// cannot be opened.
+    /// [`Error::Cache`](crate::Error::Cache) if the payload cannot be opened, or the metadata
+    /// cannot be read and the directory cannot be searched either.
     pub async fn open(&self, digest: &Digest) -> Result<Option<Blob>> {
-        Ok(self
-            .cache
-            .open_entry(&digest.to_string())
-            .await?
-            .map(|entry| Blob { size: entry.info.size, file: entry.file }))
+        let key = digest.to_string();
+        match self.cache.open_entry(&key).await {
+            Ok(entry) => Ok(entry.map(|entry| Blob { size: entry.info.size, file: entry.file })),
+            Err(error) if error.is_database() => {
+                tracing::warn!(%error, %digest, "metadata database unavailable; looking for the blob on disk");
+                let found = self.cache.open_unindexed(&key, digest.content_digest()).await?;
+                Ok(found.map(|(file, size)| Blob { size, file }))
+            }
+            Err(error) => Err(error.into()),
+        }
     }
 
     /// Whether the blob is cached (no access recorded).

@@ -149,7 +149,15 @@ async fn blob(
             fill_from_upstream(answer, spool, state, upstream_bytes, |_| {
                 let store = |spool, written| async move {
                     let reader = tokio::fs::File::open(spool).await.map_err(|e| e.to_string())?;
-                    cache.store_with_size(&digest, written, reader).await.map(drop).map_err(|e| e.to_string())
+                    match cache.store_with_size(&digest, written, reader).await {
+                        Ok(_) => Ok(()),
+                        // Verified, but not recorded: serve it, cache it next time.
+                        Err(e) if is_database(&e) => {
+                            tracing::warn!(error = %e, %digest, "database unavailable; blob served uncached");
+                            Ok(())
+                        }
+                        Err(e) => Err(e.to_string()),
+                    }
                 };
                 (None, store)
             })
@@ -299,10 +307,10 @@ async fn manifest(
                     let record = TagRecord { digest: digest.to_string(), media_type: media_type.clone() };
                     let meta =
                         serde_json::to_string(&record).map_err(|e| SpecError::upstream(e.to_string()))?;
-                    app.tags
-                        .store(&key, &b""[..], &Expected::new().with_size(0), &meta)
-                        .await
-                        .map_err(core_internal)?;
+                    tolerate_database(
+                        app.tags.store(&key, &b""[..], &Expected::new().with_size(0), &meta).await,
+                        "tag",
+                    )?;
                     Ok(manifest_response(method, bytes, &media_type, &digest, CacheOutcome::Miss))
                 }
                 Err(error) if error.status == StatusCode::BAD_GATEWAY => {
@@ -326,17 +334,79 @@ async fn manifest(
 }
 
 async fn tag_record(app: &App, key: &str) -> Result<Option<(TagRecord, i64)>, SpecError> {
-    let Some(info) = app.tags.info(key).await.map_err(core_internal)? else { return Ok(None) };
+    let info = match app.tags.info(key).await {
+        Ok(Some(info)) => info,
+        Ok(None) => return Ok(None),
+        // Without the database, resolve the tag upstream.
+        Err(e) if e.is_database() => {
+            tracing::warn!(error = %e, tag = key, "database unavailable; resolving the tag upstream");
+            return Ok(None);
+        }
+        Err(e) => return Err(core_internal(e)),
+    };
     Ok(serde_json::from_str(&info.meta).ok().map(|record| (record, info.stored_at_ms)))
 }
 
 async fn cached_manifest(app: &App, digest: &Digest) -> Result<Option<(Bytes, String)>, SpecError> {
-    let Some(mut entry) = app.manifests.open_entry(&digest.to_string()).await.map_err(core_internal)? else {
-        return Ok(None);
-    };
-    let mut bytes = Vec::new();
-    entry.file.read_to_end(&mut bytes).await.map_err(|e| SpecError::upstream(e.to_string()))?;
-    Ok(Some((Bytes::from(bytes), entry.info.meta)))
+    let read = |e: std::io::Error| SpecError::upstream(e.to_string());
+    let key = digest.to_string();
+    match app.manifests.open_entry(&key).await {
+        Ok(None) => Ok(None),
+        Ok(Some(mut entry)) => {
+            let mut bytes = Vec::new();
+            entry.file.read_to_end(&mut bytes).await.map_err(read)?;
+            Ok(Some((Bytes::from(bytes), entry.info.meta)))
+        }
+        // Without the database: a verified copy on disk; the media type was in the row, so
+        // take it from the manifest itself.
+        Err(e) if e.is_database() => {
+            tracing::warn!(error = %e, %digest, "database unavailable; looking for the manifest on disk");
+            let Some((mut file, _)) =
+                app.manifests.open_unindexed(&key, digest.content_digest()).await.map_err(core_internal)?
+            else {
+                return Ok(None);
+            };
+            let mut bytes = Vec::new();
+            file.read_to_end(&mut bytes).await.map_err(read)?;
+            let media_type = declared_media_type(&bytes);
+            Ok(Some((Bytes::from(bytes), media_type)))
+        }
+        Err(e) => Err(core_internal(e)),
+    }
+}
+
+/// The `mediaType` a manifest declares, or the OCI image manifest type.
+fn declared_media_type(manifest: &[u8]) -> String {
+    #[derive(serde::Deserialize)]
+    struct Declared {
+        #[serde(rename = "mediaType")]
+        media_type: Option<String>,
+    }
+    serde_json::from_slice::<Declared>(manifest)
+        .ok()
+        .and_then(|d| d.media_type)
+        .unwrap_or_else(|| "application/vnd.oci.image.manifest.v1+json".to_owned())
+}
+
+/// Whether a cache error is the metadata database failing: the bytes were verified (a store
+/// verifies before it commits) but could not be recorded.
+fn is_database(error: &dunite_oci::Error) -> bool {
+    error.as_cache().is_some_and(dunite_core::Error::is_database)
+}
+
+/// Keep a verified entry if the database lets us; without it, serve uncached.
+fn tolerate_database(
+    result: Result<dunite_core::Stored, dunite_core::Error>,
+    what: &str,
+) -> Result<(), SpecError> {
+    match result {
+        Ok(_) => Ok(()),
+        Err(e) if e.is_database() => {
+            tracing::warn!(error = %e, what, "database unavailable; served uncached");
+            Ok(())
+        }
+        Err(e) => Err(core_internal(e)),
+    }
 }
 
 /// Fetch a manifest by tag or digest, verify and cache it by digest.
@@ -388,10 +458,10 @@ async fn fetch_manifest(
         )));
     }
     let expected = Expected::new().with_size(bytes.len() as u64).with_digest(digest.content_digest().clone());
-    app.manifests
-        .store(&digest.to_string(), &bytes[..], &expected, &media_type)
-        .await
-        .map_err(core_internal)?;
+    tolerate_database(
+        app.manifests.store(&digest.to_string(), &bytes[..], &expected, &media_type).await,
+        "manifest",
+    )?;
     Ok((bytes, media_type, digest))
 }
 

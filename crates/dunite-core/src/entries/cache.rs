@@ -279,6 +279,20 @@ impl EntryCache {
         self.store.open_entry(key).await
     }
 
+    /// Open `key`'s payload without the database, verified against `digest`; see
+    /// [`EntryStore::open_unindexed`].
+    ///
+    /// # Errors
+    ///
+    /// As [`EntryStore::open_unindexed`].
+    pub async fn open_unindexed(
+        &self,
+        key: &str,
+        digest: &crate::ContentDigest,
+    ) -> Result<Option<(tokio::fs::File, u64)>> {
+        self.store.open_unindexed(key, digest).await
+    }
+
     /// What is recorded about `key`; see [`EntryStore::info`].
     ///
     /// # Errors

@@ -53,6 +53,64 @@ impl Layout {
         self.data.join(file)
     }
 
+    /// Find, without the database, a payload of `key` holding exactly the bytes of `digest`.
+    /// Every store names its file after the key's hash, so the candidates are the files of
+    /// one shard with that prefix; each is read and hashed, newest first, until one matches.
+    /// A match may be an orphan or an entry being removed: its bytes are still the right ones.
+    pub(crate) async fn find_verified(
+        &self,
+        key: &str,
+        digest: &ContentDigest,
+    ) -> Result<Option<(tokio::fs::File, u64)>> {
+        let hash = hex::encode(sha2::Sha256::digest(key.as_bytes()));
+        let shard = self.data.join(&hash[..2]);
+        let prefix = format!("{hash}-");
+        let (want, path) = (digest.clone(), shard.clone());
+        let found = blocking(move || {
+            let mut candidates = Vec::new();
+            let entries = match std::fs::read_dir(&shard) {
+                Ok(entries) => entries,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+                Err(e) => return Err(e),
+            };
+            for entry in entries {
+                let entry = entry?;
+                if entry.file_name().to_string_lossy().starts_with(&prefix) {
+                    let modified = entry.metadata().and_then(|m| m.modified()).unwrap_or(UNIX_EPOCH);
+                    candidates.push((modified, entry.path()));
+                }
+            }
+            candidates.sort_by_key(|c| std::cmp::Reverse(c.0));
+            for (_, candidate) in candidates {
+                let mut file = match std::fs::File::open(&candidate) {
+                    Ok(file) => file,
+                    // Removed since the listing.
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                    Err(e) => return Err(e),
+                };
+                let mut hasher = want.algorithm().hasher();
+                let mut buffer = vec![0u8; CHUNK];
+                let mut size = 0u64;
+                loop {
+                    let n = std::io::Read::read(&mut file, &mut buffer)?;
+                    if n == 0 {
+                        break;
+                    }
+                    hasher.update(&buffer[..n]);
+                    size += n as u64;
+                }
+                if hasher.finish() == want {
+                    std::io::Seek::rewind(&mut file)?;
+                    return Ok(Some((file, size)));
+                }
+            }
+            Ok(None)
+        })
+        .await
+        .map_err(Error::io("search", path))?;
+        Ok(found.map(|(file, size)| (tokio::fs::File::from_std(file), size)))
+    }
+
     /// A fresh, never-used relative payload name for `key`.
     fn new_payload_name(key: &str) -> String {
         let hash = hex::encode(sha2::Sha256::digest(key.as_bytes()));

@@ -314,7 +314,9 @@ impl EntryStore {
     ///
     /// [`Error::TooLarge`], [`Error::Truncated`], [`Error::TooLong`],
     /// [`Error::DigestMismatch`], [`Error::Source`] for bad input; [`Error::Io`] and
-    /// [`Error::Database`] for the cache's own failures. In every case nothing is stored.
+    /// [`Error::Database`] for the cache's own failures. In every case nothing is stored. The
+    /// database is first used after the bytes are verified, so an [`Error::Database`] means
+    /// the bytes were right but could not be recorded (a caller may still pass them on).
     pub async fn store<R>(&self, key: &str, reader: R, expected: &Expected, meta: &str) -> Result<Stored>
     where
         R: AsyncRead + Unpin + Send,
@@ -517,6 +519,22 @@ impl EntryStore {
             }
             Err(e) => Err(Error::io("open", path)(e)),
         }
+    }
+
+    /// Open `key`'s payload **without the database**, for when it is unreachable: a file of
+    /// `key`'s on disk whose bytes hash to `digest` (every candidate is read whole to check).
+    /// Only for content-addressed keys, where the digest alone says which bytes are right.
+    /// Records no access. Returns the file, at its start, and its size.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Io`] if the directory or a candidate cannot be read.
+    pub async fn open_unindexed(
+        &self,
+        key: &str,
+        digest: &ContentDigest,
+    ) -> Result<Option<(tokio::fs::File, u64)>> {
+        self.inner.layout.find_verified(key, digest).await
     }
 
     /// What is recorded about `key`, without opening or touching it.

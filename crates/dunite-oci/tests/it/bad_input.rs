@@ -4,7 +4,7 @@ use dunite_core::Error as CoreError;
 use dunite_oci::{BlobCache, Digest, DigestError, Error};
 use dunite_testkit::{CutAfter, DiskUsage, MustNotRead, check_consistency, disk_usage};
 
-use crate::{blob, open};
+use crate::{blob, open, read_verified};
 
 async fn assert_nothing_stored(cache: &BlobCache, dir: &std::path::Path) {
     assert_eq!(cache.total_bytes().await.unwrap(), 0);
@@ -92,13 +92,39 @@ async fn a_blob_over_the_cap_is_refused_before_it_evicts_anything() {
 async fn a_dead_database_stores_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let cache = open(dir.path(), 1 << 20).await;
+    let (cached, cached_bytes) = blob(9, 20_000);
+    cache.store(&cached, &cached_bytes[..]).await.unwrap();
+    let before = disk_usage(dir.path());
     cache.entries().entries().database().pool().close().await;
     let (digest, bytes) = blob(8, 10_000);
     let err = core(cache.store(&digest, &bytes[..]).await);
     assert!(matches!(err, CoreError::Database { .. }), "{err}");
-    assert_eq!(disk_usage(dir.path()), DiskUsage::default(), "no payload or temporary file may remain");
-    // Reads fail with a typed error too, rather than handing out anything.
-    assert!(matches!(cache.open(&digest).await, Err(Error::Cache(CoreError::Database { .. }))));
+    assert_eq!(disk_usage(dir.path()), before, "no payload or temporary file may remain");
+    // Reads go to the disk instead, and hand out only bytes that match the digest.
+    assert!(cache.open(&digest).await.unwrap().is_none(), "never stored");
+    assert_eq!(read_verified(&cache, &cached).await.as_deref(), Some(&cached_bytes[..]));
+}
+
+/// Without the database, a payload on disk whose bytes do not match the digest (corrupted,
+/// say) is never handed out.
+#[tokio::test]
+async fn without_the_database_only_verified_bytes_are_served() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = open(dir.path(), 1 << 20).await;
+    let (digest, bytes) = blob(10, 20_000);
+    cache.store(&digest, &bytes[..]).await.unwrap();
+    cache.entries().entries().database().pool().close().await;
+    assert!(cache.open(&digest).await.unwrap().is_some(), "the intact payload is served");
+    let data = dir.path().join("data");
+    for shard in std::fs::read_dir(&data).unwrap() {
+        for file in std::fs::read_dir(shard.unwrap().path()).unwrap() {
+            let path = file.unwrap().path();
+            let mut corrupted = std::fs::read(&path).unwrap();
+            corrupted[0] ^= 1;
+            std::fs::write(&path, corrupted).unwrap();
+        }
+    }
+    assert!(cache.open(&digest).await.unwrap().is_none(), "corrupted bytes must not be served");
 }
 
 /// A blob already on disk is verified in place and moved in; a wrong one stays where it is and
