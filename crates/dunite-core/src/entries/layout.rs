@@ -31,6 +31,18 @@ pub(crate) struct Layout {
 
 static UNIQUE: AtomicU64 = AtomicU64::new(0);
 
+/// A random number per process: with the pid, the time and a counter, payload names stay
+/// unique across hosts sharing one cache directory (where pids may repeat).
+fn process_nonce() -> u64 {
+    static NONCE: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *NONCE.get_or_init(|| {
+        use std::hash::{BuildHasher as _, Hasher as _};
+        let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+        hasher.write_u32(std::process::id());
+        hasher.finish()
+    })
+}
+
 impl Layout {
     pub(crate) async fn create(root: &Path) -> Result<Self> {
         let layout = Self { data: root.join("data"), tmp: root.join("tmp") };
@@ -116,7 +128,7 @@ impl Layout {
         let hash = hex::encode(sha2::Sha256::digest(key.as_bytes()));
         let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos());
         let seq = UNIQUE.fetch_add(1, Ordering::Relaxed);
-        format!("{}/{hash}-{nanos:x}{:x}{seq:x}", &hash[..2], std::process::id())
+        format!("{}/{hash}-{nanos:x}{:x}{:x}{seq:x}", &hash[..2], std::process::id(), process_nonce())
     }
 
     /// Stream `reader` into a temporary file, hashing as it goes, and check it against

@@ -4,10 +4,19 @@ use std::time::Duration;
 
 use dunite_core::{DatabaseOptions, EvictionPolicy};
 use dunite_download::DownloadRequest;
-use dunite_testkit::check_consistency;
+use dunite_testkit::{TestBackend, check_consistency};
 use proptest::prelude::*;
 
-use crate::{Upstream, content, open_with, read_verified, url, verified_request};
+use crate::{Upstream, content, open_on, read_verified, url, verified_request};
+
+fn block_on<F: Future>(future: F) -> F::Output {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(future)
+}
 
 #[derive(Debug, Clone)]
 enum Op {
@@ -38,12 +47,14 @@ fn op() -> impl Strategy<Value = Op> {
     ]
 }
 
-async fn run(cap: u64, stale: bool, ops: Vec<Op>) -> Result<(), String> {
+async fn run(backend: TestBackend, cap: u64, stale: bool, ops: Vec<Op>) -> Result<(), String> {
     let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
     let policy = EvictionPolicy::new(cap).with_low_watermark(cap / 2).without_safety_tick();
     let freshness = if stale { Duration::ZERO } else { crate::HOUR };
-    let cache =
-        open_with(dir.path(), policy, DatabaseOptions::new().with_max_connections(2), freshness).await;
+    let options = DatabaseOptions::new().with_max_connections(2);
+    let Some((cache, _db)) = open_on(backend, dir.path(), policy, options, freshness).await else {
+        return Ok(());
+    };
     let upstream = Upstream::default();
     let mut seen = Vec::new();
     for op in ops {
@@ -102,8 +113,17 @@ proptest! {
         stale in any::<bool>(),
         ops in prop::collection::vec(op(), 0..40),
     ) {
-        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-        let result = runtime.block_on(run(cap, stale, ops));
+        let result = block_on(run(TestBackend::Sqlite, cap, stale, ops));
+        prop_assert!(result.is_ok(), "{}", result.unwrap_err());
+    }
+
+    #[test]
+    fn random_sequences_keep_the_invariants_on_postgres(
+        cap in 1_000u64..30_000,
+        stale in any::<bool>(),
+        ops in prop::collection::vec(op(), 0..40),
+    ) {
+        let result = block_on(run(TestBackend::Postgres, cap, stale, ops));
         prop_assert!(result.is_ok(), "{}", result.unwrap_err());
     }
 }

@@ -6,9 +6,11 @@ use std::time::Duration;
 
 use dunite_core::{EntryStore, EvictionPolicy, Expected, OnConflict};
 use dunite_download::NAMESPACE;
-use dunite_testkit::{PoolTally, check_consistency, legacy_evict_if_over_cap, pool_of_two};
+use dunite_testkit::{
+    PoolTally, TestBackend, check_consistency, legacy_evict_if_over_cap, pool_of_two, test_database,
+};
 
-use crate::{HOUR, Upstream, content, eventually, open_with, read_verified, url, verified_request};
+use crate::{HOUR, Upstream, content, eventually, open_on, read_verified, url, verified_request};
 
 const TASKS: u64 = 8;
 const FETCHES_PER_TASK: u64 = 8;
@@ -19,13 +21,29 @@ fn policy() -> EvictionPolicy {
     EvictionPolicy::new(CAP).without_safety_tick()
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn download_cache_survives_a_burst_on_a_pool_of_two() {
+    download_cache_burst(TestBackend::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn download_cache_survives_a_burst_on_a_pool_of_two_on_postgres() {
+    download_cache_burst(TestBackend::Postgres).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn legacy_spawn_per_store_hits_pool_timeouts() {
+    legacy_burst(TestBackend::Sqlite).await;
+}
+
 /// 64 fetch-throughs from 8 tasks that also read, through `DownloadCache`: no
 /// `PoolTimedOut`, the cap holds once the burst ends, every file still present reads back
 /// with its sha256.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn download_cache_survives_a_burst_on_a_pool_of_two() {
+async fn download_cache_burst(backend: TestBackend) {
     let dir = tempfile::tempdir().unwrap();
-    let cache = open_with(dir.path(), policy(), pool_of_two(), HOUR).await;
+    let Some((cache, _db)) = open_on(backend, dir.path(), policy(), pool_of_two(), HOUR).await else {
+        return;
+    };
     let upstream = Upstream::default();
     let tally = Arc::new(PoolTally::default());
     let mut tasks = tokio::task::JoinSet::new();
@@ -71,12 +89,17 @@ async fn download_cache_survives_a_burst_on_a_pool_of_two() {
 /// The same burst through the legacy per-store spawn on a bare entry store: the pool times
 /// out. This is the failure `DownloadCache` exists to prevent, and proves the test above can
 /// fail.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn legacy_spawn_per_store_hits_pool_timeouts() {
+///
+/// Run on SQLite only: on PostgreSQL the store's cross-instance eviction lock is taken
+/// without waiting, so concurrent legacy passes give their connections back at once and the
+/// pool is not exhausted; the legacy pattern fails there differently (a skipped pass can
+/// leave the cap exceeded), which the evictor's retry covers.
+async fn legacy_burst(backend: TestBackend) {
     let dir = tempfile::tempdir().unwrap();
-    let db =
-        dunite_core::Database::open_sqlite(&dir.path().join("metadata.db"), &pool_of_two()).await.unwrap();
-    let store = EntryStore::open(db, NAMESPACE, dir.path(), CAP, OnConflict::Replace).await.unwrap();
+    let Some(db) = test_database(backend, dir.path(), &pool_of_two()).await else { return };
+    let store = EntryStore::open(db.database().clone(), NAMESPACE, dir.path(), CAP, OnConflict::Replace)
+        .await
+        .unwrap();
     let tally = Arc::new(PoolTally::default());
     let mut tasks = tokio::task::JoinSet::new();
     for t in 0..TASKS {
