@@ -100,7 +100,10 @@ impl App {
         tokio::fs::create_dir_all(dir).await.map_err(io(dir))?;
         let spool_dir = dir.join("spool");
         tokio::fs::create_dir_all(&spool_dir).await.map_err(io(&spool_dir))?;
-        let options = DatabaseOptions::new().with_max_connections(8);
+        // A short acquire timeout: during a database outage the first caller waits it out
+        // before the pool fails fast (see `Database`).
+        let options =
+            DatabaseOptions::new().with_max_connections(8).with_acquire_timeout(Duration::from_secs(10));
         let database = match &config.database_url {
             Some(url) => Database::connect(url, &options).await?,
             None => Database::open_sqlite(&dir.join("metadata.db"), &options).await?,

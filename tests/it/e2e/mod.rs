@@ -7,4 +7,5 @@ mod downloads;
 mod faults;
 pub(crate) mod harness;
 mod origin;
+mod pg_restart;
 mod pulls;

@@ -1,7 +1,9 @@
 //! Scenario 1, burst coalescing: N concurrent stores over the cap, on a pool of 2 with a
 //! short acquire timeout and 1 ms of simulated latency per statement, through a dunite cache
 //! (one debounced evictor) and through the legacy per-store `tokio::spawn` of a full pass.
-//! Run for the OCI blob cache and the download cache (stores through `get_or_fetch`).
+//! Run for the OCI blob cache and the download cache (stores through `get_or_fetch`), on the
+//! embedded SQLite database and on PostgreSQL (the test server `cargo xtask bench` starts; a
+//! fresh database per run), with the same simulated latency on both.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -11,7 +13,7 @@ use std::time::{Duration, Instant};
 use dunite_core::{Database, DatabaseOptions, EntryCache, EntryStore, EvictionPolicy, Expected, OnConflict};
 use dunite_download::{DownloadCache, DownloadRequest, Fetcher, UrlKey};
 use dunite_oci::{BlobCache, Digest};
-use dunite_testkit::{check_consistency, legacy_evict_if_over_cap};
+use dunite_testkit::{TestBackend, TestDb, check_consistency, legacy_evict_if_over_cap, test_database};
 use serde_json::json;
 
 use crate::payload::{GenReader, upstream};
@@ -94,14 +96,19 @@ enum Cache {
 }
 
 impl Cache {
-    async fn open(kind: Kind, dir: &std::path::Path, cap: u64, blobs: &[Blob]) -> Result<Self> {
+    async fn open(
+        kind: Kind,
+        dir: &std::path::Path,
+        db: &Database,
+        cap: u64,
+        blobs: &[Blob],
+    ) -> Result<Self> {
         Ok(match kind {
             Kind::Oci => Self::Oci(
-                BlobCache::new(BlobCache::options(dir, policy(cap)).with_database_options(db_options()))
-                    .await?,
+                BlobCache::new(BlobCache::options(dir, policy(cap)).with_database(db.clone())).await?,
             ),
             Kind::Download => {
-                let options = DownloadCache::options(dir, policy(cap)).with_database_options(db_options());
+                let options = DownloadCache::options(dir, policy(cap)).with_database(db.clone());
                 let bodies: HashMap<_, _> =
                     blobs.iter().map(|b| (b.url.as_str().to_owned(), b.bytes.clone())).collect();
                 Self::Download(
@@ -175,6 +182,30 @@ struct Outcome {
 }
 
 pub async fn run(settings: Settings) -> Result<Vec<Record>> {
+    let mut records = Vec::new();
+    for backend in [TestBackend::Sqlite, TestBackend::Postgres] {
+        if backend == TestBackend::Postgres && dunite_testkit::pg::server_url().is_none() {
+            eprintln!("no PostgreSQL server (DUNITE_TEST_DATABASE_URL): burst on PostgreSQL skipped");
+            continue;
+        }
+        records.extend(run_on(&settings, backend).await?);
+    }
+    Ok(records)
+}
+
+fn backend_name(backend: TestBackend) -> &'static str {
+    match backend {
+        TestBackend::Sqlite => "sqlite",
+        TestBackend::Postgres => "postgres",
+    }
+}
+
+/// A fresh database for one run on `backend`, and its guard.
+async fn open_db(backend: TestBackend, dir: &std::path::Path) -> Result<TestDb> {
+    test_database(backend, dir, &db_options()).await.ok_or_else(|| "no PostgreSQL test server".into())
+}
+
+async fn run_on(settings: &Settings, backend: TestBackend) -> Result<Vec<Record>> {
     let sizes: &[usize] = if settings.quick { &[8, 64] } else { &[8, 64, 1024] };
     let mut records = Vec::new();
     for kind in [Kind::Oci, Kind::Download] {
@@ -194,9 +225,9 @@ pub async fn run(settings: Settings) -> Result<Vec<Record>> {
             // the pool and what is left is eviction's own cost.
             let variants: &[usize] = if n > BOUNDED_WRITERS { &[n, BOUNDED_WRITERS] } else { &[n] };
             for &writers in variants {
-                let ours = ours(&settings, kind, &blobs, cap, writers).await?;
-                let legacy = legacy(&settings, kind, &blobs, cap, writers).await?;
-                records.push(record(kind, n, writers, cap, &ours, &legacy));
+                let ours = ours(settings, backend, kind, &blobs, cap, writers).await?;
+                let legacy = legacy(settings, backend, kind, &blobs, cap, writers).await?;
+                records.push(record(backend, kind, n, writers, cap, &ours, &legacy));
             }
         }
     }
@@ -207,15 +238,29 @@ fn settle_figure(settle: Option<Duration>) -> serde_json::Value {
     settle.map_or_else(|| json!(format!("never (> {} s)", SETTLE_DEADLINE.as_secs())), |d| json!(ms(d)))
 }
 
-fn record(kind: Kind, n: usize, writers: usize, cap: u64, ours: &Outcome, legacy: &Outcome) -> Record {
+fn record(
+    backend: TestBackend,
+    kind: Kind,
+    n: usize,
+    writers: usize,
+    cap: u64,
+    ours: &Outcome,
+    legacy: &Outcome,
+) -> Record {
     let kind = kind.name();
+    // SQLite keeps the names of earlier runs.
+    let on = match backend {
+        TestBackend::Sqlite => String::new(),
+        TestBackend::Postgres => format!("{}/", backend_name(backend)),
+    };
     let name = if writers == n {
-        format!("burst/{kind}/n={n}")
+        format!("burst/{on}{kind}/n={n}")
     } else {
-        format!("burst/{kind}/n={n}/writers={writers}")
+        format!("burst/{on}{kind}/n={n}/writers={writers}")
     };
     let mut r = Record::new(name, "legacy spawn per store");
-    r.param("stores", n as u64)
+    r.param("database", backend_name(backend))
+        .param("stores", n as u64)
         .param("writer_tasks", writers as u64)
         .param("blob_bytes", BLOB as u64)
         .param("cap_bytes", cap)
@@ -283,9 +328,17 @@ fn share(blobs: &[Blob], writers: usize) -> Vec<Vec<Blob>> {
     shares
 }
 
-async fn ours(settings: &Settings, kind: Kind, blobs: &[Blob], cap: u64, writers: usize) -> Result<Outcome> {
+async fn ours(
+    settings: &Settings,
+    backend: TestBackend,
+    kind: Kind,
+    blobs: &[Blob],
+    cap: u64,
+    writers: usize,
+) -> Result<Outcome> {
     let dir = settings.tempdir()?;
-    let cache = Cache::open(kind, dir.path(), cap, blobs).await?;
+    let db = open_db(backend, dir.path()).await?;
+    let cache = Cache::open(kind, dir.path(), db.database(), cap, blobs).await?;
     let before = cache.entries().stats().evictor;
     let counters = Arc::new(Counters::default());
     let started = Instant::now();
@@ -331,14 +384,17 @@ async fn ours(settings: &Settings, kind: Kind, blobs: &[Blob], cap: u64, writers
 
 async fn legacy(
     settings: &Settings,
+    backend: TestBackend,
     kind: Kind,
     blobs: &[Blob],
     cap: u64,
     writers: usize,
 ) -> Result<Outcome> {
     let dir = settings.tempdir()?;
-    let db = Database::open_sqlite(&dir.path().join("metadata.db"), &db_options()).await?;
-    let store = EntryStore::open(db, kind.namespace(), dir.path(), cap, kind.on_conflict()).await?;
+    let db = open_db(backend, dir.path()).await?;
+    let store =
+        EntryStore::open(db.database().clone(), kind.namespace(), dir.path(), cap, kind.on_conflict())
+            .await?;
     let counters = Arc::new(Counters::default());
     let started = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();

@@ -8,8 +8,10 @@ use std::time::Duration;
 
 use sha2::Digest as _;
 use sqlx::any::{Any, AnyPoolOptions};
+use sqlx::pool::PoolConnection;
 use sqlx::sqlite::SqliteConnectOptions;
 use sqlx::{AnyConnection, AnyPool, Transaction};
+use tokio::time::Instant;
 
 use crate::{Error, Result};
 
@@ -131,7 +133,17 @@ pub struct Database {
     backend: Backend,
     latency: Duration,
     writer: Arc<tokio::sync::Mutex<()>>,
+    /// Set while the server is unreachable: until when callers fail at once (see `acquire`).
+    down_until: Arc<std::sync::Mutex<Option<Instant>>>,
 }
+
+/// After the pool could not open a connection, how long every caller fails at once instead of
+/// waiting out the acquire timeout (during an outage, each would otherwise wait it in full).
+const FAIL_FAST: Duration = Duration::from_secs(1);
+
+/// How long one caller waits for a connection while probing whether an unreachable server is
+/// back (the others keep failing at once meanwhile).
+const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
 impl Database {
     /// Open (creating if needed) the SQLite database at `path` and run the embedded
@@ -224,7 +236,13 @@ impl Database {
             op: "migrate the database",
             source: sqlx::Error::from(e).into(),
         })?;
-        Ok(Self { pool, backend, latency: options.simulated_latency, writer: Arc::default() })
+        Ok(Self {
+            pool,
+            backend,
+            latency: options.simulated_latency,
+            writer: Arc::default(),
+            down_until: Arc::default(),
+        })
     }
 
     /// Which backend this is.
@@ -249,6 +267,61 @@ impl Database {
     #[must_use]
     pub fn orphan_grace(&self) -> Duration {
         if self.is_shared() { SHARED_ORPHAN_GRACE } else { Duration::ZERO }
+    }
+
+    /// A pooled connection, failing fast while the server is unreachable.
+    ///
+    /// When the pool times out without having opened all its connections, it was not busy:
+    /// it could not connect (sqlx retries a refused connection until the acquire timeout).
+    /// Then, for [`FAIL_FAST`], every caller fails at once with the same error instead of
+    /// waiting the timeout out in turn; after that, one caller at a time probes with a short
+    /// timeout until a connection opens again. A pool merely busy is never treated as down.
+    pub(crate) async fn acquire(&self) -> Result<PoolConnection<Any>> {
+        let probing = {
+            let mut down = self.down_until.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            match *down {
+                Some(until) if Instant::now() < until => {
+                    return Err(Error::Database {
+                        op: "acquire a connection",
+                        source: Arc::new(sqlx::Error::Io(std::io::Error::new(
+                            std::io::ErrorKind::NotConnected,
+                            "the database is unreachable (failing fast after a failed connection attempt)",
+                        ))),
+                    });
+                }
+                Some(_) => {
+                    *down = Some(Instant::now() + PROBE_TIMEOUT);
+                    true
+                }
+                None => false,
+            }
+        };
+        let acquired = if probing {
+            tokio::time::timeout(PROBE_TIMEOUT, self.pool.acquire())
+                .await
+                .unwrap_or(Err(sqlx::Error::PoolTimedOut))
+        } else {
+            self.pool.acquire().await
+        };
+        let unreachable = match &acquired {
+            Ok(_) => false,
+            Err(sqlx::Error::PoolTimedOut) => self.pool.size() < self.pool.options().get_max_connections(),
+            Err(sqlx::Error::Io(_) | sqlx::Error::Tls(_)) => true,
+            Err(_) => false,
+        };
+        {
+            let mut down = self.down_until.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            if acquired.is_ok() && down.is_some() {
+                tracing::info!("the metadata database is reachable again");
+                *down = None;
+            } else if unreachable {
+                if down.is_none() {
+                    tracing::warn!("the metadata database is unreachable; failing fast and probing");
+                }
+                *down = Some(Instant::now() + FAIL_FAST);
+            }
+        }
+        acquired.map_err(Error::db("acquire a connection"))
     }
 
     /// Wait for this process's turn to write. Take it after acquiring the connection and

@@ -101,7 +101,7 @@ impl EntryStore {
     /// whether a row was deleted.
     async fn delete_row(&self, key: &str, file: &str, op: &'static str) -> Result<bool> {
         let inner = self.inner();
-        let mut conn = inner.db.pool().acquire().await.map_err(Error::db("acquire a connection"))?;
+        let mut conn = inner.db.acquire().await?;
         let _turn = inner.db.write_turn().await;
         let mut tx = inner.db.begin_write(&mut conn, &inner.namespace, op).await?;
         let deleted: Option<(i64,)> = sqlx::query_as(
@@ -130,7 +130,7 @@ impl EntryStore {
     async fn recount(&self) -> Result<Option<(u64, u64)>> {
         let inner = self.inner();
         let ns = inner.namespace.as_str();
-        let mut conn = inner.db.pool().acquire().await.map_err(Error::db("acquire a connection"))?;
+        let mut conn = inner.db.acquire().await?;
         let _turn = inner.db.write_turn().await;
         let mut tx = inner.db.begin_write(&mut conn, ns, "begin a recount").await?;
         // SUM of a BIGINT is NUMERIC on PostgreSQL: cast back.

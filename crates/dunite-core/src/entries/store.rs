@@ -424,7 +424,7 @@ impl EntryStore {
         let inner = &self.inner;
         // Lock order everywhere: a connection first, then the write turn (an eviction pass
         // holds its connection across turns).
-        let mut conn = inner.db.pool().acquire().await.map_err(Error::db("acquire a connection"))?;
+        let mut conn = inner.db.acquire().await?;
         let _turn = inner.db.write_turn().await;
         let mut tx = inner.db.begin_write(&mut conn, &inner.namespace, "begin a store").await?;
         self.inner.db.round_trip().await;
@@ -547,7 +547,7 @@ impl EntryStore {
     }
 
     async fn lookup_row(&self, key: &str) -> Result<Option<(String, EntryInfo)>> {
-        let mut conn = self.inner.db.pool().acquire().await.map_err(Error::db("acquire a connection"))?;
+        let mut conn = self.inner.db.acquire().await?;
         self.inner.db.round_trip().await;
         let row: Option<(String, i64, i64, String)> = sqlx::query_as(
             "SELECT file, size, stored_at, meta FROM entries WHERE namespace = $1 AND key = $2 AND state = 0",
@@ -569,7 +569,7 @@ impl EntryStore {
     ///
     /// [`Error::Database`] if the row cannot be written.
     pub async fn refresh(&self, key: &str, meta: &str) -> Result<bool> {
-        let mut conn = self.inner.db.pool().acquire().await.map_err(Error::db("acquire a connection"))?;
+        let mut conn = self.inner.db.acquire().await?;
         let _turn = self.inner.db.write_turn().await;
         let mut tx = self.inner.db.begin_write(&mut conn, &self.inner.namespace, "begin a refresh").await?;
         self.inner.db.round_trip().await;
@@ -604,7 +604,7 @@ impl EntryStore {
     /// [`Error::Database`] or [`Error::Io`]; a failed removal is finished by the next
     /// [`reconcile`](Self::reconcile).
     pub async fn remove(&self, key: &str) -> Result<Option<u64>> {
-        let mut conn = self.inner.db.pool().acquire().await.map_err(Error::db("acquire a connection"))?;
+        let mut conn = self.inner.db.acquire().await?;
         match self.inner.remove_entries(&mut conn, Targets::Key(key)).await?.first() {
             Some(Removal::Removed { bytes }) => Ok(Some(*bytes)),
             _ => Ok(None),
@@ -646,7 +646,7 @@ impl EntryStore {
     }
 
     async fn totals(&self) -> Result<(u64, u64)> {
-        let mut conn = self.inner.db.pool().acquire().await.map_err(Error::db("acquire a connection"))?;
+        let mut conn = self.inner.db.acquire().await?;
         self.inner.totals_on(&mut conn).await
     }
 
@@ -677,7 +677,7 @@ impl EntryStore {
     ///
     /// [`Error::Database`]; the stamps are then kept for the next flush.
     pub async fn flush_accesses(&self) -> Result<()> {
-        let mut conn = self.inner.db.pool().acquire().await.map_err(Error::db("acquire a connection"))?;
+        let mut conn = self.inner.db.acquire().await?;
         self.inner.flush_accesses_on(&mut conn).await
     }
 
@@ -985,7 +985,7 @@ impl EvictionStore for EntryStore {
 
     async fn begin_pass(&self) -> Result<Option<EntryPass>> {
         let inner = &self.inner;
-        let mut conn = inner.db.pool().acquire().await.map_err(Error::db("acquire a connection"))?;
+        let mut conn = inner.db.acquire().await?;
         if !inner.db.try_lock_evictions(&mut conn, &inner.namespace).await? {
             // Another instance is evicting: give the connection back at once.
             tracing::debug!(namespace = %inner.namespace, "another instance holds the eviction lock");
