@@ -151,3 +151,55 @@ async fn storing_a_file_moves_it_in_only_when_it_verifies() {
     assert_eq!(got, bytes);
     check_consistency(cache.entries().entries(), dir.path()).await.unwrap();
 }
+
+/// Another process holds SQLite's write lock (`BEGIN EXCLUSIVE`) mid-burst: stores fail with a
+/// typed database error after the busy timeout and leave nothing behind, cached blobs still
+/// read back (WAL readers are not blocked), the evictor lives on, and once the lock is gone
+/// the cache takes stores again and converges under its cap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_locked_sqlite_database_fails_stores_cleanly_and_recovers() {
+    use sqlx::Connection as _;
+    const SIZE: usize = 10_000;
+    const CAP: u64 = 8 * SIZE as u64;
+    let dir = tempfile::tempdir().unwrap();
+    let options =
+        dunite_core::DatabaseOptions::new().with_busy_timeout(std::time::Duration::from_millis(100));
+    let policy = dunite_core::EvictionPolicy::new(CAP).without_safety_tick();
+    let cache = crate::open_with(dir.path(), policy, options).await;
+    let mut cached = Vec::new();
+    for seed in 0..4 {
+        let (digest, bytes) = blob(1_000 + seed, SIZE);
+        cache.store(&digest, &bytes[..]).await.unwrap();
+        cached.push(digest);
+    }
+    let before = disk_usage(dir.path());
+
+    let path = dir.path().join("metadata.db");
+    let mut holder =
+        sqlx::SqliteConnection::connect_with(&sqlx::sqlite::SqliteConnectOptions::new().filename(&path))
+            .await
+            .unwrap();
+    sqlx::raw_sql("BEGIN EXCLUSIVE").execute(&mut holder).await.unwrap();
+    for seed in 0..4 {
+        let (digest, bytes) = blob(2_000 + seed, SIZE);
+        let err = core(cache.store(&digest, &bytes[..]).await);
+        assert!(matches!(err, CoreError::Database { .. }), "{err}");
+    }
+    assert_eq!(disk_usage(dir.path()), before, "a failed store left a file");
+    for digest in &cached {
+        assert!(read_verified(&cache, digest).await.is_some(), "cached blobs stay readable");
+    }
+    sqlx::raw_sql("ROLLBACK").execute(&mut holder).await.unwrap();
+    holder.close().await.unwrap();
+
+    for seed in 0..12 {
+        let (digest, bytes) = blob(3_000 + seed, SIZE);
+        cache.store(&digest, &bytes[..]).await.unwrap();
+    }
+    crate::eventually(std::time::Duration::from_secs(30), || async {
+        cache.total_bytes().await.unwrap() <= CAP
+    })
+    .await;
+    cache.evict_if_over_cap().await.unwrap();
+    assert!(check_consistency(cache.entries().entries(), dir.path()).await.unwrap() <= CAP);
+}
