@@ -3,6 +3,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests report failure by panicking")]
 
 mod chaos;
+mod disk_full;
 mod e2e;
 mod hostile;
 mod rig;

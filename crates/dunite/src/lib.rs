@@ -37,4 +37,21 @@ pub mod spec;
 pub mod upstream;
 
 pub use app::{App, CacheOutcome, StartError, serve, shutdown_signal, wait_until_listening};
+
+/// An error and its causes, `: `-separated ("i/o error while trying to write ...: No space
+/// left on device"): what logs and client-facing messages show, since the cause is often the
+/// part that says what to do.
+pub(crate) fn chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.ends_with(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}
 pub use config::{Cli, Command, Config, ConfigError, ServeArgs};

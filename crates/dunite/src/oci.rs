@@ -156,7 +156,7 @@ async fn blob(
                             tracing::warn!(error = %e, %digest, "database unavailable; blob served uncached");
                             Ok(())
                         }
-                        Err(e) => Err(e.to_string()),
+                        Err(e) => Err(crate::chain(&e)),
                     }
                 };
                 (None, store)
@@ -504,8 +504,9 @@ fn now_ms() -> i64 {
 }
 
 fn internal(error: dunite_oci::Error) -> SpecError {
-    tracing::error!(%error, "blob cache error");
-    SpecError::new(StatusCode::INTERNAL_SERVER_ERROR, "UNKNOWN", error.to_string())
+    let message = crate::chain(&error);
+    tracing::error!(error = %message, "blob cache error");
+    SpecError::new(StatusCode::INTERNAL_SERVER_ERROR, "UNKNOWN", message)
 }
 
 fn core_internal(error: dunite_core::Error) -> SpecError {
@@ -513,7 +514,7 @@ fn core_internal(error: dunite_core::Error) -> SpecError {
 }
 
 fn upstream(error: crate::upstream::UpstreamError) -> SpecError {
-    SpecError::upstream(error.to_string())
+    SpecError::upstream(crate::chain(&error))
 }
 
 #[cfg(test)]
