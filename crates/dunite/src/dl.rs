@@ -241,7 +241,7 @@ pub(crate) async fn download(
         Ok(Some(_)) => {}
         Err(error) => {
             app.metrics.errors.fetch_add(1, Ordering::Relaxed);
-            return refuse(StatusCode::INTERNAL_SERVER_ERROR, &crate::chain(&error));
+            return refuse(StatusCode::INTERNAL_SERVER_ERROR, &crate::error_chain(&error));
         }
     }
     // Cached (fresh, stale or pinned differently): the cache serves, revalidates or refetches.
@@ -318,7 +318,7 @@ async fn stream_miss(app: &Arc<App>, request: DownloadRequest) -> Response {
             let content_type = meta.content_type().map(Arc::from);
             let store = |spool, _written| async move {
                 let fetcher = SpoolFetcher { spool, meta };
-                downloads.get_or_fetch(&request, &fetcher).await.map(drop).map_err(|e| crate::chain(&e))
+                downloads.get_or_fetch(&request, &fetcher).await.map(drop).map_err(|e| crate::error_chain(&e))
             };
             (content_type, store)
         })

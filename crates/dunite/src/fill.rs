@@ -142,17 +142,20 @@ async fn run_fill<S, F, Fut>(
     Fut: Future<Output = Result<(), String>>,
 {
     let result: Result<u64, String> = async {
-        let mut file =
-            tokio::fs::OpenOptions::new().write(true).open(&spool).await.map_err(|e| crate::chain(&e))?;
+        let mut file = tokio::fs::OpenOptions::new()
+            .write(true)
+            .open(&spool)
+            .await
+            .map_err(|e| crate::error_chain(&e))?;
         let mut written = 0u64;
         state.send_replace(FillState::Streaming { written, total, content_type: content_type.clone() });
         let mut body = std::pin::pin!(body);
         while let Some(chunk) = body.next().await {
             let chunk = chunk.map_err(|e| format!("upstream body failed after {written} bytes: {e}"))?;
-            file.write_all(&chunk).await.map_err(|e| crate::chain(&e))?;
+            file.write_all(&chunk).await.map_err(|e| crate::error_chain(&e))?;
             // tokio's `write_all` returns once the write is queued on a blocking thread;
             // `flush` waits for it, so the bytes published below are readable by clients.
-            file.flush().await.map_err(|e| crate::chain(&e))?;
+            file.flush().await.map_err(|e| crate::error_chain(&e))?;
             written += chunk.len() as u64;
             upstream_bytes.fetch_add(chunk.len() as u64, std::sync::atomic::Ordering::Relaxed);
             state.send_replace(FillState::Streaming { written, total, content_type: content_type.clone() });

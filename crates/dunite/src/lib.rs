@@ -41,7 +41,13 @@ pub use app::{App, CacheOutcome, StartError, serve, shutdown_signal, wait_until_
 /// An error and its causes, `: `-separated ("i/o error while trying to write ...: No space
 /// left on device"): what logs and client-facing messages show, since the cause is often the
 /// part that says what to do.
-pub(crate) fn chain(error: &(dyn std::error::Error + 'static)) -> String {
+///
+/// ```
+/// let io = std::io::Error::other("No space left on device");
+/// let error = dunite::StartError::Io { path: "/data".into(), source: io };
+/// assert!(dunite::error_chain(&error).ends_with("No space left on device"));
+/// ```
+pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
     let mut text = error.to_string();
     let mut source = error.source();
     while let Some(cause) = source {

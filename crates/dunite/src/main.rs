@@ -35,7 +35,7 @@ async fn main() -> ExitCode {
     let app = match App::open(config).await {
         Ok(app) => app,
         Err(error) => {
-            tracing::error!(%error, "cannot start");
+            tracing::error!(error = %dunite::error_chain(&error), "cannot start");
             return ExitCode::FAILURE;
         }
     };

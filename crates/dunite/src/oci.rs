@@ -156,7 +156,7 @@ async fn blob(
                             tracing::warn!(error = %e, %digest, "database unavailable; blob served uncached");
                             Ok(())
                         }
-                        Err(e) => Err(crate::chain(&e)),
+                        Err(e) => Err(crate::error_chain(&e)),
                     }
                 };
                 (None, store)
@@ -504,7 +504,7 @@ fn now_ms() -> i64 {
 }
 
 fn internal(error: dunite_oci::Error) -> SpecError {
-    let message = crate::chain(&error);
+    let message = crate::error_chain(&error);
     tracing::error!(error = %message, "blob cache error");
     SpecError::new(StatusCode::INTERNAL_SERVER_ERROR, "UNKNOWN", message)
 }
@@ -514,7 +514,7 @@ fn core_internal(error: dunite_core::Error) -> SpecError {
 }
 
 fn upstream(error: crate::upstream::UpstreamError) -> SpecError {
-    SpecError::upstream(crate::chain(&error))
+    SpecError::upstream(crate::error_chain(&error))
 }
 
 #[cfg(test)]

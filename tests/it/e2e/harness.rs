@@ -89,11 +89,12 @@ pub fn dunite_binary() -> PathBuf {
     bin
 }
 
-/// A running `dunite serve`, its data directory and its log.
+/// A running `dunite serve`, its log and (unless the caller gave one) its data directory.
 pub struct Dunite {
     child: Child,
     pub addr: SocketAddr,
-    _data: tempfile::TempDir,
+    /// Holds the log, and the data directory when the instance owns it.
+    _dir: tempfile::TempDir,
     pub log: PathBuf,
 }
 
@@ -110,13 +111,38 @@ impl Dunite {
         extra: &[&str],
         level: &str,
     ) -> Self {
-        let data = tempfile::tempdir().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let data_dir = dir.path().join("cache");
+        Self::spawn(upstream, oci_max_bytes, extra, level, &data_dir, dir).await
+    }
+
+    /// As [`start_logging`](Self::start_logging), on the caller's `data_dir` (which several
+    /// instances may share); only the log lives in a temporary directory of this instance's.
+    pub async fn start_with_data(
+        upstream: SocketAddr,
+        oci_max_bytes: &str,
+        extra: &[&str],
+        level: &str,
+        data_dir: &Path,
+    ) -> Self {
+        Self::spawn(upstream, oci_max_bytes, extra, level, data_dir, tempfile::tempdir().unwrap()).await
+    }
+
+    /// Start the process on `data_dir`, logging to `dunite.log` in `dir` (kept as long as this).
+    async fn spawn(
+        upstream: SocketAddr,
+        oci_max_bytes: &str,
+        extra: &[&str],
+        level: &str,
+        data_dir: &Path,
+        dir: tempfile::TempDir,
+    ) -> Self {
         let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
-        let log = data.path().join("dunite.log");
-        let child = Command::new(dunite_binary())
+        let log = dir.path().join("dunite.log");
+        let mut child = Command::new(dunite_binary())
             .args(["serve", "--listen", &addr.to_string()])
             .arg("--data-dir")
-            .arg(data.path().join("cache"))
+            .arg(data_dir)
             .args(["--upstream", &format!("local=http://{upstream}"), "--default-registry", "local"])
             .args(["--oci-max-bytes", oci_max_bytes])
             .args(extra)
@@ -128,7 +154,24 @@ impl Dunite {
             .spawn()
             .unwrap();
         wait_listening(addr, "dunite", &log).await;
-        Self { child, addr, _data: data, log }
+        // It binds before it opens the caches: listening is not serving yet, and it may still
+        // fail to start.
+        let give_up = tokio::time::Instant::now() + Duration::from_secs(30);
+        let healthz = format!("http://{addr}/healthz");
+        let ready = || async {
+            let answer = tokio::time::timeout(Duration::from_secs(1), reqwest::get(&healthz)).await;
+            answer.is_ok_and(|answer| answer.is_ok_and(|response| response.status().is_success()))
+        };
+        while !ready().await {
+            let exited = child.try_wait().unwrap();
+            assert!(
+                exited.is_none() && tokio::time::Instant::now() < give_up,
+                "dunite did not start ({exited:?}); its log:\n{}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Self { child, addr, _dir: dir, log }
     }
 
     /// One sample from `GET /metrics`; see [`metric`].
@@ -141,11 +184,17 @@ impl Dunite {
     }
 
     /// SIGTERM, then wait for a clean exit.
-    pub async fn stop(mut self) -> std::process::ExitStatus {
+    pub async fn stop(self) -> std::process::ExitStatus {
+        self.stop_with_log().await.0
+    }
+
+    /// As [`stop`](Self::stop), also returning the whole log (which goes with `self`).
+    pub async fn stop_with_log(mut self) -> (std::process::ExitStatus, String) {
         let pid = self.child.id().unwrap();
         let status = std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status().unwrap();
         assert!(status.success());
-        tokio::time::timeout(Duration::from_secs(30), self.child.wait()).await.unwrap().unwrap()
+        let status = tokio::time::timeout(Duration::from_secs(30), self.child.wait()).await.unwrap().unwrap();
+        (status, self.log_text())
     }
 }
 

@@ -6,6 +6,7 @@ mod auth;
 mod downloads;
 mod faults;
 pub(crate) mod harness;
+mod instances;
 mod origin;
 mod pg_restart;
 mod pulls;

@@ -168,12 +168,17 @@ async fn file_exists(path: &std::path::Path) -> Result<bool> {
     tokio::fs::try_exists(path).await.map_err(Error::io("look for", path.to_path_buf()))
 }
 
-/// Whether `entry` was last written at least `grace` ago (always, for a zero grace).
+/// Whether `entry` was last written at least `grace` ago (always, for a zero grace). A file
+/// gone since the listing (another instance renamed or removed it) is not stale.
 fn is_stale(entry: &std::fs::DirEntry, grace: Duration) -> std::io::Result<bool> {
     if grace.is_zero() {
         return Ok(true);
     }
-    let modified = entry.metadata()?.modified()?;
+    let modified = match entry.metadata().and_then(|m| m.modified()) {
+        Ok(modified) => modified,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(e),
+    };
     Ok(SystemTime::now().duration_since(modified).is_ok_and(|age| age >= grace))
 }
 
@@ -184,8 +189,12 @@ async fn clear_dir(dir: PathBuf, grace: Duration) -> Result<u64> {
         for entry in std::fs::read_dir(&dir)? {
             let entry = entry?;
             if entry.file_type()?.is_file() && is_stale(&entry, grace)? {
-                std::fs::remove_file(entry.path())?;
-                removed += 1;
+                match std::fs::remove_file(entry.path()) {
+                    Ok(()) => removed += 1,
+                    // Another instance's cleanup got there first.
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(e),
+                }
             }
         }
         Ok(removed)

@@ -841,7 +841,7 @@ impl Inner {
                 let _turn = self.db.write_turn().await;
                 let mut tx = self.db.begin_write(conn, &self.namespace, "begin an unmark").await?;
                 self.db.round_trip().await;
-                sqlx::query(
+                let unmarked = sqlx::query(
                     "UPDATE entries SET state = 0 WHERE namespace = $1 AND key = $2 AND state = 1 AND file = $3",
                 )
                 .bind(&self.namespace)
@@ -851,6 +851,13 @@ impl Inner {
                 .await
                 .map_err(Error::db("unmark an entry"))?;
                 tx.commit().await.map_err(Error::db("commit an unmark"))?;
+                if unmarked.rows_affected() == 0 {
+                    // A store took the marked row over meanwhile (and left the old payload to
+                    // this removal), or another remover finished it: either way the old file
+                    // has no row any more. Unlink it; the row delete below then matches
+                    // nothing, so the entry counts as skipped and the total stays right.
+                    doomed.push((key, file));
+                }
             } else {
                 doomed.push((key, file));
             }
@@ -1054,5 +1061,77 @@ impl EvictionPass for EntryPass {
             self.locked = false;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests report failure by panicking")]
+
+    use super::*;
+    use crate::DatabaseOptions;
+
+    /// Payload files under `dir`'s `data/`.
+    fn payloads(dir: &std::path::Path) -> usize {
+        std::fs::read_dir(dir.join("data"))
+            .unwrap()
+            .map(|shard| std::fs::read_dir(shard.unwrap().path()).unwrap().count())
+            .sum()
+    }
+
+    /// Regression: an eviction marks an entry, finds it pinned, and queues its unmark behind a
+    /// store that replaces the marked row (leaving the old payload to the remover). The unmark
+    /// then matches nothing, and the old payload used to stay on disk with no row until the
+    /// next start-up. The order is forced through the write turn (FIFO) on a current-thread
+    /// runtime: remover queued first, then the store, then the turn released.
+    #[tokio::test]
+    async fn a_row_replaced_between_mark_and_unmark_leaves_no_orphan_payload() {
+        let dir = tempfile::tempdir().unwrap();
+        let db =
+            Database::open_sqlite(&dir.path().join("metadata.db"), &DatabaseOptions::new()).await.unwrap();
+        let store =
+            EntryStore::open(db.clone(), "race", dir.path(), 1 << 20, OnConflict::Replace).await.unwrap();
+        store.store("k", &[1u8; 1000][..], &Expected::new(), "").await.unwrap();
+        let mut pass = store.begin_pass().await.unwrap().unwrap();
+        let victims = pass.least_recently_used(10).await.unwrap();
+        assert_eq!(victims.len(), 1);
+
+        let turn = db.write_turn().await;
+        let remover = tokio::spawn(async move {
+            let removals = pass.remove_batch(&victims).await;
+            pass.finish().await.unwrap();
+            removals
+        });
+        // The remover runs until it waits for the turn: past its pin check, before its mark.
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        let pin = store.pin("k");
+        let storer = {
+            let store = store.clone();
+            tokio::spawn(async move { store.store("k", &[2u8; 2000][..], &Expected::new(), "").await })
+        };
+        // The store writes and renames its payload (two files on disk), then takes a
+        // connection and waits for the turn, behind the remover.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while payloads(dir.path()) < 2 {
+            assert!(tokio::time::Instant::now() < deadline, "the store never wrote its payload");
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        drop(turn);
+
+        let removals = remover.await.unwrap().unwrap();
+        assert_eq!(storer.await.unwrap().unwrap().outcome, StoreOutcome::Replaced);
+        drop(pin);
+        assert_eq!(removals, vec![Removal::Skipped]);
+        assert_eq!(store.total_bytes().await.unwrap(), 2000);
+        assert_eq!(payloads(dir.path()), 1, "the replaced payload must not outlive its row");
+        let mut entry = store.open_entry("k").await.unwrap().unwrap();
+        let mut bytes = Vec::new();
+        tokio::io::AsyncReadExt::read_to_end(&mut entry.file, &mut bytes).await.unwrap();
+        assert_eq!(bytes, vec![2u8; 2000]);
     }
 }
