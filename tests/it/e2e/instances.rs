@@ -40,12 +40,13 @@ async fn two_instances_on_one_database_and_directory_keep_one_cap_and_evict_one_
     let data_dir = data.path().join("cache");
     let cap_arg = cap.to_string();
     let extra = ["--database-url", database.url()];
-    // One after the other, B while A is idle: a start-up reconcile walking the shared
-    // directory while the other instance stores into it can fail on a file renamed away
-    // between listing and stat (`clear_dir`/`list_payloads` in dunite-core's reconcile.rs),
-    // and the instance then does not start. Concurrent starts belong here once that is fixed.
-    let a = Dunite::start_with_data(registry.addr, &cap_arg, &extra, LOG_LEVEL, &data_dir).await;
-    let b = Dunite::start_with_data(registry.addr, &cap_arg, &extra, LOG_LEVEL, &data_dir).await;
+    // Both at once: start-up migrations, reconciliation and start-up passes run side by side
+    // on the shared database and directory (a file another instance moves or removes during
+    // the walk is skipped, not an error).
+    let (a, b) = tokio::join!(
+        Dunite::start_with_data(registry.addr, &cap_arg, &extra, LOG_LEVEL, &data_dir),
+        Dunite::start_with_data(registry.addr, &cap_arg, &extra, LOG_LEVEL, &data_dir),
+    );
     let logs = || format!("instance A's log:\n{}\ninstance B's log:\n{}", a.log_text(), b.log_text());
 
     // Every image through both instances at once.
