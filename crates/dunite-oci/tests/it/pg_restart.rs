@@ -78,7 +78,9 @@ async fn caches_recover_and_converge_after_a_database_restart_mid_burst() {
     tokio::task::spawn_blocking(pg::start_server).await.unwrap();
     stopped.0 = false;
 
-    // The pool drops the dead connections and opens new ones.
+    // The pool drops the dead connections and opens new ones. Until a probe finds the server
+    // back, callers fail fast (at most a second or two): wait for the first store to succeed.
+    eventually(Duration::from_secs(15), || async { store_range(&cache, 199..200).await[0].is_ok() }).await;
     let after = store_range(&cache, 200..224).await;
     assert!(after.iter().all(Result::is_ok), "stores after the restart: {after:?}");
     eventually(Duration::from_secs(30), || async { cache.total_bytes().await.is_ok_and(|t| t <= CAP) }).await;
