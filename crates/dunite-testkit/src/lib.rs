@@ -152,6 +152,21 @@ pub fn pool_of_two() -> dunite_core::DatabaseOptions {
         .with_simulated_latency(std::time::Duration::from_millis(2))
 }
 
+/// Run `future` to completion on a fresh two-worker Tokio runtime: for the bodies of
+/// proptests, which are synchronous.
+///
+/// # Panics
+///
+/// When the runtime cannot be built.
+pub fn block_on<F: Future>(future: F) -> F::Output {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("build a Tokio runtime")
+        .block_on(future)
+}
+
 /// The database backends a test body runs on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TestBackend {

@@ -533,4 +533,21 @@ mod tests {
         assert_eq!(r("bytes=0-1,5-6"), None);
         assert_eq!(r("items=0-1"), None);
     }
+
+    proptest::proptest! {
+        /// The only manifest parsing dunite does (the outage fallback's media type): any bytes,
+        /// never a panic; a declared `mediaType` is taken as it is, anything else defaults.
+        #[test]
+        fn declared_media_type_takes_any_bytes(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512)) {
+            let media_type = declared_media_type(&bytes);
+            proptest::prop_assert!(!media_type.is_empty());
+        }
+
+        #[test]
+        fn declared_media_type_reads_the_field(declared in "[a-z0-9.+/-]{1,60}", extra in "[a-z]{0,20}") {
+            let manifest = serde_json::json!({ "schemaVersion": 2, "mediaType": declared, extra: [1, 2] });
+            let bytes = serde_json::to_vec(&manifest).unwrap();
+            proptest::prop_assert_eq!(declared_media_type(&bytes), declared);
+        }
+    }
 }

@@ -4,19 +4,10 @@ use std::time::Duration;
 
 use dunite_core::{DatabaseOptions, EvictionPolicy};
 use dunite_download::DownloadRequest;
-use dunite_testkit::{TestBackend, check_consistency};
+use dunite_testkit::{TestBackend, block_on, check_consistency};
 use proptest::prelude::*;
 
 use crate::{Upstream, content, open_on, read_verified, url, verified_request};
-
-fn block_on<F: Future>(future: F) -> F::Output {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-        .block_on(future)
-}
 
 #[derive(Debug, Clone)]
 enum Op {

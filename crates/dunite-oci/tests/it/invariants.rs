@@ -1,21 +1,11 @@
 //! Random store/read/remove sequences keep the cache's invariants.
 
 use dunite_core::{DatabaseOptions, EvictionPolicy};
-use dunite_testkit::check_consistency;
 use proptest::prelude::*;
 
-use dunite_testkit::TestBackend;
+use dunite_testkit::{TestBackend, block_on, check_consistency};
 
 use crate::{blob, open_on, read_verified};
-
-fn block_on<F: Future>(future: F) -> F::Output {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-        .block_on(future)
-}
 
 #[derive(Debug, Clone)]
 enum Op {
