@@ -93,6 +93,8 @@ pub struct DownloadInfo {
     content_type: Option<String>,
     validators: Validators,
     stored_at_ms: i64,
+    /// The row's metadata as read: a refresh applies only if it is unchanged.
+    meta: String,
 }
 
 impl DownloadInfo {
@@ -164,6 +166,7 @@ impl DownloadInfo {
             content_type: meta.content_type,
             validators,
             stored_at_ms: info.stored_at_ms,
+            meta: info.meta.clone(),
         })
     }
 
@@ -673,11 +676,12 @@ impl Inner {
                         validators = meta.validators().clone();
                     }
                     let record = Meta::new(Some(&info.sha256), info.content_type(), &validators);
-                    if self.cache.refresh(key, &record.to_json()?).await? {
+                    if self.cache.refresh(key, &info.meta, &record.to_json()?).await? {
                         bump(&self.counters.not_modified);
                         return Ok(Source::Revalidated);
                     }
-                    // Removed since we looked: fetch the content whole (`stale` is now None).
+                    // Removed or replaced since we looked: fetch the content whole (`stale`
+                    // is now None).
                 }
             }
         }

@@ -302,13 +302,14 @@ impl EntryCache {
         self.store.info(key).await
     }
 
-    /// Replace `key`'s metadata and refresh its stored time; see [`EntryStore::refresh`].
+    /// Replace `key`'s metadata and refresh its stored time, if its metadata is still
+    /// `seen_meta`; see [`EntryStore::refresh`].
     ///
     /// # Errors
     ///
     /// As [`EntryStore::refresh`].
-    pub async fn refresh(&self, key: &str, meta: &str) -> Result<bool> {
-        self.store.refresh(key, meta).await
+    pub async fn refresh(&self, key: &str, seen_meta: &str, meta: &str) -> Result<bool> {
+        self.store.refresh(key, seen_meta, meta).await
     }
 
     /// Whether `key` is present.

@@ -562,25 +562,32 @@ impl EntryStore {
         }))
     }
 
-    /// Replace `key`'s metadata and refresh its stored time, keeping its payload (for a
-    /// revalidated entry). Returns whether the entry exists.
+    /// Replace `key`'s metadata with `meta` and refresh its stored time, keeping its payload
+    /// (for a revalidated entry), **only if the entry still has the metadata `seen_meta`** the
+    /// caller read before revalidating. Returns whether it was refreshed.
+    ///
+    /// The condition keeps a revalidation from relabelling an entry that was replaced
+    /// meanwhile (by another process sharing the database, say): the replacement's
+    /// metadata describes the replacement's bytes, and stays.
     ///
     /// # Errors
     ///
     /// [`Error::Database`] if the row cannot be written.
-    pub async fn refresh(&self, key: &str, meta: &str) -> Result<bool> {
+    pub async fn refresh(&self, key: &str, seen_meta: &str, meta: &str) -> Result<bool> {
         let mut conn = self.inner.db.acquire().await?;
         let _turn = self.inner.db.write_turn().await;
         let mut tx = self.inner.db.begin_write(&mut conn, &self.inner.namespace, "begin a refresh").await?;
         self.inner.db.round_trip().await;
         let done = sqlx::query(
-            "UPDATE entries SET meta = $1, stored_at = $2, version = $3 WHERE namespace = $4 AND key = $5 AND state = 0",
+            "UPDATE entries SET meta = $1, stored_at = $2, version = $3 \
+             WHERE namespace = $4 AND key = $5 AND state = 0 AND meta = $6",
         )
         .bind(meta)
         .bind(now_ms())
         .bind(self.inner.clock.next())
         .bind(&self.inner.namespace)
         .bind(key)
+        .bind(seen_meta)
         .execute(&mut *tx)
         .await
         .map_err(Error::db("refresh an entry"))?;

@@ -116,3 +116,48 @@ async fn a_fresh_entry_is_served_without_asking_upstream() {
     assert_eq!(upstream.calls(), 1);
     assert_eq!(cache.download_stats().hits, 1);
 }
+
+/// Two instances on one database and directory: while A revalidates a stale entry, B replaces
+/// it with new content; A's "not modified" must not relabel B's new bytes with the old
+/// record (its sha256 among it). A's refresh finds the record changed and fetches whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revalidation_never_relabels_an_entry_replaced_meanwhile() {
+    use dunite_download::{FetchError, Fetched, ResponseMeta, fetch_fn};
+
+    let dir = tempfile::tempdir().unwrap();
+    let a = stale_cache(dir.path()).await;
+    let b = stale_cache(dir.path()).await;
+    let key = url("tool.tar.gz");
+    let (old_sha, old) = content(7, 30_000);
+    let (new_sha, new) = content(8, 50_000);
+    let first = Upstream::default();
+    first.serve(&key, old.clone(), Some("\"old\""));
+    a.get_or_fetch(&DownloadRequest::new(key.clone()), &first).await.unwrap();
+
+    // B's upstream has the new content already.
+    let newer = Upstream::default();
+    newer.serve(&key, new.clone(), Some("\"new\""));
+    let (b_in, key_in, new_in) = (b.clone(), key.clone(), new.clone());
+    let racing = fetch_fn(move |request: dunite_download::FetchRequest| {
+        let (b, key, newer, new) = (b_in.clone(), key_in.clone(), newer.clone(), new_in.clone());
+        async move {
+            if request.validators().is_some() {
+                // Between A's look at the entry and its refresh, B stores the new content.
+                b.get_or_fetch(&DownloadRequest::new(key), &newer)
+                    .await
+                    .map_err(|e| Box::new(e) as FetchError)?;
+                return Ok(Fetched::not_modified());
+            }
+            Ok(Fetched::body(std::io::Cursor::new(new), ResponseMeta::new()))
+        }
+    });
+    let mut answer = a.get_or_fetch(&DownloadRequest::new(key.clone()), &racing).await.unwrap();
+    assert_eq!(answer.source(), Source::Fetched, "the refresh must not apply to B's entry");
+    assert_eq!(read_all(&mut answer).await, new);
+    assert_eq!(answer.info().sha256(), &new_sha);
+    // What is recorded matches what is on disk, and an old pin is not answered with new bytes.
+    let cached = crate::read_verified(&a, &key).await.unwrap();
+    assert_eq!(cached, new);
+    assert_ne!(a.info(&key).await.unwrap().unwrap().sha256(), &old_sha);
+    check_consistency(a.entries().entries(), dir.path()).await.unwrap();
+}
