@@ -218,3 +218,35 @@ async fn stats_count_pokes_coalescing_and_evictions() {
     assert_eq!(store.total_bytes(), 40);
     assert_eq!(stats.last_pass.as_ref(), Some(&report));
 }
+
+/// Another process holds the shared store's eviction lock for the next three passes: each is
+/// turned away (`PassOutcome::Elsewhere`, counted, not an error), retried after the initial
+/// retry delay without any new poke, and the fourth runs and evicts. A loop that treated
+/// "elsewhere" as done would stay over the cap: the store that poked committed after the
+/// other process's pass read its total.
+#[tokio::test(start_paused = true)]
+async fn a_pass_turned_away_by_another_process_is_retried_until_it_runs() {
+    let store = TestStore::new(Duration::ZERO, 4, Duration::from_secs(30));
+    let policy = EvictionPolicy::new(100)
+        .without_safety_tick()
+        .with_retry_backoff(Duration::from_millis(100), Duration::from_secs(10));
+    let evictor = DebouncedEvictor::spawn(store.clone(), policy).unwrap();
+    store.counters().busy_passes.store(3, Ordering::SeqCst);
+    for i in 0..5 {
+        store.store(&format!("k{i}"), 40).await.unwrap();
+    }
+    let poked = tokio::time::Instant::now();
+    evictor.poke();
+    eventually(Duration::from_secs(5), || store.inner.total_bytes() <= 100).await;
+    // Retries spaced by the initial delay (100 ms), without growing it as failures do
+    // (that would take 100 + 200 + 400 ms): not spun, not stretched.
+    let took = poked.elapsed();
+    assert!(took >= Duration::from_millis(300) && took < Duration::from_millis(600), "{took:?}");
+    let stats = evictor.stats();
+    assert_eq!(stats.passes_elsewhere, 3, "{stats:?}");
+    assert_eq!(stats.errors, 0, "being turned away is not a failure");
+    assert_eq!(stats.passes, 1, "one pass ran, after three were turned away: {stats:?}");
+    assert_eq!(store.counters().finished_passes.load(Ordering::SeqCst), 1, "every pass run is finished");
+    let report = evictor.evict_now().await.unwrap();
+    assert_eq!(report.outcome, PassOutcome::UnderCap);
+}

@@ -42,6 +42,10 @@ pub struct Counters {
     pub unselected_removals: AtomicU64,
     /// When set, the next store call panics.
     pub panic_next: std::sync::atomic::AtomicBool,
+    /// The next `n` passes find the store busy: another process holds it (`Ok(None)`).
+    pub busy_passes: AtomicU32,
+    /// Passes that finished (`EvictionPass::finish`).
+    pub finished_passes: AtomicU64,
     remove_gate: Mutex<Option<(Arc<tokio::sync::Notify>, Arc<Semaphore>)>>,
 }
 
@@ -126,6 +130,11 @@ impl EvictionStore for TestStore {
 
     async fn begin_pass(&self) -> Result<Option<TestPass>, TestStoreError> {
         self.maybe_fail()?;
+        let busy =
+            self.shared.busy_passes.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
+        if busy.is_ok() {
+            return Ok(None);
+        }
         let conn = self.acquire().await?;
         let active = self.shared.active_passes.fetch_add(1, Ordering::SeqCst) + 1;
         self.shared.max_active_passes.fetch_max(active, Ordering::SeqCst);
@@ -169,6 +178,11 @@ impl EvictionPass for TestPass {
             self.store.shared.removals.lock().unwrap().push((victim.key.clone(), victim.version));
         }
         Ok(removal)
+    }
+
+    async fn finish(self) -> Result<(), TestStoreError> {
+        self.store.shared.finished_passes.fetch_add(1, Ordering::SeqCst);
+        Ok(())
     }
 }
 
