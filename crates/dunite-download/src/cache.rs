@@ -332,7 +332,9 @@ impl fmt::Debug for DownloadCache {
 
 impl DownloadCache {
     /// The options of a download cache with payloads under `dir` and its metadata in the
-    /// embedded SQLite database `dir/metadata.db`; adjust them before [`new`](Self::new).
+    /// embedded SQLite database `dir/metadata.db`; adjust them before [`new`](Self::new):
+    /// `.with_database_url("postgres://...")` keeps the metadata in PostgreSQL instead, where
+    /// several processes may share one database and one `dir` under one cap.
     #[must_use]
     pub fn options(dir: impl Into<std::path::PathBuf>, policy: EvictionPolicy) -> CacheOptions {
         CacheOptions::new(dir, NAMESPACE, policy)

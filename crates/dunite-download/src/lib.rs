@@ -14,9 +14,9 @@
 //! - **Revalidation**: an entry older than the cache's freshness is revalidated with its
 //!   `ETag` / `Last-Modified`; "not modified" refreshes it without a transfer.
 //!
-//! Storage (the embedded SQLite metadata, the payload directory, the crash-safe store
-//! sequence, reconciliation, eviction) is `dunite-core`'s [`EntryCache`]; this crate adds only
-//! what is particular to downloads. Readers keep their complete bytes even if the entry is
+//! Storage (the metadata, in embedded SQLite or a shared PostgreSQL, the payload directory,
+//! the crash-safe store sequence, reconciliation, eviction) is `dunite-core`'s
+//! [`EntryCache`]; this crate adds only what is particular to downloads. Readers keep their complete bytes even if the entry is
 //! evicted or replaced while they read.
 //!
 //! [`DebouncedEvictor`]: dunite_core::DebouncedEvictor

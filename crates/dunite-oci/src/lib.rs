@@ -5,10 +5,12 @@
 //! burst of stores (a `docker pull`) collapses into one pending eviction pass holding one
 //! database connection, instead of one eviction task and connection per blob.
 //!
-//! Storage (the embedded SQLite metadata, the payload directory, the crash-safe store
-//! sequence, reconciliation) is `dunite-core`'s [`EntryCache`]; this crate adds what is
-//! particular to OCI blobs: digest keys, digest verification, and content-addressed stores
-//! (the same digest is the same bytes, so a second store is a no-op).
+//! Storage (the metadata, in embedded SQLite or a shared PostgreSQL, the payload directory,
+//! the crash-safe store sequence, reconciliation) is `dunite-core`'s [`EntryCache`]; this
+//! crate adds what is particular to OCI blobs: digest keys, digest verification, and
+//! content-addressed stores (the same digest is the same bytes, so a second store is a
+//! no-op), and reads that survive a database outage (a blob found on disk is verified
+//! against its digest before it is handed out).
 //!
 //! [`DebouncedEvictor`]: dunite_core::DebouncedEvictor
 //! [`EntryCache`]: dunite_core::EntryCache
