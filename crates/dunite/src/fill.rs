@@ -229,19 +229,6 @@ impl Subscription {
         }
     }
 
-    /// Wait until the fill is done or failed.
-    pub(crate) async fn finished(&mut self) -> FillState {
-        loop {
-            let state = self.state.borrow_and_update().clone();
-            if matches!(state, FillState::Done { .. } | FillState::Failed { .. }) {
-                return state;
-            }
-            if self.state.changed().await.is_err() {
-                return self.state.borrow().clone();
-            }
-        }
-    }
-
     /// The blob's bytes as they arrive; ends with an error if the fill fails.
     pub(crate) fn into_stream(self) -> impl Stream<Item = std::io::Result<Bytes>> + Send + 'static {
         let file = tokio::fs::File::from_std(self.spool);

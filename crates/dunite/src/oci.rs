@@ -170,16 +170,10 @@ async fn blob(
         FillState::Failed { message, .. } => return Err(SpecError::upstream(message)),
         _ => {}
     }
-    if headers.contains_key(header::RANGE) {
-        // A range of a blob still filling: wait for the verified blob, then serve from it.
-        match subscription.finished().await {
-            FillState::Done { .. } => {}
-            FillState::Failed { message, .. } => return Err(SpecError::upstream(message)),
-            _ => return Err(SpecError::upstream("blob fill ended without an outcome")),
-        }
-        let blob = app.blobs.open(digest).await.map_err(internal)?.ok_or_else(SpecError::blob_unknown)?;
-        return serve_file(app, method, blob, digest, headers.get(header::RANGE), CacheOutcome::Miss).await;
-    }
+    // A `Range` on a miss is answered with the whole blob (200), streamed as it arrives: HTTP
+    // lets a server ignore `Range`, clients then take the full body, and it needs nothing from
+    // the cache (which a database outage, or an eviction right after the fill, could take
+    // away before a range could be cut from it).
     let total = match subscription.state.borrow().clone() {
         FillState::Streaming { total, .. } => total,
         FillState::Done { written } => Some(written),
@@ -375,17 +369,20 @@ async fn cached_manifest(app: &App, digest: &Digest) -> Result<Option<(Bytes, St
     }
 }
 
-/// The `mediaType` a manifest declares, or the OCI image manifest type.
+/// The `mediaType` a manifest declares; without one, the OCI index type for a document with
+/// `manifests`, else the OCI image manifest type.
 fn declared_media_type(manifest: &[u8]) -> String {
     #[derive(serde::Deserialize)]
     struct Declared {
         #[serde(rename = "mediaType")]
         media_type: Option<String>,
+        manifests: Option<serde::de::IgnoredAny>,
     }
-    serde_json::from_slice::<Declared>(manifest)
-        .ok()
-        .and_then(|d| d.media_type)
-        .unwrap_or_else(|| "application/vnd.oci.image.manifest.v1+json".to_owned())
+    match serde_json::from_slice::<Declared>(manifest) {
+        Ok(Declared { media_type: Some(declared), .. }) => declared,
+        Ok(Declared { manifests: Some(_), .. }) => "application/vnd.oci.image.index.v1+json".to_owned(),
+        _ => "application/vnd.oci.image.manifest.v1+json".to_owned(),
+    }
 }
 
 /// Whether a cache error is the metadata database failing: the bytes were verified (a store
@@ -532,6 +529,14 @@ mod tests {
         assert_eq!(r("bytes=9-0"), None);
         assert_eq!(r("bytes=0-1,5-6"), None);
         assert_eq!(r("items=0-1"), None);
+    }
+
+    #[test]
+    fn an_index_without_a_media_type_is_served_as_an_index() {
+        let index = br#"{"schemaVersion":2,"manifests":[]}"#;
+        assert_eq!(declared_media_type(index), "application/vnd.oci.image.index.v1+json");
+        let manifest = br#"{"schemaVersion":2,"layers":[]}"#;
+        assert_eq!(declared_media_type(manifest), "application/vnd.oci.image.manifest.v1+json");
     }
 
     proptest::proptest! {

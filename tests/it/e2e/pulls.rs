@@ -102,3 +102,36 @@ async fn with_the_upstream_down_cached_tags_and_blobs_are_still_served() {
     // A tag never seen cannot be made up.
     assert!(pull(dunite.addr, "e2e/never-seen").await.is_err());
 }
+
+/// A `Range` request for a blob not cached yet is answered with the whole blob (200), from
+/// the fill; once cached, the same request gets exactly the range (206).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_range_on_a_miss_gets_the_whole_blob_and_on_a_hit_the_range() {
+    let registry = Registry::start().await;
+    let image = Image::build(7, 1, 200_000);
+    image.push(registry.addr, "e2e/range").await;
+    let dunite = Dunite::start(registry.addr, "64MiB", &[]).await;
+    // The largest blob of a direct pull (files named by their hex digest) is the layer, as
+    // the registry holds it.
+    let direct = pull(registry.addr, "e2e/range").await.unwrap();
+    let (digest, bytes) = std::fs::read_dir(direct.path())
+        .unwrap()
+        .map(|entry| {
+            let entry = entry.unwrap();
+            (format!("sha256:{}", entry.file_name().to_string_lossy()), std::fs::read(entry.path()).unwrap())
+        })
+        .filter(|(name, _)| name.len() == "sha256:".len() + 64)
+        .max_by_key(|(_, bytes)| bytes.len())
+        .unwrap();
+    let url = format!("http://{}/v2/e2e/range/blobs/{digest}", dunite.addr);
+    let client = reqwest::Client::new();
+
+    let miss = client.get(&url).header("range", "bytes=100-199").send().await.unwrap();
+    assert_eq!(miss.status(), 200, "a miss answers with the whole blob");
+    assert_eq!(miss.bytes().await.unwrap(), bytes);
+
+    let hit = client.get(&url).header("range", "bytes=100-199").send().await.unwrap();
+    assert_eq!(hit.status(), 206);
+    assert_eq!(hit.headers()["content-range"], format!("bytes 100-199/{}", bytes.len()).as_str());
+    assert_eq!(hit.bytes().await.unwrap(), bytes[100..200]);
+}

@@ -1,6 +1,7 @@
 //! The metadata database: the backends (SQLite, PostgreSQL), connection set-up, pool bounds,
 //! embedded migrations, and the locks that differ between backends.
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::str::FromStr as _;
 use std::sync::Arc;
@@ -133,6 +134,9 @@ pub struct Database {
     backend: Backend,
     latency: Duration,
     writer: Arc<tokio::sync::Mutex<()>>,
+    /// PostgreSQL's write locks are per namespace (its `totals` row), so are its turns: a
+    /// cache waiting for another instance's lock holds up no other cache.
+    namespace_writers: Arc<std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>>,
     /// Set while the server is unreachable: until when callers fail at once (see `acquire`).
     down_until: Arc<std::sync::Mutex<Option<Instant>>>,
 }
@@ -209,6 +213,24 @@ impl Database {
             .max_connections(options.max_connections)
             .min_connections(0)
             .acquire_timeout(options.acquire_timeout);
+        if backend == Backend::Postgres {
+            // A peer that vanished must not hold a lock for long: give up waiting on a row lock
+            // after 10 s (the write fails and is retried by its caller), end a session idle in a
+            // transaction after a minute, and notice a dead client within about a minute (its
+            // eviction lock is then released).
+            pool = pool.after_connect(|conn, _meta| {
+                Box::pin(async move {
+                    sqlx::raw_sql(
+                        "SET lock_timeout = '10s'; SET idle_in_transaction_session_timeout = '60s'; \
+                         SET tcp_keepalives_idle = 30; SET tcp_keepalives_interval = 10; \
+                         SET tcp_keepalives_count = 3;",
+                    )
+                    .execute(conn)
+                    .await
+                    .map(drop)
+                })
+            });
+        }
         if backend == Backend::Sqlite {
             let busy_ms = options.busy_timeout.as_millis();
             pool = pool.after_connect(move |conn, _meta| {
@@ -241,6 +263,7 @@ impl Database {
             backend,
             latency: options.simulated_latency,
             writer: Arc::default(),
+            namespace_writers: Arc::default(),
             down_until: Arc::default(),
         })
     }
@@ -324,11 +347,21 @@ impl Database {
         acquired.map_err(Error::db("acquire a connection"))
     }
 
-    /// Wait for this process's turn to write. Take it after acquiring the connection and
-    /// before beginning the write transaction: always in that order, so holders of the turn
-    /// never wait for a connection held by a waiter for the turn.
-    pub(crate) async fn write_turn(&self) -> tokio::sync::OwnedMutexGuard<()> {
-        Arc::clone(&self.writer).lock_owned().await
+    /// Wait for this process's turn to write to `namespace`: one turn per database on SQLite
+    /// (its lock is the whole database's), one per namespace on PostgreSQL (its lock is the
+    /// namespace's `totals` row). Take it after acquiring the connection and before beginning
+    /// the write transaction: always in that order, so holders of the turn never wait for a
+    /// connection held by a waiter for the turn.
+    pub(crate) async fn write_turn(&self, namespace: &str) -> tokio::sync::OwnedMutexGuard<()> {
+        let turn = match self.backend {
+            Backend::Sqlite => Arc::clone(&self.writer),
+            Backend::Postgres => {
+                let mut turns =
+                    self.namespace_writers.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                Arc::clone(turns.entry(namespace.to_owned()).or_default())
+            }
+        };
+        turn.lock_owned().await
     }
 
     /// Begin a write transaction on `namespace`, holding its write lock until commit or

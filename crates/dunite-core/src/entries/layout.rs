@@ -183,6 +183,10 @@ impl Layout {
             let dir =
                 dest.parent().ok_or_else(|| std::io::Error::other("payload path without a directory"))?;
             std::fs::create_dir_all(dir)?;
+            // Stamp it now: a rename keeps the modification time, and start-up cleanup on a
+            // shared directory judges files without a row by their age (an adopted file
+            // written long ago must not look like an old orphan while its commit waits).
+            std::fs::OpenOptions::new().write(true).open(&*written)?.set_modified(SystemTime::now())?;
             match written.persist(&dest) {
                 Ok(()) => {}
                 // An adopted file on another file system: copy it over, then drop the original

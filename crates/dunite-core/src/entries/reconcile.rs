@@ -58,7 +58,7 @@ impl EntryStore {
                 .map_err(Error::db("list interrupted removals"))?;
         for (key, file) in marked {
             inner.layout.unlink(&file).await?;
-            if self.delete_row(&key, &file, "finish an interrupted removal").await? {
+            if self.delete_row(&key, &file, false, "finish an interrupted removal").await? {
                 report.removals_finished += 1;
             }
         }
@@ -72,16 +72,28 @@ impl EntryStore {
                 .await
                 .map_err(Error::db("list entries"))?;
         let mut on_disk = list_payloads(inner.layout.data_dir().to_path_buf(), grace).await?;
+        let mut missing = Vec::new();
         for (key, file) in rows {
-            if on_disk.remove(&file) {
-                continue;
+            // Not in the walk: missing, or just young (a young file is left out of it).
+            if !on_disk.remove(&file) && !file_exists(&inner.layout.payload(&file)).await? {
+                missing.push((key, file));
             }
-            if !file_exists(&inner.layout.payload(&file)).await? {
-                // Missing, not just young (a young file is left out of the walk).
-                if self.delete_row(&key, &file, "drop a row without its file").await? {
-                    tracing::warn!(key, "entry without its payload file; dropped the row");
-                    report.rows_without_file += 1;
-                }
+        }
+        if inner.db.is_shared() && !missing.is_empty() {
+            // Another instance may be fine where this one is not (a volume not mounted yet
+            // would make every row look orphaned and wipe the shared cache). Leave the rows:
+            // a read of one drops it, and eviction removes the rest in LRU order.
+            tracing::warn!(
+                namespace = ns,
+                rows = missing.len(),
+                "rows whose payload this instance cannot see; left for reads and eviction to drop"
+            );
+            missing.clear();
+        }
+        for (key, file) in missing {
+            if self.delete_row(&key, &file, true, "drop a row without its file").await? {
+                tracing::warn!(key, "entry without its payload file; dropped the row");
+                report.rows_without_file += 1;
             }
         }
         // What is left on disk has no row: a store interrupted before its commit.
@@ -97,22 +109,31 @@ impl EntryStore {
         Ok(report)
     }
 
-    /// Delete the row of `key` if it still names `file`, keeping the total in step. Returns
-    /// whether a row was deleted.
-    async fn delete_row(&self, key: &str, file: &str, op: &'static str) -> Result<bool> {
+    /// Delete the row of `key` if it still names `file` (and, with `only_live`, is live, not
+    /// being removed), keeping the total in step. Returns whether a row was deleted.
+    pub(super) async fn delete_row(
+        &self,
+        key: &str,
+        file: &str,
+        only_live: bool,
+        op: &'static str,
+    ) -> Result<bool> {
         let inner = self.inner();
         let mut conn = inner.db.acquire().await?;
-        let _turn = inner.db.write_turn().await;
+        let _turn = inner.db.write_turn(&inner.namespace).await;
         let mut tx = inner.db.begin_write(&mut conn, &inner.namespace, op).await?;
-        let deleted: Option<(i64,)> = sqlx::query_as(
-            "DELETE FROM entries WHERE namespace = $1 AND key = $2 AND file = $3 RETURNING size",
-        )
-        .bind(&inner.namespace)
-        .bind(key)
-        .bind(file)
-        .fetch_optional(&mut *tx)
-        .await
-        .map_err(Error::db(op))?;
+        let sql = if only_live {
+            "DELETE FROM entries WHERE namespace = $1 AND key = $2 AND file = $3 AND state = 0 RETURNING size"
+        } else {
+            "DELETE FROM entries WHERE namespace = $1 AND key = $2 AND file = $3 RETURNING size"
+        };
+        let deleted: Option<(i64,)> = sqlx::query_as(sql)
+            .bind(&inner.namespace)
+            .bind(key)
+            .bind(file)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(Error::db(op))?;
         if let Some((size,)) = deleted {
             sqlx::query("UPDATE totals SET bytes = bytes - $1, entries = entries - 1 WHERE namespace = $2")
                 .bind(size)
@@ -131,7 +152,7 @@ impl EntryStore {
         let inner = self.inner();
         let ns = inner.namespace.as_str();
         let mut conn = inner.db.acquire().await?;
-        let _turn = inner.db.write_turn().await;
+        let _turn = inner.db.write_turn(&inner.namespace).await;
         let mut tx = inner.db.begin_write(&mut conn, ns, "begin a recount").await?;
         // SUM of a BIGINT is NUMERIC on PostgreSQL: cast back.
         let (sum, count): (i64, i64) = sqlx::query_as(

@@ -141,6 +141,9 @@ impl fmt::Debug for EntryStore {
     }
 }
 
+/// The operation of a store's COMMIT: its failure is ambiguous (see `commit_written`).
+const COMMIT_A_STORE: &str = "commit a store";
+
 /// Interrupted removals a pass finishes before its own work (the rest wait for the next).
 const MARKED_PER_PASS: usize = 64;
 
@@ -387,8 +390,17 @@ impl EntryStore {
         let file = inner.layout.persist(written.temp, key).await?;
         let outcome = match self.commit(key, &file, size, &meta).await {
             Ok(outcome) => outcome,
+            // The COMMIT itself failed: it may have been applied with only the answer lost
+            // (the connection dropped). Keep the payload: a row may name it. If none does,
+            // it is an orphan, which reconciliation deletes; deleting it here could leave a
+            // committed row without its file.
+            Err(e @ Error::Database { op: COMMIT_A_STORE, .. }) => {
+                tracing::warn!(error = %e, "a store's commit failed unseen; its payload is kept");
+                return Err(e);
+            }
             Err(e) => {
-                // Never leave a payload without a row; if even this fails, reconcile will.
+                // Rolled back: never leave a payload without a row; if even this fails,
+                // reconcile will.
                 if let Err(unlink) = inner.layout.unlink(&file).await {
                     tracing::warn!(%unlink, "could not delete an uncommitted payload");
                 }
@@ -425,7 +437,7 @@ impl EntryStore {
         // Lock order everywhere: a connection first, then the write turn (an eviction pass
         // holds its connection across turns).
         let mut conn = inner.db.acquire().await?;
-        let _turn = inner.db.write_turn().await;
+        let _turn = inner.db.write_turn(&inner.namespace).await;
         let mut tx = inner.db.begin_write(&mut conn, &inner.namespace, "begin a store").await?;
         self.inner.db.round_trip().await;
         let existing: Option<(String, i64, i64)> =
@@ -435,6 +447,16 @@ impl EntryStore {
                 .fetch_optional(&mut *tx)
                 .await
                 .map_err(Error::db("look up an entry"))?;
+        // A live row whose payload is gone (its store's COMMIT succeeded unseen and the store
+        // deleted its file, say) is no entry to keep: replace it, or it would stay counted and
+        // unreadable for as long as stores of its key keep it recent.
+        let keep = match &existing {
+            Some((old_file, _, 0)) if inner.on_conflict == OnConflict::KeepExisting => {
+                let path = inner.layout.payload(old_file);
+                tokio::fs::try_exists(&path).await.map_err(Error::io("look for", path))?
+            }
+            _ => false,
+        };
         let version = inner.clock.next();
         let size_i = to_i64(size);
         let (delta_bytes, delta_entries, committed) = match existing {
@@ -456,9 +478,7 @@ impl EntryStore {
                 .map_err(Error::db("insert an entry"))?;
                 (size_i, 1, Committed::Inserted)
             }
-            Some((_, _, 0)) if inner.on_conflict == OnConflict::KeepExisting => {
-                return Ok(Committed::AlreadyPresent);
-            }
+            Some(_) if keep => return Ok(Committed::AlreadyPresent),
             Some((old_file, old_size, state)) => {
                 self.inner.db.round_trip().await;
                 sqlx::query(
@@ -488,7 +508,7 @@ impl EntryStore {
             .execute(&mut *tx)
             .await
             .map_err(Error::db("update the accounted total"))?;
-        tx.commit().await.map_err(Error::db("commit a store"))?;
+        tx.commit().await.map_err(Error::db(COMMIT_A_STORE))?;
         Ok(committed)
     }
 
@@ -513,8 +533,17 @@ impl EntryStore {
                 Ok(Some(OpenEntry { file, info }))
             }
             // Evicted or replaced between the lookup and the open: a miss, never wrong bytes.
+            // Or a live row that lost its payload (a commit whose answer was lost, a shared
+            // directory another instance could see and this one cannot): drop that row, if
+            // it is still live and still names the file, so it stops counting and the next
+            // store of the key fills it again.
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 inner.counters.misses.fetch_add(1, Ordering::Relaxed);
+                match self.delete_row(key, &file, true, "drop a row without its file").await {
+                    Ok(true) => tracing::warn!(key, "entry without its payload file; dropped the row"),
+                    Ok(false) => {}
+                    Err(error) => tracing::debug!(%error, "could not drop a row without its file"),
+                }
                 Ok(None)
             }
             Err(e) => Err(Error::io("open", path)(e)),
@@ -575,7 +604,7 @@ impl EntryStore {
     /// [`Error::Database`] if the row cannot be written.
     pub async fn refresh(&self, key: &str, seen_meta: &str, meta: &str) -> Result<bool> {
         let mut conn = self.inner.db.acquire().await?;
-        let _turn = self.inner.db.write_turn().await;
+        let _turn = self.inner.db.write_turn(&self.inner.namespace).await;
         let mut tx = self.inner.db.begin_write(&mut conn, &self.inner.namespace, "begin a refresh").await?;
         self.inner.db.round_trip().await;
         let done = sqlx::query(
@@ -735,7 +764,7 @@ impl Inner {
             return Ok(());
         }
         let result = async {
-            let _turn = self.db.write_turn().await;
+            let _turn = self.db.write_turn(&self.namespace).await;
             let mut tx = self.db.begin_write(conn, &self.namespace, "begin an access flush").await?;
             let pending: Vec<(&String, &i64)> = pending.iter().collect();
             // One statement per chunk, not per key: on a networked database every statement
@@ -814,7 +843,7 @@ impl Inner {
         }
         // 1. Mark: from here on no reader is handed these rows.
         let marked: Vec<(String, String)> = {
-            let _turn = self.db.write_turn().await;
+            let _turn = self.db.write_turn(&self.namespace).await;
             let mut tx = self.db.begin_write(conn, &self.namespace, "begin a removal").await?;
             self.db.round_trip().await;
             let (sql, pairs) = match &targets {
@@ -845,7 +874,7 @@ impl Inner {
         let mut doomed = Vec::with_capacity(marked.len());
         for (key, file) in marked {
             if matches!(targets, Targets::Victims(_)) && self.is_pinned(&key) {
-                let _turn = self.db.write_turn().await;
+                let _turn = self.db.write_turn(&self.namespace).await;
                 let mut tx = self.db.begin_write(conn, &self.namespace, "begin an unmark").await?;
                 self.db.round_trip().await;
                 let unmarked = sqlx::query(
@@ -906,7 +935,7 @@ impl Inner {
         if unlinked.is_empty() {
             return Ok(Vec::new());
         }
-        let _turn = self.db.write_turn().await;
+        let _turn = self.db.write_turn(&self.namespace).await;
         let mut tx = self.db.begin_write(conn, &self.namespace, "begin a removal").await?;
         self.db.round_trip().await;
         let sql = format!(
@@ -948,10 +977,18 @@ impl Inner {
         .fetch_all(&mut *conn)
         .await
         .map_err(Error::db("list interrupted removals"))?;
-        for (_, file) in &marked {
-            self.layout.unlink(file).await?;
+        // A payload that cannot be unlinked (permissions on a shared volume, an I/O error)
+        // is logged and left marked: one such row must not stop every pass.
+        let mut unlinked = Vec::with_capacity(marked.len());
+        for (key, file) in marked {
+            match self.layout.unlink(&file).await {
+                Ok(()) => unlinked.push((key, file)),
+                Err(error) => {
+                    tracing::warn!(%error, key, "cannot finish an interrupted removal; leaving it marked");
+                }
+            }
         }
-        let deleted = self.delete_unlinked(conn, &marked).await?;
+        let deleted = self.delete_unlinked(conn, &unlinked).await?;
         if !deleted.is_empty() {
             tracing::info!(namespace = %self.namespace, rows = deleted.len(), "finished interrupted removals");
         }
@@ -999,16 +1036,20 @@ impl EvictionStore for EntryStore {
 
     async fn begin_pass(&self) -> Result<Option<EntryPass>> {
         let inner = &self.inner;
-        let mut conn = inner.db.acquire().await?;
-        if !inner.db.try_lock_evictions(&mut conn, &inner.namespace).await? {
+        let conn = inner.db.acquire().await?;
+        // Counted as locked from before the lock query: if it is cancelled or fails after
+        // the server granted the lock, the connection closes instead of going back to the
+        // pool with the lock.
+        let mut pass = EntryPass { inner: Arc::clone(inner), conn, locked: inner.db.is_shared() };
+        if !inner.db.try_lock_evictions(&mut pass.conn, &inner.namespace).await? {
             // Another instance is evicting: give the connection back at once.
+            pass.locked = false;
             tracing::debug!(namespace = %inner.namespace, "another instance holds the eviction lock");
             return Ok(None);
         }
         if inner.db.is_shared() {
             tracing::debug!(namespace = %inner.namespace, "eviction lock taken");
         }
-        let mut pass = EntryPass { inner: Arc::clone(inner), conn, locked: inner.db.is_shared() };
         if let Err(error) = inner.finish_marked(&mut pass.conn).await {
             // Leave the lock the way every failed pass does.
             if let Err(unlock) = pass.finish().await {
@@ -1103,7 +1144,7 @@ mod tests {
         let victims = pass.least_recently_used(10).await.unwrap();
         assert_eq!(victims.len(), 1);
 
-        let turn = db.write_turn().await;
+        let turn = db.write_turn("race").await;
         let remover = tokio::spawn(async move {
             let removals = pass.remove_batch(&victims).await;
             pass.finish().await.unwrap();

@@ -4,5 +4,6 @@
 
 mod burst;
 mod convergence;
+mod faults;
 mod lifecycle;
 mod support;
