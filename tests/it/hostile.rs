@@ -9,7 +9,8 @@ use std::time::Duration;
 use proptest::prelude::*;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
-use dunite::spec::{Reference, is_valid_name, is_valid_tag};
+use dunite::fuzzing;
+use dunite::spec::{Reference, is_valid_name};
 use dunite_download::UrlKey;
 use dunite_oci::Digest;
 
@@ -62,80 +63,53 @@ fn hostile_text() -> impl Strategy<Value = String> {
     prop_oneof![any::<String>(), "[a-z0-9._/%:-]{0,80}", shaped()]
 }
 
-/// What a traversal or an escape looks like in a name, a tag or a digest.
-fn traversal_shaped(text: &str) -> bool {
-    let lower = text.to_ascii_lowercase();
-    lower.starts_with('/')
-        || lower.contains("..")
-        || lower.contains('%')
-        || lower.contains('\\')
-        || lower.contains('\0')
-        || lower.contains("//")
+/// Raw bytes: what an upstream's header or manifest may hold.
+fn hostile_bytes() -> impl Strategy<Value = Vec<u8>> {
+    prop_oneof![prop::collection::vec(any::<u8>(), 0..512), hostile_text().prop_map(String::into_bytes),]
 }
 
-/// The grammar of a name, written independently of `is_valid_name`.
-fn name_grammar(name: &str) -> bool {
-    let alnum = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit();
-    name.len() <= 255
-        && name.split('/').all(|component| {
-            let chars: Vec<char> = component.chars().collect();
-            !chars.is_empty()
-                && alnum(chars[0])
-                && alnum(chars[chars.len() - 1])
-                && chars.iter().all(|&c| alnum(c) || matches!(c, '.' | '_' | '-'))
-                && !component.contains("..")
-                && !component.contains("___")
-                && !component.contains("._")
-                && !component.contains("_.")
-                && !component.contains(".-")
-                && !component.contains("-.")
-                && !component.contains("_-")
-                && !component.contains("-_")
-        })
+/// A `Range` check's input: the blob size (8 bytes, big-endian), then the header.
+fn range_input() -> impl Strategy<Value = Vec<u8>> {
+    let size = prop_oneof![Just(0u64), 1u64..1000, Just(u64::MAX), any::<u64>()];
+    let spec = prop_oneof!["bytes=[0-9]{0,21}-[0-9]{0,21}", "[ a-z=0-9,-]{0,40}", hostile_text()];
+    (size, spec).prop_map(|(size, spec)| [size.to_be_bytes().as_slice(), spec.as_bytes()].concat())
 }
 
-/// A URL path's segments, between the authority and the query.
-fn url_path(canonical: &str) -> &str {
-    let after_scheme = canonical.split_once("://").map_or(canonical, |(_, rest)| rest);
-    let path = after_scheme.find('/').map_or("", |i| &after_scheme[i..]);
-    path.split(['?', '#']).next().unwrap_or("")
+/// A manifest declaring a media type, or a challenge with parameters, among other JSON.
+fn manifest_input() -> impl Strategy<Value = Vec<u8>> {
+    let declared = prop_oneof!["[a-z0-9.+/-]{1,60}", any::<String>()];
+    (declared, "[a-z]{0,20}", any::<String>()).prop_map(|(declared, extra, odd)| {
+        let manifest = serde_json::json!({ "schemaVersion": 2, "mediaType": declared, extra: [odd] });
+        serde_json::to_vec(&manifest).unwrap()
+    })
 }
 
+fn challenge_input() -> impl Strategy<Value = Vec<u8>> {
+    let param =
+        ("[ ,]{0,2}", "[A-Za-z ]{0,8}", prop_oneof!["\"[^\"]{0,20}\"", "[^,]{0,20}", "\"[a\\\\]{0,6}"]);
+    ("(B|b)earer ", prop::collection::vec(param, 0..5)).prop_map(|(scheme, params)| {
+        let params: String =
+            params.into_iter().map(|(sep, key, value)| format!("{sep}{key}={value}")).collect();
+        format!("{scheme}{params}").into_bytes()
+    })
+}
+
+// The properties themselves are `dunite::fuzzing`'s checks, shared with the cargo-fuzz targets
+// in `fuzz/`: here proptest drives them with traversal-shaped inputs, there libFuzzer does.
 proptest! {
     #[test]
     fn names_accepted_satisfy_the_grammar_and_are_never_paths(text in hostile_text()) {
-        if is_valid_name(&text) {
-            prop_assert!(name_grammar(&text), "accepted {text:?}");
-            prop_assert!(!traversal_shaped(&text), "accepted {text:?}");
-        }
+        fuzzing::name(text.as_bytes());
     }
 
     #[test]
     fn tags_and_references_accepted_round_trip(text in hostile_text()) {
-        let tag = is_valid_tag(&text);
-        if tag {
-            // `..` may occur inside a tag (the grammar allows `a..b`), but a tag is one path
-            // segment that is never a dot segment and never escapes.
-            let escapes = ['/', '%', '\\', '\0'].iter().any(|&c| text.contains(c));
-            prop_assert!(!escapes && text.len() <= 128, "tag {text:?}");
-            prop_assert!(!text.starts_with('.') && !text.starts_with('-'), "tag {text:?}");
-        }
-        match Reference::parse(&text) {
-            Ok(Reference::Tag(t)) => prop_assert!(tag && t == text, "tag {text:?} became {t:?}"),
-            Ok(Reference::Digest(d)) => prop_assert_eq!(d.to_string(), text),
-            Err(e) => prop_assert!(e.status.is_client_error() && !tag, "{text:?}: {e:?}"),
-        }
+        fuzzing::reference(text.as_bytes());
     }
 
     #[test]
     fn digests_accepted_are_exactly_algorithm_colon_lower_hex(text in hostile_text()) {
-        if let Ok(digest) = text.parse::<Digest>() {
-            prop_assert_eq!(digest.to_string(), text.clone());
-            let (algorithm, hex) = text.split_once(':').unwrap();
-            let want = match algorithm { "sha256" => 64, "sha512" => 128, _ => 0 };
-            prop_assert_eq!(hex.len(), want, "{}", text);
-            prop_assert!(hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)));
-        }
+        fuzzing::digest(text.as_bytes());
     }
 
     #[test]
@@ -152,19 +126,59 @@ proptest! {
     #[test]
     fn url_keys_are_canonical_http_with_no_dot_segments(text in hostile_text(), path in shaped()) {
         for input in [text.clone(), format!("http://h.example/{path}"), format!("https://h.example/a/{path}?q")] {
-            if let Ok(key) = UrlKey::parse(&input) {
-                let canonical = key.as_str();
-                prop_assert!(canonical.starts_with("http://") || canonical.starts_with("https://"), "{input:?} -> {canonical:?}");
-                prop_assert!(!canonical.contains('#'), "{input:?} -> {canonical:?}");
-                let again = UrlKey::parse(canonical).map(|k| k.as_str().to_owned());
-                prop_assert_eq!(again.as_deref(), Ok(canonical), "not idempotent for {:?}", input);
-                for segment in url_path(canonical).split('/') {
-                    let lower = segment.to_ascii_lowercase().replace("%2e", ".");
-                    prop_assert!(lower != "." && lower != "..", "dot segment in {canonical:?} from {input:?}");
-                }
-            }
+            fuzzing::url_key(input.as_bytes());
         }
     }
+
+    #[test]
+    fn download_targets_are_keys_with_a_host_and_no_credentials(text in hostile_text(), path in shaped(), hex in "[0-9a-fA-F]{0,66}") {
+        for input in [
+            text.clone(),
+            format!("http://h.example/{path}"),
+            format!("sha256:{hex}/https://{path}h.example/x?{path}"),
+            format!("http://{path}@h.example/{path}"),
+        ] {
+            fuzzing::download_target(input.as_bytes());
+        }
+    }
+
+    #[test]
+    fn ranges_served_lie_within_the_blob(input in range_input()) {
+        fuzzing::range(&input);
+    }
+
+    #[test]
+    fn manifest_media_types_are_header_values(bytes in hostile_bytes(), manifest in manifest_input()) {
+        fuzzing::manifest_media_type(&bytes);
+        fuzzing::manifest_media_type(&manifest);
+    }
+
+    #[test]
+    fn bearer_challenges_parse_without_panicking(bytes in hostile_bytes(), challenge in challenge_input()) {
+        fuzzing::bearer_challenge(&bytes);
+        fuzzing::bearer_challenge(&challenge);
+    }
+}
+
+/// The seed inputs of the fuzz targets (`fuzz/seeds/<check>/`), and any input a fuzzer found
+/// that broke a check once (kept there as a regression), run through their checks.
+#[test]
+fn fuzz_seeds_pass_their_checks() {
+    let seeds = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/seeds");
+    let mut ran = 0;
+    for (name, check) in fuzzing::CHECKS {
+        let dir = seeds.join(name);
+        let entries = std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+        for entry in entries {
+            let path = entry.unwrap().path();
+            let input = std::fs::read(&path).unwrap();
+            if let Err(panic) = std::panic::catch_unwind(|| check(&input)) {
+                panic!("{name} fails on {}: {panic:?}", path.display());
+            }
+            ran += 1;
+        }
+    }
+    assert!(ran >= fuzzing::CHECKS.len(), "only {ran} seeds");
 }
 
 #[test]

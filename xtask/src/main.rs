@@ -5,6 +5,7 @@
 
 #![allow(clippy::print_stdout, clippy::print_stderr, reason = "a command-line tool: printing is its output")]
 
+mod fuzz;
 mod pg;
 
 use std::env;
@@ -18,6 +19,10 @@ const TASKS: &[(&str, &str)] = &[
     ("ci", "every check CI runs: fmt, clippy, build, tests, doc tests, docs (fails on the first failure)"),
     ("bench", "the benchmark scenarios (see docs/benchmarks.md); pass --quick for a smoke run"),
     ("chaos", "crash trials: kill -9 dunite mid-pull, restart, check (see docs/reliability.md); --trials N"),
+    (
+        "fuzz",
+        "libFuzzer on the cargo-fuzz targets in fuzz/ (needs nightly + cargo-fuzz); --seconds N [TARGET...]",
+    ),
     ("pg", "a throwaway PostgreSQL server: `pg -- CMD ARGS...` runs CMD with it; bare `pg` prints its env"),
 ];
 
@@ -36,6 +41,7 @@ fn main() -> ExitCode {
         Some("ci") => ci().map(|()| ExitCode::SUCCESS),
         Some("bench") => bench(&args[1..]).map(|()| ExitCode::SUCCESS),
         Some("chaos") => chaos(&args[1..]).map(|()| ExitCode::SUCCESS),
+        Some("fuzz") => fuzz::fuzz(&args[1..]).map(|()| ExitCode::SUCCESS),
         Some("pg") => pg(&args[1..]),
         Some(other) => Err(format!("unknown task `{other}`\n\n{}", usage())),
         None => {

@@ -203,35 +203,63 @@ fn refuse(status: StatusCode, message: &str) -> Response {
     (status, [("content-type", "text/plain")], format!("{message}\n")).into_response()
 }
 
+/// What `GET /dl/<rest>?<query>` asks for: a URL (with the query), its host as the allowlist
+/// sees it, and an optional sha256 pin.
+#[derive(Debug)]
+pub(crate) struct Target {
+    pub(crate) url: UrlKey,
+    /// Lower-case; the host the fetch connects to (the same parser reads both).
+    pub(crate) host: String,
+    pub(crate) pin: Option<ContentDigest>,
+}
+
+impl Target {
+    /// Parse the path after `/dl/` (percent-decoded) and the raw query. The message of an
+    /// error is what the client is told (with a 400).
+    pub(crate) fn parse(rest: &str, query: Option<&str>) -> Result<Self, String> {
+        let (pin, target) = match rest.strip_prefix("sha256:").and_then(|r| r.split_once('/')) {
+            Some((hex, url)) => {
+                let digest =
+                    hex::decode(hex).ok().and_then(|b| ContentDigest::from_bytes(DigestAlgorithm::Sha256, b));
+                let Some(digest) = digest else {
+                    return Err("the sha256 pin must be 64 hex characters".to_owned());
+                };
+                (Some(digest), url)
+            }
+            None => (None, rest),
+        };
+        let target = match query {
+            Some(q) => format!("{target}?{q}"),
+            None => target.to_owned(),
+        };
+        let url = UrlKey::parse(&target).map_err(|e| format!("not a download URL: {e}"))?;
+        let parsed = url::Url::parse(url.as_str()).map_err(|e| format!("not a download URL: {e}"))?;
+        // Credentials in the URL would be stored in the cache key, shown in logs, and the
+        // entry they unlocked served to every client: refused.
+        if !parsed.username().is_empty() || parsed.password().is_some() {
+            return Err("credentials in a download URL are not accepted".to_owned());
+        }
+        let Some(host) = parsed.host_str().map(str::to_ascii_lowercase) else {
+            return Err("a download URL needs a host".to_owned());
+        };
+        Ok(Self { url, host, pin })
+    }
+}
+
 /// `GET /dl/<url>` or `GET /dl/sha256:<hex>/<url>`.
 pub(crate) async fn download(
     State(app): State<Arc<App>>,
     Path(rest): Path<String>,
     RawQuery(query): RawQuery,
 ) -> Response {
-    let (pin, target) = match rest.strip_prefix("sha256:").and_then(|r| r.split_once('/')) {
-        Some((hex, url)) => {
-            let Some(digest) =
-                hex::decode(hex).ok().and_then(|b| ContentDigest::from_bytes(DigestAlgorithm::Sha256, b))
-            else {
-                return refuse(StatusCode::BAD_REQUEST, "the sha256 pin must be 64 hex characters");
-            };
-            (Some(digest), url.to_owned())
-        }
-        None => (None, rest),
+    let target = match Target::parse(&rest, query.as_deref()) {
+        Ok(target) => target,
+        Err(message) => return refuse(StatusCode::BAD_REQUEST, &message),
     };
-    let target = match query {
-        Some(q) => format!("{target}?{q}"),
-        None => target,
-    };
-    let url = match UrlKey::parse(&target) {
-        Ok(url) => url,
-        Err(e) => return refuse(StatusCode::BAD_REQUEST, &format!("not a download URL: {e}")),
-    };
-    let host = url::Url::parse(url.as_str()).ok().and_then(|u| u.host_str().map(str::to_ascii_lowercase));
-    if !host.is_some_and(|h| app.config.dl_allow.contains(&h)) {
+    if !app.config.dl_allow.contains(&target.host) {
         return refuse(StatusCode::FORBIDDEN, "host is not on the download allowlist");
     }
+    let Target { url, pin, .. } = target;
     let mut request = DownloadRequest::new(url);
     if let Some(pin) = pin {
         request = request.with_sha256(pin);
@@ -380,5 +408,23 @@ mod tests {
         for public in ["93.184.216.34", "1.1.1.1", "2606:4700::1111"] {
             assert!(is_public(public.parse().unwrap()), "{public}");
         }
+    }
+
+    #[test]
+    fn targets_carry_the_query_and_pin_and_refuse_credentials() {
+        let hex = "ab".repeat(32);
+        let target =
+            Target::parse(&format!("sha256:{hex}/https://Files.Example/a/../f"), Some("v=1")).unwrap();
+        assert_eq!(target.url.as_str(), "https://files.example/f?v=1");
+        assert_eq!(target.host, "files.example");
+        assert_eq!(target.pin.map(|p| p.hex()), Some(hex));
+        for refused in ["http://user:secret@h.example/f", "http://user@h.example/f", "http://:pw@h.example/f"]
+        {
+            let message = Target::parse(refused, None).unwrap_err();
+            assert!(message.contains("credentials"), "{refused}: {message}");
+            assert!(!message.contains("secret"), "the message repeats the password: {message}");
+        }
+        assert!(Target::parse("sha256:abc/https://h.example/f", None).unwrap_err().contains("pin"));
+        assert!(Target::parse("file:///etc/passwd", None).is_err());
     }
 }

@@ -31,6 +31,8 @@ mod app;
 pub mod config;
 mod dl;
 mod fill;
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing;
 mod metrics;
 mod oci;
 pub mod spec;

@@ -173,7 +173,7 @@ impl Registries {
 }
 
 /// The parameters of a `WWW-Authenticate: Bearer k="v",...` challenge.
-fn bearer_challenge(headers: &HeaderMap) -> Option<BTreeMap<String, String>> {
+pub(crate) fn bearer_challenge(headers: &HeaderMap) -> Option<BTreeMap<String, String>> {
     let value = headers.get(WWW_AUTHENTICATE)?.to_str().ok()?;
     let rest = value.strip_prefix("Bearer ").or_else(|| value.strip_prefix("bearer "))?;
     let mut params = BTreeMap::new();
