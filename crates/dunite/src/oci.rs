@@ -284,7 +284,7 @@ async fn manifest(
             Ok(manifest_response(method, bytes, &media_type, &digest, CacheOutcome::Miss))
         }
         Reference::Tag(tag) => {
-            let key = format!("{host}/{name}:{tag}");
+            let key = tag_key(host, name, &tag, &accept);
             let known = tag_record(app, &key).await?;
             if let Some((record, stored_at_ms)) = &known
                 && now_ms().saturating_sub(*stored_at_ms)
@@ -325,6 +325,27 @@ async fn manifest(
             }
         }
     }
+}
+
+/// The tag cache's key: the tag and the set of media types the client accepts.
+///
+/// A registry answers a tag by what the client accepts (an index, one platform's manifest, or
+/// a 404 to a client that takes no index), so the mirror keeps one answer per set of accepted
+/// types, as an HTTP cache honours `Vary: Accept`: an old client's single-platform manifest
+/// never reaches a client that asked for the index, nor the reverse. Order, parameters and
+/// case do not matter; clients of one kind send one set, so they share an entry.
+fn tag_key(host: &str, name: &str, tag: &str, accept: &HeaderValue) -> String {
+    let mut types: Vec<String> = String::from_utf8_lossy(accept.as_bytes())
+        .split(',')
+        .filter_map(|item| {
+            let media_type = item.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+            (!media_type.is_empty()).then_some(media_type)
+        })
+        .collect();
+    types.sort_unstable();
+    types.dedup();
+    let accepted = ContentDigest::of(DigestAlgorithm::Sha256, types.join(",").as_bytes()).hex();
+    format!("{host}/{name}:{tag}@{}", &accepted[..16])
 }
 
 async fn tag_record(app: &App, key: &str) -> Result<Option<(TagRecord, i64)>, SpecError> {
@@ -534,6 +555,19 @@ mod tests {
         assert_eq!(r("bytes=9-0"), None);
         assert_eq!(r("bytes=0-1,5-6"), None);
         assert_eq!(r("items=0-1"), None);
+    }
+
+    #[test]
+    fn tag_keys_vary_by_the_accepted_set_only() {
+        let key = |accept: &'static str| tag_key("r.example", "a/b", "v1", &HeaderValue::from_static(accept));
+        let oci = "application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json";
+        assert_eq!(
+            key(oci),
+            key("Application/VND.oci.image.manifest.v1+json;q=0.9 ,application/vnd.oci.image.index.v1+json")
+        );
+        assert_ne!(key(oci), key("application/vnd.oci.image.manifest.v1+json"));
+        assert!(key(oci).starts_with("r.example/a/b:v1@"));
+        assert_ne!(key(oci), tag_key("r.example", "a/b", "v2", &HeaderValue::from_static(oci)));
     }
 
     #[test]

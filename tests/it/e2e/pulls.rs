@@ -2,6 +2,8 @@
 
 use std::time::Duration;
 
+use sha2::Digest as _;
+
 use super::harness::{Dunite, Image, Registry, assert_same_copy, pull};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -134,4 +136,67 @@ async fn a_range_on_a_miss_gets_the_whole_blob_and_on_a_hit_the_range() {
     assert_eq!(hit.status(), 206);
     assert_eq!(hit.headers()["content-range"], format!("bytes 100-199/{}", bytes.len()).as_str());
     assert_eq!(hit.bytes().await.unwrap(), bytes[100..200]);
+}
+
+/// A tag answers by the client's `Accept` (an index to a client that takes one, a 404 from the
+/// registry to one that does not), and the mirror must keep those answers apart: serving the
+/// cached index to a client that refuses indexes (or an old client's single-platform manifest
+/// to one that asked for the index) hands it a document it did not ask for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tag_is_cached_per_accepted_media_types() {
+    const INDEX: &str = "application/vnd.oci.image.index.v1+json";
+    const MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+    let registry = Registry::start().await;
+    let image = Image::build(31, 1, 1000);
+    image.push(registry.addr, "e2e/multi").await;
+    let client = reqwest::Client::new();
+    let get = |addr: std::net::SocketAddr, reference: &str, accept: &str| {
+        client
+            .get(format!("http://{addr}/v2/e2e/multi/manifests/{reference}"))
+            .header("accept", accept)
+            .send()
+    };
+    // An index over the pushed image's manifest, pushed as the tag `multi`.
+    let manifest = get(registry.addr, "v1", MANIFEST).await.unwrap().bytes().await.unwrap();
+    let manifest_digest = format!("sha256:{}", hex::encode(sha2::Sha256::digest(&manifest)));
+    let index = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": INDEX,
+        "manifests": [{
+            "mediaType": MANIFEST, "digest": manifest_digest, "size": manifest.len(),
+            "platform": {"architecture": "amd64", "os": "linux"},
+        }],
+    }))
+    .unwrap();
+    let put = client
+        .put(format!("http://{}/v2/e2e/multi/manifests/multi", registry.addr))
+        .header("content-type", INDEX)
+        .body(index.clone())
+        .send()
+        .await
+        .unwrap();
+    assert!(put.status().is_success(), "pushing the index: {}", put.status());
+
+    let dunite = Dunite::start(registry.addr, "64MiB", &[]).await;
+    let both = format!("{INDEX}, {MANIFEST}");
+    let answer = |response: reqwest::Response| async move {
+        let status = response.status().as_u16();
+        let content_type = response.headers().get("content-type").map(|v| v.to_str().unwrap().to_owned());
+        (status, content_type, response.bytes().await.unwrap())
+    };
+    for accept in [both.as_str(), MANIFEST, both.as_str(), MANIFEST] {
+        let direct = answer(get(registry.addr, "multi", accept).await.unwrap()).await;
+        let mirrored = answer(get(dunite.addr, "multi", accept).await.unwrap()).await;
+        assert_eq!(mirrored.0, direct.0, "status for Accept: {accept}");
+        if direct.0 == 200 {
+            assert_eq!(mirrored.1, direct.1, "content type for Accept: {accept}");
+            assert_eq!(mirrored.2, direct.2, "body for Accept: {accept}");
+        }
+    }
+    assert_eq!(answer(get(dunite.addr, "multi", &both).await.unwrap()).await.2, index);
+    assert!(
+        dunite.metric("dunite_manifest_hits_total").await >= 2,
+        "the index is a hit after its first fetch"
+    );
+    assert!(dunite.stop().await.success());
 }
