@@ -124,7 +124,7 @@ impl App {
         )
         .await?;
         let tags = EntryCache::open(
-            CacheOptions::new(dir.join("tags"), "oci-tags", EvictionPolicy::new(1 << 30))
+            CacheOptions::new(dir.join("tags"), "oci-tags", EvictionPolicy::new(config.tag_max_bytes))
                 .with_database(database.clone())
                 .with_on_conflict(OnConflict::Replace),
         )

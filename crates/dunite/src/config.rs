@@ -64,6 +64,10 @@ pub struct ServeArgs {
     /// How long a tag is served from cache before it is revalidated upstream, e.g. 5m [default: 5m].
     #[arg(long, env = "DUNITE_TAG_TTL")]
     pub tag_ttl: Option<String>,
+    /// Byte cap of the tag records (about 150 bytes each; the least recently used are
+    /// dropped and resolved upstream again when next asked for) [default: 4MiB].
+    #[arg(long, env = "DUNITE_TAG_MAX_BYTES")]
+    pub tag_max_bytes: Option<String>,
     /// Host the download proxy may fetch from (repeatable); none by default.
     #[arg(long = "dl-allow", env = "DUNITE_DL_ALLOW", value_delimiter = ',')]
     pub dl_allow: Vec<String>,
@@ -92,6 +96,7 @@ struct FileConfig {
     upstreams: BTreeMap<String, String>,
     default_registry: Option<String>,
     tag_ttl: Option<String>,
+    tag_max_bytes: Option<String>,
     #[serde(default)]
     dl_allow: Vec<String>,
     #[serde(default)]
@@ -155,6 +160,8 @@ pub struct Config {
     pub default_registry: String,
     /// Tag revalidation age.
     pub tag_ttl: Duration,
+    /// Cap of the tag records.
+    pub tag_max_bytes: u64,
     /// Hosts the download proxy may fetch from.
     pub dl_allow: Vec<String>,
     /// Whether allowlisted host names may resolve to non-public addresses.
@@ -185,6 +192,7 @@ impl Config {
             upstreams,
             default_registry: "docker.io".to_owned(),
             tag_ttl: Duration::from_secs(300),
+            tag_max_bytes: 4 << 20,
             dl_allow: Vec::new(),
             dl_allow_private_networks: false,
             dl_freshness: Duration::from_secs(3600),
@@ -242,6 +250,9 @@ impl Config {
         if let Some(ttl) = args.tag_ttl.or(file.tag_ttl) {
             config.tag_ttl = parse_duration(&ttl).map_err(|m| bad("tag-ttl", m))?;
         }
+        if let Some(size) = args.tag_max_bytes.or(file.tag_max_bytes) {
+            config.tag_max_bytes = parse_size(&size).map_err(|m| bad("tag-max-bytes", m))?;
+        }
         if let Some(age) = args.dl_freshness.or(file.dl_freshness) {
             config.dl_freshness = parse_duration(&age).map_err(|m| bad("dl-freshness", m))?;
         }
@@ -252,8 +263,14 @@ impl Config {
         config.dl_allow.iter_mut().for_each(|h| *h = h.to_ascii_lowercase());
         config.dl_allow_private_networks = args.dl_allow_private_networks || file.dl_allow_private_networks;
         config.credentials = file.credentials;
-        if config.oci_max_bytes == 0 || config.dl_max_bytes == 0 {
-            return Err(bad("oci-max-bytes", "caps must be positive"));
+        for (setting, cap) in [
+            ("oci-max-bytes", config.oci_max_bytes),
+            ("dl-max-bytes", config.dl_max_bytes),
+            ("tag-max-bytes", config.tag_max_bytes),
+        ] {
+            if cap == 0 {
+                return Err(bad(setting, "a cap must be positive"));
+            }
         }
         Ok(config)
     }

@@ -301,10 +301,11 @@ async fn manifest(
                     let record = TagRecord { digest: digest.to_string(), media_type: media_type.clone() };
                     let meta =
                         serde_json::to_string(&record).map_err(|e| SpecError::upstream(e.to_string()))?;
-                    tolerate_database(
-                        app.tags.store(&key, &b""[..], &Expected::new().with_size(0), &meta).await,
-                        "tag",
-                    )?;
+                    // The record is also the payload, so each counts against the tag cap by
+                    // its size (an empty payload would never be evicted); reads use the meta.
+                    let payload = meta.as_bytes();
+                    let expected = Expected::new().with_size(payload.len() as u64);
+                    tolerate_database(app.tags.store(&key, payload, &expected, &meta).await, "tag")?;
                     Ok(manifest_response(method, bytes, &media_type, &digest, CacheOutcome::Miss))
                 }
                 Err(error) if error.status == StatusCode::BAD_GATEWAY => {

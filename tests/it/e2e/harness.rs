@@ -75,6 +75,27 @@ impl Registry {
         wait_listening(addr, "docker-registry", &log).await;
         Self { _child: child, addr, dir }
     }
+
+    /// Fetch `repo:reference`'s manifest as `media_type`.
+    pub async fn manifest(&self, repo: &str, reference: &str, media_type: &str) -> Vec<u8> {
+        let url = format!("http://{}/v2/{repo}/manifests/{reference}", self.addr);
+        let response = reqwest::Client::new().get(url).header("accept", media_type).send().await.unwrap();
+        assert!(response.status().is_success(), "{repo}:{reference}: {}", response.status());
+        response.bytes().await.unwrap().to_vec()
+    }
+
+    /// Push `body` as `repo:reference`, a manifest of `media_type` (its blobs pushed already).
+    pub async fn put_manifest(&self, repo: &str, reference: &str, media_type: &str, body: Vec<u8>) {
+        let url = format!("http://{}/v2/{repo}/manifests/{reference}", self.addr);
+        let response = reqwest::Client::new()
+            .put(url)
+            .header("content-type", media_type)
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert!(response.status().is_success(), "pushing {repo}:{reference}: {}", response.status());
+    }
 }
 
 /// The `dunite` binary, built by the workspace build next to this test binary.

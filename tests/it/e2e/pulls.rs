@@ -157,7 +157,7 @@ async fn a_tag_is_cached_per_accepted_media_types() {
             .send()
     };
     // An index over the pushed image's manifest, pushed as the tag `multi`.
-    let manifest = get(registry.addr, "v1", MANIFEST).await.unwrap().bytes().await.unwrap();
+    let manifest = registry.manifest("e2e/multi", "v1", MANIFEST).await;
     let manifest_digest = format!("sha256:{}", hex::encode(sha2::Sha256::digest(&manifest)));
     let index = serde_json::to_vec(&serde_json::json!({
         "schemaVersion": 2,
@@ -168,14 +168,7 @@ async fn a_tag_is_cached_per_accepted_media_types() {
         }],
     }))
     .unwrap();
-    let put = client
-        .put(format!("http://{}/v2/e2e/multi/manifests/multi", registry.addr))
-        .header("content-type", INDEX)
-        .body(index.clone())
-        .send()
-        .await
-        .unwrap();
-    assert!(put.status().is_success(), "pushing the index: {}", put.status());
+    registry.put_manifest("e2e/multi", "multi", INDEX, index.clone()).await;
 
     let dunite = Dunite::start(registry.addr, "64MiB", &[]).await;
     let both = format!("{INDEX}, {MANIFEST}");
@@ -198,5 +191,56 @@ async fn a_tag_is_cached_per_accepted_media_types() {
         dunite.metric("dunite_manifest_hits_total").await >= 2,
         "the index is a hit after its first fetch"
     );
+    assert!(dunite.stop().await.success());
+}
+
+/// Tag records count against `--tag-max-bytes` by their size, so the tag cache stays bounded
+/// however many tags are asked for (with empty records it grew without end), and a tag
+/// dropped from it is resolved upstream again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tag_records_stay_under_their_cap() {
+    const MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+    const TAGS: usize = 40;
+    let registry = Registry::start().await;
+    let image = Image::build(32, 1, 1000);
+    image.push(registry.addr, "e2e/tags").await;
+    let client = reqwest::Client::new();
+    let url = |addr: std::net::SocketAddr, tag: &str| format!("http://{addr}/v2/e2e/tags/manifests/{tag}");
+    let manifest = registry.manifest("e2e/tags", "v1", MANIFEST).await;
+    for i in 0..TAGS {
+        registry.put_manifest("e2e/tags", &format!("t{i}"), MANIFEST, manifest.clone()).await;
+    }
+
+    let cap = 2048u64;
+    let dunite = Dunite::start(registry.addr, "64MiB", &["--tag-max-bytes", "2KiB"]).await;
+    for i in 0..TAGS {
+        let response =
+            client.get(url(dunite.addr, &format!("t{i}"))).header("accept", MANIFEST).send().await.unwrap();
+        assert_eq!(response.status(), 200, "t{i}");
+        assert_eq!(response.bytes().await.unwrap(), manifest);
+    }
+    let bytes = r#"dunite_cache_bytes{cache="tags"}"#;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while dunite.metric(bytes).await > cap {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "tags hold {} bytes over a {cap}-byte cap",
+            dunite.metric(bytes).await
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let entries = dunite.metric(r#"dunite_cache_entries{cache="tags"}"#).await;
+    assert!(entries > 0 && entries < TAGS as u64, "{entries} tag records of {TAGS}");
+    assert!(dunite.metric(r#"dunite_evictor_evicted_total{cache="tags"}"#).await >= TAGS as u64 - entries);
+    // Asked again, every tag is right, and those no longer held (at most `entries` are) are
+    // resolved upstream again.
+    let misses = dunite.metric("dunite_manifest_misses_total").await;
+    for i in 0..TAGS {
+        let again =
+            client.get(url(dunite.addr, &format!("t{i}"))).header("accept", MANIFEST).send().await.unwrap();
+        assert_eq!(again.bytes().await.unwrap(), manifest, "t{i} asked again");
+    }
+    let refetched = dunite.metric("dunite_manifest_misses_total").await - misses;
+    assert!(refetched >= TAGS as u64 - entries, "{refetched} misses asking again, {entries} records held");
     assert!(dunite.stop().await.success());
 }
