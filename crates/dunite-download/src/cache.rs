@@ -447,7 +447,7 @@ impl DownloadCache {
             }
             // Removed (or replaced by content we cannot serve) meanwhile: try again.
         }
-        Err(Error::Vanished { url: request.url().to_string() })
+        Err(Error::Vanished { url: request.url().redacted() })
     }
 
     /// Returns the fill for `request`'s URL and whether it answers the same question (the
@@ -472,7 +472,7 @@ impl DownloadCache {
         // The task removes its table entry when it ends, which needs the lock held here: so
         // it cannot do so before the entry is inserted below.
         let task = runtime.spawn(Arc::clone(&self.inner).fill(id, request.clone(), stale, fetcher.clone()));
-        let url = request.url().to_string();
+        let url = request.url().redacted();
         let fill =
             async move { task.await.unwrap_or_else(|_| Err(Error::FetchAborted { url })) }.boxed().shared();
         in_flight
@@ -639,7 +639,7 @@ impl Inner {
             Ok(source) => Ok(Arc::new(Filled { source, _pin: pin })),
             Err(error) => {
                 bump(&self.counters.failed);
-                tracing::debug!(url = %request.url(), %error, "fetch-through failed");
+                tracing::debug!(url = request.url().redacted(), %error, "fetch-through failed");
                 Err(error)
             }
         }
@@ -671,7 +671,7 @@ impl Inner {
                 }
                 Fetched::NotModified { meta } => {
                     let Some(info) = stale.take().filter(|_| conditional) else {
-                        return Err(Error::UnexpectedNotModified { url: url.to_string() });
+                        return Err(Error::UnexpectedNotModified { url: url.redacted() });
                     };
                     let mut validators = info.validators.clone();
                     if !meta.validators().is_empty() {

@@ -24,7 +24,7 @@ pub enum Error {
     /// The fetcher failed (connection refused, an HTTP error status, ...). Nothing was stored.
     #[error("fetching {url} failed")]
     Fetch {
-        /// The URL being fetched.
+        /// The URL being fetched, as [`UrlKey::redacted`](crate::UrlKey::redacted) shows it.
         url: String,
         /// The fetcher's error.
         #[source]
@@ -34,21 +34,21 @@ pub enum Error {
     /// entry that is no longer cached.
     #[error("the fetcher answered \"not modified\" for {url}, but there was no cached entry to keep")]
     UnexpectedNotModified {
-        /// The URL being fetched.
+        /// The URL being fetched, as [`UrlKey::redacted`](crate::UrlKey::redacted) shows it.
         url: String,
     },
     /// The shared fetch ended without an answer: the fetcher panicked or the runtime shut
     /// down. Nothing was stored.
     #[error("the fetch of {url} was aborted (the fetcher panicked or the runtime shut down)")]
     FetchAborted {
-        /// The URL being fetched.
+        /// The URL being fetched, as [`UrlKey::redacted`](crate::UrlKey::redacted) shows it.
         url: String,
     },
     /// The entry was removed or replaced between its fetch and its opening, on every attempt
     /// (an explicit [`remove`](crate::DownloadCache::remove) racing the fetches).
     #[error("the entry for {url} vanished before it could be opened, repeatedly")]
     Vanished {
-        /// The URL being fetched.
+        /// The URL being fetched, as [`UrlKey::redacted`](crate::UrlKey::redacted) shows it.
         url: String,
     },
     /// The entry's metadata could not be encoded.
@@ -72,7 +72,7 @@ impl Error {
     }
 
     pub(crate) fn fetch(url: &crate::UrlKey, source: crate::FetchError) -> Self {
-        Self::Fetch { url: url.to_string(), source: Arc::from(source) }
+        Self::Fetch { url: url.redacted(), source: Arc::from(source) }
     }
 }
 
@@ -82,5 +82,14 @@ mod tests {
     fn error_is_send_sync_static_and_clone() {
         fn assert_bounds<T: Send + Sync + 'static + Clone + std::error::Error>() {}
         assert_bounds::<super::Error>();
+    }
+
+    #[test]
+    fn errors_show_urls_without_their_query_or_credentials() {
+        let key = crate::UrlKey::parse("https://user:pw@files.example/f?token=SECRET").unwrap();
+        let error = super::Error::fetch(&key, "connection refused".into());
+        let text = error.to_string();
+        assert_eq!(text, "fetching https://files.example/f?REDACTED failed");
+        assert!(!text.contains("SECRET") && !text.contains("pw"), "{text}");
     }
 }

@@ -68,6 +68,28 @@ impl UrlKey {
     pub fn as_str(&self) -> &str {
         &self.canonical
     }
+
+    /// The URL for messages and logs: a query (which may carry a token or a signature)
+    /// replaced by `?REDACTED`, and user name and password dropped. Errors of this crate
+    /// show URLs this way.
+    ///
+    /// ```
+    /// use dunite_download::UrlKey;
+    ///
+    /// let key = UrlKey::parse("https://u:pw@example.com/f.tgz?X-Amz-Signature=abc")?;
+    /// assert_eq!(key.redacted(), "https://example.com/f.tgz?REDACTED");
+    /// # Ok::<(), dunite_download::UrlError>(())
+    /// ```
+    #[must_use]
+    pub fn redacted(&self) -> String {
+        let Ok(mut url) = url::Url::parse(&self.canonical) else { return self.canonical.clone() };
+        if url.query().is_some() {
+            url.set_query(Some("REDACTED"));
+        }
+        let _ = url.set_username("");
+        let _ = url.set_password(None);
+        url.into()
+    }
 }
 
 impl FromStr for UrlKey {

@@ -141,7 +141,7 @@ impl HttpFetcher {
                 get = get.header(IF_MODIFIED_SINCE, modified);
             }
         }
-        get.send().await
+        get.send().await.map_err(crate::upstream::redact)
     }
 }
 
@@ -178,7 +178,7 @@ impl Fetcher for HttpFetcher {
             return Err(Box::new(UpstreamStatus(status)));
         }
         let meta = meta_of(&response);
-        let stream = response.bytes_stream().map_err(std::io::Error::other);
+        let stream = response.bytes_stream().map_err(|e| std::io::Error::other(crate::upstream::redact(e)));
         Ok(Fetched::body(tokio_util::io::StreamReader::new(stream), meta))
     }
 }

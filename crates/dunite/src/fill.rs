@@ -199,7 +199,9 @@ pub(crate) async fn fill_from_upstream<E, P, F, Fut>(
         Ok(response) if response.status().is_success() => {
             let total = response.content_length();
             let (content_type, store) = prepare(&response);
-            let body = response.bytes_stream().map(|chunk| chunk.map_err(|e| e.to_string()));
+            let body = response
+                .bytes_stream()
+                .map(|chunk| chunk.map_err(|e| crate::upstream::redact(e).to_string()));
             run_fill(spool, state, body, (total, content_type), upstream_bytes, store).await;
         }
         Ok(response) => {

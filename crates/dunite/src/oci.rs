@@ -463,7 +463,8 @@ async fn fetch_manifest(
         .to_owned();
     let announced =
         response.headers().get("docker-content-digest").and_then(|v| v.to_str().ok()).map(str::to_owned);
-    let bytes = response.bytes().await.map_err(|e| SpecError::upstream(e.to_string()))?;
+    let bytes =
+        response.bytes().await.map_err(|e| SpecError::upstream(crate::upstream::redact(e).to_string()))?;
     if bytes.len() > MAX_MANIFEST {
         return Err(SpecError::new(StatusCode::BAD_GATEWAY, "MANIFEST_INVALID", "manifest too large"));
     }

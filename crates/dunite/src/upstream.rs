@@ -32,12 +32,36 @@ pub enum UpstreamError {
     /// No upstream is configured for the registry host.
     #[error("no upstream configured for registry {0:?}")]
     UnknownRegistry(String),
-    /// The request or the token exchange failed.
+    /// The request or the token exchange failed (its URL [`redact`]ed).
     #[error("upstream request failed: {0}")]
-    Http(#[from] reqwest::Error),
+    Http(reqwest::Error),
     /// The token endpoint's answer was unusable.
     #[error("upstream token exchange failed: {0}")]
     Token(String),
+}
+
+impl From<reqwest::Error> for UpstreamError {
+    fn from(error: reqwest::Error) -> Self {
+        Self::Http(redact(error))
+    }
+}
+
+/// `error` with its URL as [`UrlKey::redacted`](dunite_download::UrlKey::redacted) shows it:
+/// no query, no credentials (or no URL at all, if it cannot be read as one). Upstreams
+/// redirect blobs to pre-signed URLs (a signature in the query) and download URLs may carry
+/// tokens: neither may reach a log line or a client's error message. Every reqwest error that
+/// can be shown goes through here.
+pub(crate) fn redact(mut error: reqwest::Error) -> reqwest::Error {
+    let redacted = error
+        .url()
+        .and_then(|url| dunite_download::UrlKey::parse(url.as_str()).ok())
+        .and_then(|key| url::Url::parse(&key.redacted()).ok());
+    match (error.url_mut(), redacted) {
+        (Some(url), Some(redacted)) => *url = redacted,
+        (Some(_), None) => return error.without_url(),
+        (None, _) => {}
+    }
+    error
 }
 
 #[derive(Deserialize)]
