@@ -394,16 +394,17 @@ async fn cached_manifest(app: &App, digest: &Digest) -> Result<Option<(Bytes, St
 /// The `mediaType` a manifest declares; without one (or with an empty one, or one that cannot be
 /// a header value), the OCI index type for a document with `manifests`, else the OCI image manifest type.
 pub(crate) fn declared_media_type(manifest: &[u8]) -> String {
-    #[derive(serde::Deserialize)]
-    struct Declared {
-        #[serde(rename = "mediaType")]
-        media_type: Option<String>,
-        manifests: Option<serde::de::IgnoredAny>,
-    }
-    match serde_json::from_slice::<Declared>(manifest) {
-        Ok(Declared { media_type: Some(declared), .. }) if is_header_text(&declared) => declared,
-        Ok(Declared { manifests: Some(_), .. }) => "application/vnd.oci.image.index.v1+json".to_owned(),
-        _ => "application/vnd.oci.image.manifest.v1+json".to_owned(),
+    const INDEX: &str = "application/vnd.oci.image.index.v1+json";
+    const MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+    // Read as a map, so a repeated key takes its last value, as Go's decoder (the registries'
+    // and most clients') does.
+    let Ok(serde_json::Value::Object(document)) = serde_json::from_slice(manifest) else {
+        return MANIFEST.to_owned();
+    };
+    match document.get("mediaType").and_then(serde_json::Value::as_str) {
+        Some(declared) if is_header_text(declared) => declared.to_owned(),
+        _ if document.get("manifests").is_some_and(|m| !m.is_null()) => INDEX.to_owned(),
+        _ => MANIFEST.to_owned(),
     }
 }
 
