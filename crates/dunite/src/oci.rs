@@ -264,8 +264,7 @@ async fn manifest(
     reference: Reference,
     headers: &HeaderMap,
 ) -> Result<Response, SpecError> {
-    let accept =
-        headers.get(header::ACCEPT).cloned().unwrap_or_else(|| HeaderValue::from_static(DEFAULT_ACCEPT));
+    let accept = accept_header(headers);
     let upstream_name = app.registries.upstream_name(host, name);
     match reference {
         Reference::Digest(digest) => {
@@ -284,8 +283,8 @@ async fn manifest(
             Ok(manifest_response(method, bytes, &media_type, &digest, CacheOutcome::Miss))
         }
         Reference::Tag(tag) => {
-            let key = tag_key(host, name, &tag, &accept);
-            let known = tag_record(app, &key).await?;
+            let keys = TagKeys::new(host, name, &tag, &accept);
+            let known = tag_record(app, &keys.variant).await?;
             if let Some((record, stored_at_ms)) = &known
                 && now_ms().saturating_sub(*stored_at_ms)
                     < i64::try_from(app.config.tag_ttl.as_millis()).unwrap_or(i64::MAX)
@@ -305,11 +304,20 @@ async fn manifest(
                     // its size (an empty payload would never be evicted); reads use the meta.
                     let payload = meta.as_bytes();
                     let expected = Expected::new().with_size(payload.len() as u64);
-                    tolerate_database(app.tags.store(&key, payload, &expected, &meta).await, "tag")?;
+                    for key in [&keys.variant, &keys.last] {
+                        tolerate_database(app.tags.store(key, payload, &expected, &meta).await, "tag")?;
+                    }
                     Ok(manifest_response(method, bytes, &media_type, &digest, CacheOutcome::Miss))
                 }
                 Err(error) if error.status == StatusCode::BAD_GATEWAY => {
-                    // The upstream is down: serve the last known tag if we still have it.
+                    // The upstream is down: serve this variant's last answer, or else the
+                    // tag's last answer to anyone if this client accepts its type.
+                    let known = match known {
+                        Some(known) => Some(known),
+                        None => {
+                            tag_record(app, &keys.last).await?.filter(|(r, _)| keys.accepts(&r.media_type))
+                        }
+                    };
                     let stale = match known {
                         Some((record, _)) => match record.digest.parse::<Digest>() {
                             Ok(digest) => cached_manifest(app, &digest).await?.map(|m| (m, digest)),
@@ -318,7 +326,7 @@ async fn manifest(
                         None => None,
                     };
                     let Some(((bytes, media_type), digest)) = stale else { return Err(error) };
-                    tracing::warn!(tag = key, "upstream unreachable; serving the cached tag");
+                    tracing::warn!(tag = keys.last, "upstream unreachable; serving the cached tag");
                     app.metrics.stale_tags_served.fetch_add(1, Ordering::Relaxed);
                     Ok(manifest_response(method, bytes, &media_type, &digest, CacheOutcome::Stale))
                 }
@@ -328,25 +336,74 @@ async fn manifest(
     }
 }
 
-/// The tag cache's key: the tag and the set of media types the client accepts.
+/// The client's `Accept`: every `Accept` header it sent, joined (some clients send one per
+/// media type), or what clients accept when they do not say.
+fn accept_header(headers: &HeaderMap) -> HeaderValue {
+    let values: Vec<&[u8]> = headers.get_all(header::ACCEPT).iter().map(HeaderValue::as_bytes).collect();
+    if values.is_empty() {
+        return HeaderValue::from_static(DEFAULT_ACCEPT);
+    }
+    HeaderValue::from_bytes(&values.join(&b", "[..]))
+        .unwrap_or_else(|_| HeaderValue::from_static(DEFAULT_ACCEPT))
+}
+
+/// Manifest media types as clients name them in `Accept`. The tag cache keys on these alone:
+/// registries ignore other types, and keying on them would let a client mint variants.
+const MANIFEST_TYPES: &[&str] = &[
+    "application/vnd.oci.image.index.v1+json",
+    "application/vnd.oci.image.manifest.v1+json",
+    "application/vnd.docker.distribution.manifest.list.v2+json",
+    "application/vnd.docker.distribution.manifest.v2+json",
+    "application/vnd.docker.distribution.manifest.v1+prettyjws",
+    "application/vnd.docker.distribution.manifest.v1+json",
+    "*/*",
+];
+
+/// Where a tag's records live in the tag cache.
 ///
 /// A registry answers a tag by what the client accepts (an index, one platform's manifest, or
 /// a 404 to a client that takes no index), so the mirror keeps one answer per set of accepted
-/// types, as an HTTP cache honours `Vary: Accept`: an old client's single-platform manifest
-/// never reaches a client that asked for the index, nor the reverse. Order, parameters and
-/// case do not matter; clients of one kind send one set, so they share an entry.
-fn tag_key(host: &str, name: &str, tag: &str, accept: &HeaderValue) -> String {
-    let mut types: Vec<String> = String::from_utf8_lossy(accept.as_bytes())
-        .split(',')
-        .filter_map(|item| {
-            let media_type = item.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
-            (!media_type.is_empty()).then_some(media_type)
-        })
-        .collect();
-    types.sort_unstable();
-    types.dedup();
-    let accepted = ContentDigest::of(DigestAlgorithm::Sha256, types.join(",").as_bytes()).hex();
-    format!("{host}/{name}:{tag}@{}", &accepted[..16])
+/// manifest types (`variant`), as an HTTP cache honours `Vary: Accept`: an old client's
+/// single-platform manifest never reaches a client that asked for the index, nor the reverse.
+/// Order, parameters, case, repeated headers and types that are not manifest types do not
+/// matter; a type with `q=0` is not accepted. The tag's latest answer to anyone is also kept
+/// (`last`), for clients that accept its type while the upstream is down.
+#[derive(Debug)]
+struct TagKeys {
+    /// `<host>/<name>:<tag>@<16 hex digits of the sha256 of the sorted accepted types>`.
+    variant: String,
+    /// `<host>/<name>:<tag>`.
+    last: String,
+    accepted: Vec<String>,
+}
+
+impl TagKeys {
+    fn new(host: &str, name: &str, tag: &str, accept: &HeaderValue) -> Self {
+        let mut accepted: Vec<String> = String::from_utf8_lossy(accept.as_bytes())
+            .split(',')
+            .filter_map(|item| {
+                let mut parts = item.split(';');
+                let media_type = parts.next().unwrap_or("").trim().to_ascii_lowercase();
+                let refused = parts.any(|p| {
+                    p.trim()
+                        .strip_prefix("q=")
+                        .is_some_and(|q| q.trim().parse::<f32>().is_ok_and(|q| q <= 0.0))
+                });
+                (!refused && MANIFEST_TYPES.contains(&media_type.as_str())).then_some(media_type)
+            })
+            .collect();
+        accepted.sort_unstable();
+        accepted.dedup();
+        let fingerprint = ContentDigest::of(DigestAlgorithm::Sha256, accepted.join(",").as_bytes()).hex();
+        let last = format!("{host}/{name}:{tag}");
+        Self { variant: format!("{last}@{}", &fingerprint[..16]), last, accepted }
+    }
+
+    /// Whether the client takes a manifest of `media_type`.
+    fn accepts(&self, media_type: &str) -> bool {
+        let media_type = media_type.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+        self.accepted.iter().any(|t| *t == media_type || t == "*/*")
+    }
 }
 
 async fn tag_record(app: &App, key: &str) -> Result<Option<(TagRecord, i64)>, SpecError> {
@@ -561,16 +618,48 @@ mod tests {
     }
 
     #[test]
-    fn tag_keys_vary_by_the_accepted_set_only() {
-        let key = |accept: &'static str| tag_key("r.example", "a/b", "v1", &HeaderValue::from_static(accept));
+    fn tag_keys_vary_by_the_accepted_manifest_types_only() {
+        let keys =
+            |accept: &'static str| TagKeys::new("r.example", "a/b", "v1", &HeaderValue::from_static(accept));
+        let key = |accept: &'static str| keys(accept).variant;
         let oci = "application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json";
         assert_eq!(
             key(oci),
-            key("Application/VND.oci.image.manifest.v1+json;q=0.9 ,application/vnd.oci.image.index.v1+json")
+            key(
+                "Application/VND.oci.image.manifest.v1+json;q=0.9 ,application/vnd.oci.image.index.v1+json, x/y"
+            )
+        );
+        assert_eq!(
+            key(oci),
+            key(
+                "application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json, text/html"
+            )
         );
         assert_ne!(key(oci), key("application/vnd.oci.image.manifest.v1+json"));
+        assert_eq!(
+            key("application/vnd.oci.image.manifest.v1+json"),
+            key("application/vnd.oci.image.manifest.v1+json, application/vnd.oci.image.index.v1+json;q=0")
+        );
         assert!(key(oci).starts_with("r.example/a/b:v1@"));
-        assert_ne!(key(oci), tag_key("r.example", "a/b", "v2", &HeaderValue::from_static(oci)));
+        assert_eq!(keys(oci).last, "r.example/a/b:v1");
+        assert!(keys(oci).accepts("application/vnd.oci.image.index.v1+json"));
+        assert!(!keys(oci).accepts("application/vnd.docker.distribution.manifest.v2+json"));
+        assert!(keys("*/*").accepts("application/vnd.docker.distribution.manifest.v2+json"));
+        let two = TagKeys::new("r.example", "a/b", "v2", &HeaderValue::from_static(oci)).variant;
+        assert_ne!(key(oci), two);
+    }
+
+    #[test]
+    fn repeated_accept_headers_are_joined() {
+        let mut headers = HeaderMap::new();
+        headers
+            .append(header::ACCEPT, HeaderValue::from_static("application/vnd.oci.image.manifest.v1+json"));
+        headers.append(header::ACCEPT, HeaderValue::from_static("application/vnd.oci.image.index.v1+json"));
+        assert_eq!(
+            accept_header(&headers),
+            "application/vnd.oci.image.manifest.v1+json, application/vnd.oci.image.index.v1+json"
+        );
+        assert_eq!(accept_header(&HeaderMap::new()), DEFAULT_ACCEPT);
     }
 
     #[test]

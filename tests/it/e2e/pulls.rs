@@ -191,6 +191,14 @@ async fn a_tag_is_cached_per_accepted_media_types() {
         dunite.metric("dunite_manifest_hits_total").await >= 2,
         "the index is a hit after its first fetch"
     );
+
+    // With the registry gone, a client of another kind that takes the index gets the tag's
+    // last answer (stale); one that takes no index gets an error, never the index.
+    drop(registry);
+    let stale = answer(get(dunite.addr, "multi", &format!("{INDEX}, */*;q=0.1")).await.unwrap()).await;
+    assert_eq!((stale.0, stale.1.as_deref(), &stale.2[..]), (200, Some(INDEX), &index[..]));
+    let refused = answer(get(dunite.addr, "multi", MANIFEST).await.unwrap()).await;
+    assert_eq!(refused.0, 502, "{:?}", String::from_utf8_lossy(&refused.2));
     assert!(dunite.stop().await.success());
 }
 
