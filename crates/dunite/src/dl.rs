@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use axum::body::Body;
-use axum::extract::{Path, RawQuery, State};
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::extract::{RawQuery, State};
+use axum::http::{HeaderValue, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use futures_util::TryStreamExt as _;
 use reqwest::header::{IF_MODIFIED_SINCE, IF_NONE_MATCH};
@@ -214,7 +214,7 @@ pub(crate) struct Target {
 }
 
 impl Target {
-    /// Parse the path after `/dl/` (percent-decoded) and the raw query. The message of an
+    /// Parse the path after `/dl/` and the query, both as sent (not percent-decoded). The message of an
     /// error is what the client is told (with a 400).
     pub(crate) fn parse(rest: &str, query: Option<&str>) -> Result<Self, String> {
         let (pin, target) = match rest.strip_prefix("sha256:").and_then(|r| r.split_once('/')) {
@@ -247,12 +247,11 @@ impl Target {
 }
 
 /// `GET /dl/<url>` or `GET /dl/sha256:<hex>/<url>`.
-pub(crate) async fn download(
-    State(app): State<Arc<App>>,
-    Path(rest): Path<String>,
-    RawQuery(query): RawQuery,
-) -> Response {
-    let target = match Target::parse(&rest, query.as_deref()) {
+pub(crate) async fn download(State(app): State<Arc<App>>, uri: Uri, RawQuery(query): RawQuery) -> Response {
+    // The path as sent, not percent-decoded: `%2F`, `%3F` or `%23` in the target URL belong
+    // to it (`group%2Fproject` is one segment), so they are handed on as they came.
+    let rest = uri.path().strip_prefix("/dl/").unwrap_or_default();
+    let target = match Target::parse(rest, query.as_deref()) {
         Ok(target) => target,
         Err(message) => return refuse(StatusCode::BAD_REQUEST, &message),
     };

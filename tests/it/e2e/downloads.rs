@@ -36,6 +36,11 @@ async fn downloads_go_through_the_allowlist_and_are_cached() {
     let mut answers = HashMap::new();
     answers.insert("/tool.tar".to_owned(), Answer::File { body: body.clone(), etag: "v1".into() });
     answers.insert("/away".to_owned(), Answer::Redirect("http://localhost:9/elsewhere".into()));
+    let encoded = dunite_testkit::pseudo_random_bytes(6, 1000);
+    answers.insert(
+        "/group%2Fproject/a%3Fb".to_owned(),
+        Answer::File { body: encoded.clone(), etag: "e".into() },
+    );
     let origin = Origin::start(answers).await;
     // The registry is not used here, but `dunite serve` needs an upstream to start.
     let registry = Registry::start().await;
@@ -71,6 +76,11 @@ async fn downloads_go_through_the_allowlist_and_are_cached() {
     assert_eq!(status, 400);
     let (status, _) = curl(&format!("{base}/{origin_url}/missing")).await;
     assert_eq!(status, 404);
+
+    // Percent-encoded characters in the target's path are passed on as sent.
+    let (status, got) = curl(&format!("{base}/{origin_url}/group%2Fproject/a%3Fb")).await;
+    assert_eq!(status, 200);
+    assert!(got == encoded, "the encoded path reached another file");
 }
 
 /// A miss is one upstream transfer however many clients ask at once, streamed to all of them;
