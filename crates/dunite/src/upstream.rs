@@ -32,7 +32,7 @@ pub enum UpstreamError {
     /// No upstream is configured for the registry host.
     #[error("no upstream configured for registry {0:?}")]
     UnknownRegistry(String),
-    /// The request or the token exchange failed (its URL [`redact`]ed).
+    /// The request or the token exchange failed (its URL redacted: no query, no credentials).
     #[error("upstream request failed: {0}")]
     Http(reqwest::Error),
     /// The token endpoint's answer was unusable.
