@@ -274,7 +274,7 @@ async fn manifest(
             }
             app.metrics.manifest_misses.fetch_add(1, Ordering::Relaxed);
             let (bytes, media_type, fetched) =
-                fetch_manifest(app, host, &upstream_name, &digest.to_string(), &accept).await?;
+                fetch_manifest(app, host, &upstream_name, &digest.to_string(), Some(&accept)).await?;
             if fetched != digest {
                 return Err(SpecError::upstream(format!(
                     "upstream manifest digest {fetched} is not {digest}"
@@ -295,7 +295,10 @@ async fn manifest(
                 return Ok(manifest_response(method, bytes, &media_type, &digest, CacheOutcome::Hit));
             }
             app.metrics.manifest_misses.fetch_add(1, Ordering::Relaxed);
-            match fetch_manifest(app, host, &upstream_name, &tag, &accept).await {
+            // The upstream is asked for exactly the types the record is keyed on, so what it
+            // answers is right for every client that shares the key.
+            let asked = keys.upstream_accept();
+            match fetch_manifest(app, host, &upstream_name, &tag, asked.as_ref()).await {
                 Ok((bytes, media_type, digest)) => {
                     let record = TagRecord { digest: digest.to_string(), media_type: media_type.clone() };
                     let meta =
@@ -315,7 +318,7 @@ async fn manifest(
                     let known = match known {
                         Some(known) => Some(known),
                         None => {
-                            tag_record(app, &keys.last).await?.filter(|(r, _)| keys.accepts(&r.media_type))
+                            tag_record(app, &keys.last).await?.filter(|(r, _)| keys.may_serve(&r.media_type))
                         }
                     };
                     let stale = match known {
@@ -356,53 +359,82 @@ const MANIFEST_TYPES: &[&str] = &[
     "application/vnd.docker.distribution.manifest.v2+json",
     "application/vnd.docker.distribution.manifest.v1+prettyjws",
     "application/vnd.docker.distribution.manifest.v1+json",
+    "application/vnd.oci.artifact.manifest.v1+json",
     "*/*",
 ];
+
+/// The types of manifests that list other manifests (one per platform).
+const LIST_TYPES: &[&str] =
+    &["application/vnd.oci.image.index.v1+json", "application/vnd.docker.distribution.manifest.list.v2+json"];
+
+/// A media type as compared here: without parameters, lower case.
+fn bare_type(media_type: &str) -> String {
+    media_type.split(';').next().unwrap_or("").trim().to_ascii_lowercase()
+}
 
 /// Where a tag's records live in the tag cache.
 ///
 /// A registry answers a tag by what the client accepts (an index, one platform's manifest, or
 /// a 404 to a client that takes no index), so the mirror keeps one answer per set of accepted
-/// manifest types (`variant`), as an HTTP cache honours `Vary: Accept`: an old client's
-/// single-platform manifest never reaches a client that asked for the index, nor the reverse.
-/// Order, parameters, case, repeated headers and types that are not manifest types do not
-/// matter; a type with `q=0` is not accepted. The tag's latest answer to anyone is also kept
-/// (`last`), for clients that accept its type while the upstream is down.
+/// manifest types (`variant`), as an HTTP cache honours `Vary: Accept`, and asks the upstream
+/// for exactly that set: an old client's single-platform manifest never reaches a client
+/// that asked for the index, nor the reverse. Order, parameters, case, repeated headers and
+/// types that are not manifest types do not matter; a type with `q=0` is refused. The tag's
+/// latest answer to anyone is also kept (`last`), for clients it suits while the upstream is
+/// down ([`may_serve`](Self::may_serve)).
 #[derive(Debug)]
 struct TagKeys {
     /// `<host>/<name>:<tag>@<16 hex digits of the sha256 of the sorted accepted types>`.
     variant: String,
     /// `<host>/<name>:<tag>`.
     last: String,
+    /// Accepted manifest types (and `*/*`), sorted.
     accepted: Vec<String>,
+    /// Types refused with `q=0`.
+    refused: Vec<String>,
 }
 
 impl TagKeys {
     fn new(host: &str, name: &str, tag: &str, accept: &HeaderValue) -> Self {
-        let mut accepted: Vec<String> = String::from_utf8_lossy(accept.as_bytes())
-            .split(',')
-            .filter_map(|item| {
-                let mut parts = item.split(';');
-                let media_type = parts.next().unwrap_or("").trim().to_ascii_lowercase();
-                let refused = parts.any(|p| {
-                    p.trim()
-                        .strip_prefix("q=")
-                        .is_some_and(|q| q.trim().parse::<f32>().is_ok_and(|q| q <= 0.0))
-                });
-                (!refused && MANIFEST_TYPES.contains(&media_type.as_str())).then_some(media_type)
-            })
-            .collect();
+        let (mut accepted, mut refused) = (Vec::new(), Vec::new());
+        for item in String::from_utf8_lossy(accept.as_bytes()).split(',') {
+            let media_type = bare_type(item);
+            let zero = item.split(';').skip(1).any(|param| {
+                let param = param.trim().to_ascii_lowercase();
+                param.strip_prefix("q=").is_some_and(|q| q.trim().parse::<f32>().is_ok_and(|q| q <= 0.0))
+            });
+            if zero {
+                refused.push(media_type);
+            } else if MANIFEST_TYPES.contains(&media_type.as_str()) {
+                accepted.push(media_type);
+            }
+        }
+        accepted.retain(|t| !refused.contains(t));
         accepted.sort_unstable();
         accepted.dedup();
         let fingerprint = ContentDigest::of(DigestAlgorithm::Sha256, accepted.join(",").as_bytes()).hex();
         let last = format!("{host}/{name}:{tag}");
-        Self { variant: format!("{last}@{}", &fingerprint[..16]), last, accepted }
+        Self { variant: format!("{last}@{}", &fingerprint[..16]), last, accepted, refused }
     }
 
-    /// Whether the client takes a manifest of `media_type`.
-    fn accepts(&self, media_type: &str) -> bool {
-        let media_type = media_type.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
-        self.accepted.iter().any(|t| *t == media_type || t == "*/*")
+    /// The `Accept` to send upstream: the accepted set, or none when it is empty.
+    fn upstream_accept(&self) -> Option<HeaderValue> {
+        if self.accepted.is_empty() {
+            return None;
+        }
+        HeaderValue::from_str(&self.accepted.join(", ")).ok()
+    }
+
+    /// Whether the tag's last answer, of `media_type`, may be served to this client: it accepts
+    /// the type (and did not refuse it), and a single manifest (one platform's) is not served
+    /// to a client that asked for an index or list, which would get the wrong platform.
+    fn may_serve(&self, media_type: &str) -> bool {
+        let media_type = bare_type(media_type);
+        let accepted = !self.refused.contains(&media_type)
+            && self.accepted.iter().any(|t| *t == media_type || t == "*/*");
+        let is_list = LIST_TYPES.contains(&media_type.as_str());
+        let wants_list = self.accepted.iter().any(|t| LIST_TYPES.contains(&t.as_str()));
+        accepted && (is_list || !wants_list)
     }
 }
 
@@ -497,11 +529,11 @@ async fn fetch_manifest(
     host: &str,
     upstream_name: &str,
     reference: &str,
-    accept: &HeaderValue,
+    accept: Option<&HeaderValue>,
 ) -> Result<(Bytes, String, Digest), SpecError> {
     let path = format!("{upstream_name}/manifests/{reference}");
     let response =
-        app.registries.send(host, upstream_name, Method::GET, &path, Some(accept)).await.map_err(upstream)?;
+        app.registries.send(host, upstream_name, Method::GET, &path, accept).await.map_err(upstream)?;
     match response.status() {
         s if s.is_success() => {}
         StatusCode::NOT_FOUND => return Err(SpecError::manifest_unknown()),
@@ -642,9 +674,23 @@ mod tests {
         );
         assert!(key(oci).starts_with("r.example/a/b:v1@"));
         assert_eq!(keys(oci).last, "r.example/a/b:v1");
-        assert!(keys(oci).accepts("application/vnd.oci.image.index.v1+json"));
-        assert!(!keys(oci).accepts("application/vnd.docker.distribution.manifest.v2+json"));
-        assert!(keys("*/*").accepts("application/vnd.docker.distribution.manifest.v2+json"));
+        let index = "application/vnd.oci.image.index.v1+json";
+        let single = "application/vnd.docker.distribution.manifest.v2+json";
+        assert!(keys(oci).may_serve(index));
+        assert!(!keys(oci).may_serve(single), "not accepted");
+        assert!(
+            !keys("*/*, application/vnd.oci.image.index.v1+json").may_serve(single),
+            "the wrong platform"
+        );
+        assert!(keys("*/*").may_serve(single));
+        assert!(!keys("application/vnd.oci.image.index.v1+json;Q=0, */*").may_serve(index), "refused");
+        assert_eq!(keys("x/y").upstream_accept(), None);
+        assert_eq!(keys(oci).upstream_accept().unwrap(), oci);
+        assert_eq!(
+            keys("application/vnd.oci.image.index.v1+json;q=0.0, application/vnd.oci.image.manifest.v1+json")
+                .accepted,
+            ["application/vnd.oci.image.manifest.v1+json"]
+        );
         let two = TagKeys::new("r.example", "a/b", "v2", &HeaderValue::from_static(oci)).variant;
         assert_ne!(key(oci), two);
     }

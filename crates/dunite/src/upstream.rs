@@ -34,7 +34,7 @@ pub enum UpstreamError {
     UnknownRegistry(String),
     /// The request or the token exchange failed (its URL redacted: no query, no credentials).
     #[error("upstream request failed: {0}")]
-    Http(reqwest::Error),
+    Http(#[source] reqwest::Error),
     /// The token endpoint's answer was unusable.
     #[error("upstream token exchange failed: {0}")]
     Token(String),

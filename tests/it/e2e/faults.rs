@@ -128,7 +128,9 @@ async fn signed_urls_in_failed_fetches_reach_no_log_and_no_client() {
         assert!(!answers.contains(secret), "{secret} reached a client:\n{answers}");
     }
     assert!(!answers.contains("SECRETD"), "the download's token was shown:\n{answers}");
-    // The errors still say where the fetch went, query aside.
+    // The errors still say why (the cause, from the error's source chain) and where the
+    // fetch went, query aside.
+    assert!(answers.to_lowercase().contains("connection refused"), "no cause in:\n{answers}");
     assert!(answers.contains(&format!("127.0.0.1:{closed}/file?REDACTED")), "{answers}");
     assert!(dunite.stop().await.success());
 }

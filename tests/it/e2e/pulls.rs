@@ -186,6 +186,15 @@ async fn a_tag_is_cached_per_accepted_media_types() {
             assert_eq!(mirrored.2, direct.2, "body for Accept: {accept}");
         }
     }
+    // A client refusing the index with `q=0` shares the key of clients that take no index;
+    // the registry ignores `q`, so the mirror must ask it for the accepted types only, or the
+    // index would be cached under that key for them all.
+    let refusing = format!("{MANIFEST}, {INDEX};q=0");
+    let direct = answer(get(registry.addr, "multi", MANIFEST).await.unwrap()).await;
+    for accept in [refusing.as_str(), MANIFEST] {
+        let mirrored = answer(get(dunite.addr, "multi", accept).await.unwrap()).await;
+        assert_eq!(mirrored.0, direct.0, "Accept: {accept}: {:?}", mirrored.1);
+    }
     assert_eq!(answer(get(dunite.addr, "multi", &both).await.unwrap()).await.2, index);
     assert!(
         dunite.metric("dunite_manifest_hits_total").await >= 2,
