@@ -94,6 +94,28 @@ fn challenge_input() -> impl Strategy<Value = Vec<u8>> {
     })
 }
 
+/// An `Accept` header made of manifest types, other types, `*/*` and `q` parameters.
+fn accept_input() -> impl Strategy<Value = Vec<u8>> {
+    let media_type = prop::sample::select(
+        &[
+            "application/vnd.oci.image.index.v1+json",
+            "application/vnd.oci.image.manifest.v1+json",
+            "application/vnd.docker.distribution.manifest.list.v2+json",
+            "application/vnd.docker.distribution.manifest.v2+json",
+            "Application/VND.OCI.Image.Index.v1+JSON",
+            "*/*",
+            "text/html",
+            "",
+        ][..],
+    );
+    let param = prop::sample::select(
+        &["", ";q=0", ";Q=0.000", ";q=0.5", ";q=1", "; q=0", ";charset=utf-8", ";q="][..],
+    );
+    prop::collection::vec((media_type, param, prop::sample::select(&[",", ", ", " ,"][..])), 0..6).prop_map(
+        |items| items.into_iter().map(|(t, p, sep)| format!("{t}{p}{sep}")).collect::<String>().into_bytes(),
+    )
+}
+
 // The properties themselves are `dunite::fuzzing`'s checks, shared with the cargo-fuzz targets
 // in `fuzz/`: here proptest drives them with traversal-shaped inputs, there libFuzzer does.
 proptest! {
@@ -151,6 +173,12 @@ proptest! {
     fn manifest_media_types_are_header_values(bytes in hostile_bytes(), manifest in manifest_input()) {
         fuzzing::manifest_media_type(&bytes);
         fuzzing::manifest_media_type(&manifest);
+    }
+
+    #[test]
+    fn tag_keys_ask_the_upstream_for_what_they_key_on(bytes in hostile_bytes(), accept in accept_input()) {
+        fuzzing::tag_keys(&bytes);
+        fuzzing::tag_keys(&accept);
     }
 
     #[test]

@@ -180,6 +180,31 @@ pub fn manifest_media_type(data: &[u8]) {
     }
 }
 
+/// A client's `Accept`, as the tag cache reads it: the record's key is the tag's plus `@` and
+/// 16 hex digits, the accepted types are manifest types (or `*/*`), sorted and distinct, and
+/// asking the upstream with them (`upstream_accept`) keys the same record: what the upstream
+/// answers suits the clients sharing it. The tag's last answer is never served as an index
+/// to a client that refused indexes.
+pub fn tag_keys(data: &[u8]) {
+    use crate::oci::{MANIFEST_TYPES, TagKeys};
+    let Ok(accept) = HeaderValue::from_bytes(data) else { return };
+    let keys = TagKeys::new("r.example", "a/b", "t", &accept);
+    let suffix =
+        keys.variant.strip_prefix(&format!("{}@", keys.last)).expect("the variant extends the tag's key");
+    assert!(suffix.len() == 16 && suffix.bytes().all(|b| b.is_ascii_hexdigit()), "{:?}", keys.variant);
+    assert!(keys.accepted.windows(2).all(|w| w[0] < w[1]), "{:?}", keys.accepted);
+    assert!(keys.accepted.iter().all(|t| MANIFEST_TYPES.contains(&t.as_str())), "{:?}", keys.accepted);
+    let again = match keys.upstream_accept() {
+        Some(asked) => TagKeys::new("r.example", "a/b", "t", &asked),
+        None => TagKeys::new("r.example", "a/b", "t", &HeaderValue::from_static("")),
+    };
+    assert_eq!(again.variant, keys.variant, "asking upstream keys another record: {accept:?}");
+    let index = "application/vnd.oci.image.index.v1+json";
+    if !keys.accepted.iter().any(|t| t == index || t == "*/*") {
+        assert!(!keys.may_serve(index), "an index for {accept:?}");
+    }
+}
+
 /// An upstream's `WWW-Authenticate` challenge: never a panic; every parameter name is
 /// non-empty, trimmed and lower case.
 pub fn bearer_challenge(data: &[u8]) {
@@ -208,4 +233,5 @@ pub const CHECKS: &[(&str, Check)] = &[
     ("range", range),
     ("manifest_media_type", manifest_media_type),
     ("bearer_challenge", bearer_challenge),
+    ("tag_keys", tag_keys),
 ];

@@ -352,7 +352,7 @@ fn accept_header(headers: &HeaderMap) -> HeaderValue {
 
 /// Manifest media types as clients name them in `Accept`. The tag cache keys on these alone:
 /// registries ignore other types, and keying on them would let a client mint variants.
-const MANIFEST_TYPES: &[&str] = &[
+pub(crate) const MANIFEST_TYPES: &[&str] = &[
     "application/vnd.oci.image.index.v1+json",
     "application/vnd.oci.image.manifest.v1+json",
     "application/vnd.docker.distribution.manifest.list.v2+json",
@@ -383,19 +383,19 @@ fn bare_type(media_type: &str) -> String {
 /// latest answer to anyone is also kept (`last`), for clients it suits while the upstream is
 /// down ([`may_serve`](Self::may_serve)).
 #[derive(Debug)]
-struct TagKeys {
+pub(crate) struct TagKeys {
     /// `<host>/<name>:<tag>@<16 hex digits of the sha256 of the sorted accepted types>`.
-    variant: String,
+    pub(crate) variant: String,
     /// `<host>/<name>:<tag>`.
-    last: String,
+    pub(crate) last: String,
     /// Accepted manifest types (and `*/*`), sorted.
-    accepted: Vec<String>,
+    pub(crate) accepted: Vec<String>,
     /// Types refused with `q=0`.
     refused: Vec<String>,
 }
 
 impl TagKeys {
-    fn new(host: &str, name: &str, tag: &str, accept: &HeaderValue) -> Self {
+    pub(crate) fn new(host: &str, name: &str, tag: &str, accept: &HeaderValue) -> Self {
         let (mut accepted, mut refused) = (Vec::new(), Vec::new());
         for item in String::from_utf8_lossy(accept.as_bytes()).split(',') {
             let media_type = bare_type(item);
@@ -418,7 +418,7 @@ impl TagKeys {
     }
 
     /// The `Accept` to send upstream: the accepted set, or none when it is empty.
-    fn upstream_accept(&self) -> Option<HeaderValue> {
+    pub(crate) fn upstream_accept(&self) -> Option<HeaderValue> {
         if self.accepted.is_empty() {
             return None;
         }
@@ -428,7 +428,7 @@ impl TagKeys {
     /// Whether the tag's last answer, of `media_type`, may be served to this client: it accepts
     /// the type (and did not refuse it), and a single manifest (one platform's) is not served
     /// to a client that asked for an index or list, which would get the wrong platform.
-    fn may_serve(&self, media_type: &str) -> bool {
+    pub(crate) fn may_serve(&self, media_type: &str) -> bool {
         let media_type = bare_type(media_type);
         let accepted = !self.refused.contains(&media_type)
             && self.accepted.iter().any(|t| *t == media_type || t == "*/*");
