@@ -508,8 +508,8 @@ async fn evict_to_watermark<P: EvictionPass>(
             let (chunk, tail) = rest.split_at(needed);
             rest = tail;
             let removals = pass.remove_batch(chunk).await.map_err(|e| {
-                let key = (chunk.len() == 1).then(|| chunk[0].key.as_str());
-                Error::store(StoreOp::Remove, key, e)
+                let key = (chunk.len() == 1).then(|| pass.show_key(&chunk[0].key));
+                Error::store(StoreOp::Remove, key.as_deref(), e)
             })?;
             for removal in removals {
                 match removal {

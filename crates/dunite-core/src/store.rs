@@ -74,6 +74,12 @@ pub trait EvictionPass: Send {
         Ok(removals)
     }
 
+    /// `key` as the evictor shows it in errors (and so in logs). A store whose keys may hold
+    /// a secret (a URL with a token in its query) overrides this; the default shows the key.
+    fn show_key(&self, key: &str) -> String {
+        key.to_owned()
+    }
+
     /// End the pass and release what [`begin_pass`](EvictionStore::begin_pass) took (for a
     /// shared SQL store, the cross-process eviction lock). Called after every pass, whether it
     /// succeeded or not. The default releases nothing.

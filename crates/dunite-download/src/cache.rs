@@ -337,7 +337,9 @@ impl DownloadCache {
     /// several processes may share one database and one `dir` under one cap.
     #[must_use]
     pub fn options(dir: impl Into<std::path::PathBuf>, policy: EvictionPolicy) -> CacheOptions {
+        // A key is a URL, whose query may carry a token: logs and errors show it redacted.
         CacheOptions::new(dir, NAMESPACE, policy)
+            .with_key_display(|key| UrlKey::parse(key).map_or_else(|_| key.to_owned(), |url| url.redacted()))
     }
 
     /// Open or create the cache: reconcile the directory with the metadata after a crash,

@@ -7,7 +7,9 @@ use tokio::io::AsyncRead;
 
 use super::database::{Database, DatabaseOptions};
 use super::layout::Expected;
-use super::store::{EntryInfo, EntryStats, EntryStore, OnConflict, OpenEntry, Pin, StoreOutcome, Stored};
+use super::store::{
+    EntryInfo, EntryStats, EntryStore, KeyDisplay, OnConflict, OpenEntry, Pin, StoreOutcome, Stored,
+};
 use crate::{DebouncedEvictor, Error, EvictionPolicy, EvictorStats, PassReport, Result};
 
 /// How to open an [`EntryCache`].
@@ -31,6 +33,7 @@ pub struct CacheOptions {
     database_options: DatabaseOptions,
     on_conflict: OnConflict,
     access_flush_period: Duration,
+    show_key: KeyDisplay,
 }
 
 impl CacheOptions {
@@ -48,6 +51,7 @@ impl CacheOptions {
             database_options: DatabaseOptions::new(),
             on_conflict: OnConflict::Replace,
             access_flush_period: Duration::from_secs(1),
+            show_key: |key| key.to_owned(),
         }
     }
 
@@ -89,6 +93,22 @@ impl CacheOptions {
     #[must_use]
     pub fn with_on_conflict(mut self, on_conflict: OnConflict) -> Self {
         self.on_conflict = on_conflict;
+        self
+    }
+
+    /// Show keys in logs and errors through `show_key` instead of as they are: for keys that
+    /// may hold a secret, such as URLs with a token in their query.
+    ///
+    /// ```
+    /// use dunite_core::{CacheOptions, EvictionPolicy};
+    ///
+    /// let options = CacheOptions::new("/var/cache/files", "files", EvictionPolicy::new(1 << 30))
+    ///     .with_key_display(|key| key.split('?').next().unwrap_or(key).to_owned());
+    /// # let _ = options;
+    /// ```
+    #[must_use]
+    pub fn with_key_display(mut self, show_key: KeyDisplay) -> Self {
+        self.show_key = show_key;
         self
     }
 
@@ -184,12 +204,13 @@ impl EntryCache {
                 Database::open_sqlite(&options.dir.join("metadata.db"), &options.database_options).await?
             }
         };
-        let store = EntryStore::open(
+        let store = EntryStore::open_with_key_display(
             database,
             &options.namespace,
             &options.dir,
             options.policy.max_bytes(),
             options.on_conflict,
+            options.show_key,
         )
         .await?;
         let evictor = DebouncedEvictor::spawn(store.clone(), options.policy)?;

@@ -16,5 +16,6 @@ pub use database::{Backend, Database, DatabaseOptions};
 pub use layout::Expected;
 pub use reconcile::ReconcileReport;
 pub use store::{
-    EntryInfo, EntryPass, EntryStats, EntryStore, OnConflict, OpenEntry, Pin, StoreOutcome, Stored,
+    EntryInfo, EntryPass, EntryStats, EntryStore, KeyDisplay, OnConflict, OpenEntry, Pin, StoreOutcome,
+    Stored,
 };

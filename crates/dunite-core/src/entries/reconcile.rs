@@ -92,7 +92,7 @@ impl EntryStore {
         }
         for (key, file) in missing {
             if self.delete_row(&key, &file, true, "drop a row without its file").await? {
-                tracing::warn!(key, "entry without its payload file; dropped the row");
+                tracing::warn!(key = inner.shown(&key), "entry without its payload file; dropped the row");
                 report.rows_without_file += 1;
             }
         }

@@ -120,6 +120,19 @@ pub(crate) struct Inner {
     /// In-flight pins: key -> count. Pinned entries are never evicted.
     pins: Mutex<HashMap<String, usize>>,
     counters: Counters,
+    show_key: KeyDisplay,
+}
+
+/// How a cache's keys are shown in logs and errors (see [`CacheOptions::with_key_display`]).
+///
+/// [`CacheOptions::with_key_display`]: crate::CacheOptions::with_key_display
+pub type KeyDisplay = fn(&str) -> String;
+
+impl Inner {
+    /// `key` as logs and errors show it.
+    pub(crate) fn shown(&self, key: &str) -> String {
+        (self.show_key)(key)
+    }
 }
 
 #[derive(Default)]
@@ -244,6 +257,23 @@ impl EntryStore {
         max_bytes: u64,
         on_conflict: OnConflict,
     ) -> Result<Self> {
+        Self::open_with_key_display(db, namespace, dir, max_bytes, on_conflict, |key| key.to_owned()).await
+    }
+
+    /// As [`open`](Self::open), with keys shown in logs and errors through `show_key` (for
+    /// keys that may hold a secret, such as URLs with a token in their query).
+    ///
+    /// # Errors
+    ///
+    /// As [`open`](Self::open).
+    pub async fn open_with_key_display(
+        db: Database,
+        namespace: &str,
+        dir: &std::path::Path,
+        max_bytes: u64,
+        on_conflict: OnConflict,
+        show_key: KeyDisplay,
+    ) -> Result<Self> {
         if namespace.is_empty() {
             return Err(Error::InvalidConfig("cache namespace must not be empty".into()));
         }
@@ -272,6 +302,7 @@ impl EntryStore {
                 touches: Mutex::default(),
                 pins: Mutex::default(),
                 counters: Counters::default(),
+                show_key,
             }),
         };
         store.reconcile().await?;
@@ -540,7 +571,12 @@ impl EntryStore {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 inner.counters.misses.fetch_add(1, Ordering::Relaxed);
                 match self.delete_row(key, &file, true, "drop a row without its file").await {
-                    Ok(true) => tracing::warn!(key, "entry without its payload file; dropped the row"),
+                    Ok(true) => {
+                        tracing::warn!(
+                            key = inner.shown(key),
+                            "entry without its payload file; dropped the row"
+                        );
+                    }
                     Ok(false) => {}
                     Err(error) => tracing::debug!(%error, "could not drop a row without its file"),
                 }
@@ -984,6 +1020,7 @@ impl Inner {
             match self.layout.unlink(&file).await {
                 Ok(()) => unlinked.push((key, file)),
                 Err(error) => {
+                    let key = self.shown(&key);
                     tracing::warn!(%error, key, "cannot finish an interrupted removal; leaving it marked");
                 }
             }
@@ -1064,6 +1101,10 @@ impl EvictionStore for EntryStore {
 #[async_trait]
 impl EvictionPass for EntryPass {
     type Error = Error;
+
+    fn show_key(&self, key: &str) -> String {
+        self.inner.shown(key)
+    }
 
     async fn total_size_bytes(&mut self) -> Result<u64> {
         Ok(self.inner.totals_on(&mut self.conn).await?.0)

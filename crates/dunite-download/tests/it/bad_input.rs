@@ -136,3 +136,48 @@ async fn a_cached_entry_with_another_sha256_is_fetched_again() {
     assert_eq!(cache.total_bytes().await.unwrap(), 2000);
     check_consistency(cache.entries().entries(), dir.path()).await.unwrap();
 }
+
+/// A log sink for one test: what a `tracing` subscriber writes, kept in memory.
+#[derive(Clone, Default)]
+struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A download's key is its URL, and a URL's query may carry a token: when the cache logs an
+/// entry by its key (here, a payload deleted behind its back), it shows the URL redacted.
+#[tokio::test]
+async fn a_damaged_entry_is_logged_without_its_urls_token() {
+    let logs = Captured::default();
+    let sink = logs.clone();
+    let subscriber = tracing_subscriber::fmt().with_ansi(false).with_writer(move || sink.clone()).finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let dir = tempfile::tempdir().unwrap();
+    let cache = open(dir.path(), 1 << 20).await;
+    let upstream = Upstream::default();
+    let key: dunite_download::UrlKey = "https://example.com/f.tgz?token=SECRET".parse().unwrap();
+    let (_, bytes) = content(7, 1000);
+    upstream.serve(&key, bytes, None);
+    cache.get_or_fetch(&DownloadRequest::new(key.clone()), &upstream).await.unwrap();
+    let mut payloads = Vec::new();
+    for shard in std::fs::read_dir(dir.path().join("data")).unwrap() {
+        payloads.extend(std::fs::read_dir(shard.unwrap().path()).unwrap().map(|f| f.unwrap().path()));
+    }
+    assert_eq!(payloads.len(), 1, "{payloads:?}");
+    std::fs::remove_file(&payloads[0]).unwrap();
+
+    assert!(cache.open(&key).await.unwrap().is_none(), "a row without its file is a miss");
+    let text = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+    assert!(text.contains("entry without its payload file"), "{text}");
+    assert!(text.contains("https://example.com/f.tgz?REDACTED"), "{text}");
+    assert!(!text.contains("SECRET"), "{text}");
+}
