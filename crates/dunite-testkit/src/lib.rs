@@ -11,7 +11,7 @@ pub mod pg;
 
 use std::path::Path;
 
-use dunite_core::{EntryStore, EvictionPass, EvictionPolicy, EvictionStore, Removal};
+use dunite_core::{EntryStore, EvictionPass, EvictionPolicy, EvictionStore, Expected, Removal};
 
 /// The legacy eviction: one full pass, on its own connection, meant to be
 /// `tokio::spawn`ed after **every** store. Under a burst this is N concurrent passes wanting
@@ -44,6 +44,56 @@ pub async fn legacy_evict_if_over_cap<S: EvictionStore>(
         }
     }
     pass.finish().await
+}
+
+/// The burst of the pool-of-two tests, through the legacy pattern on a bare `store`: `tasks`
+/// tasks each store `per_task` entries (`entry(task, i)` gives the key, the bytes and their
+/// digest), `tokio::spawn` [`legacy_evict_if_over_cap`] after every store, and read each entry
+/// back. Returns the `PoolTimedOut` errors counted and the accounted total once every legacy
+/// pass has ended. Requires a multi-threaded Tokio runtime to show the failure.
+///
+/// # Panics
+///
+/// If a task panics or the total cannot be read.
+pub async fn legacy_store_burst<F>(
+    store: &EntryStore,
+    policy: EvictionPolicy,
+    tasks: u64,
+    per_task: u64,
+    entry: F,
+) -> (u64, u64)
+where
+    F: Fn(u64, u64) -> (String, Vec<u8>, dunite_core::ContentDigest) + Send + Sync + 'static,
+{
+    let entry = std::sync::Arc::new(entry);
+    let tally = std::sync::Arc::new(PoolTally::default());
+    let mut set = tokio::task::JoinSet::new();
+    for t in 0..tasks {
+        let (store, tally, entry, policy) = (store.clone(), tally.clone(), entry.clone(), policy.clone());
+        set.spawn(async move {
+            let mut evictions = Vec::new();
+            for i in 0..per_task {
+                let (key, bytes, digest) = entry(t, i);
+                let expected = Expected::new().with_size(bytes.len() as u64).with_digest(digest);
+                match store.store(&key, &bytes[..], &expected, "").await {
+                    Ok(_) => {
+                        evictions.push(tokio::spawn(legacy_evict_if_over_cap(store.clone(), policy.clone())))
+                    }
+                    Err(e) => tally.record(&e),
+                }
+                if let Err(e) = store.open_entry(&key).await {
+                    tally.record(&e);
+                }
+            }
+            for eviction in evictions {
+                if let Err(e) = eviction.await.expect("a legacy pass panicked") {
+                    tally.record(&e);
+                }
+            }
+        });
+    }
+    set.join_all().await;
+    (tally.pool_timeouts(), store.total_bytes().await.expect("read the total"))
 }
 
 /// What a cache directory holds on disk.

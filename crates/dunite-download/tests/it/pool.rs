@@ -4,10 +4,10 @@ use std::sync::Arc;
 
 use std::time::Duration;
 
-use dunite_core::{EntryStore, EvictionPolicy, Expected, OnConflict};
+use dunite_core::{EntryStore, EvictionPolicy, OnConflict};
 use dunite_download::NAMESPACE;
 use dunite_testkit::{
-    PoolTally, TestBackend, check_consistency, legacy_evict_if_over_cap, pool_of_two, test_database,
+    PoolTally, TestBackend, check_consistency, legacy_store_burst, pool_of_two, test_database,
 };
 
 use crate::{HOUR, Upstream, content, eventually, open_on, read_verified, url, verified_request};
@@ -102,43 +102,21 @@ async fn download_cache_burst(backend: TestBackend) {
 
 /// The same burst through the legacy per-store spawn on a bare entry store: the pool times
 /// out. This is the failure `DownloadCache` exists to prevent, and proves the test above can
-/// fail.
-///
-///
-/// Returns the `PoolTimedOut` errors and the accounted total once every legacy pass ended.
+/// fail. Returns the `PoolTimedOut` errors and the accounted total once every legacy pass
+/// ended.
 async fn legacy_burst(backend: TestBackend) -> Option<(u64, u64)> {
     let dir = tempfile::tempdir().unwrap();
     let db = test_database(backend, dir.path(), &pool_of_two()).await?;
     let store = EntryStore::open(db.database().clone(), NAMESPACE, dir.path(), CAP, OnConflict::Replace)
         .await
         .unwrap();
-    let tally = Arc::new(PoolTally::default());
-    let mut tasks = tokio::task::JoinSet::new();
-    for t in 0..TASKS {
-        let (store, tally) = (store.clone(), tally.clone());
-        tasks.spawn(async move {
-            let mut evictions = Vec::new();
-            for i in 0..FETCHES_PER_TASK {
-                let key = url(&format!("task-{t}/file-{i}"));
-                let (digest, bytes) = content(t * 1000 + i, FILE);
-                let expected = Expected::new().with_size(FILE as u64).with_digest(digest);
-                match store.store(key.as_str(), &bytes[..], &expected, "").await {
-                    Ok(_) => evictions.push(tokio::spawn(legacy_evict_if_over_cap(store.clone(), policy()))),
-                    Err(e) => tally.record(&e),
-                }
-                if let Err(e) = store.open_entry(key.as_str()).await {
-                    tally.record(&e);
-                }
-            }
-            for eviction in evictions {
-                if let Err(e) = eviction.await.unwrap() {
-                    tally.record(&e);
-                }
-            }
-        });
-    }
-    tasks.join_all().await;
-    Some((tally.pool_timeouts(), store.total_bytes().await.unwrap()))
+    Some(
+        legacy_store_burst(&store, policy(), TASKS, FETCHES_PER_TASK, |t, i| {
+            let (digest, bytes) = content(t * 1000 + i, FILE);
+            (url(&format!("task-{t}/file-{i}")).as_str().to_owned(), bytes, digest)
+        })
+        .await,
+    )
 }
 
 /// Count a download error: the core's errors by kind, anything else as "other".

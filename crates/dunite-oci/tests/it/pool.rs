@@ -4,9 +4,9 @@ use std::sync::Arc;
 
 use std::time::Duration;
 
-use dunite_core::{EntryStore, EvictionPolicy, Expected, OnConflict};
+use dunite_core::{EntryStore, EvictionPolicy, OnConflict};
 use dunite_testkit::{
-    PoolTally, TestBackend, check_consistency, legacy_evict_if_over_cap, pool_of_two, test_database,
+    PoolTally, TestBackend, check_consistency, legacy_store_burst, pool_of_two, test_database,
 };
 
 use crate::{blob, eventually, open_on, read_verified};
@@ -94,47 +94,20 @@ async fn blob_cache_burst(backend: TestBackend) {
 }
 
 /// The same burst through the legacy per-store spawn: the pool times out. This is the
-/// failure `BlobCache` exists to prevent, and proves the test above can fail.
-///
-///
-/// Returns the `PoolTimedOut` errors and the accounted total once every legacy pass ended.
+/// failure `BlobCache` exists to prevent, and proves the test above can fail. Returns the
+/// `PoolTimedOut` errors and the accounted total once every legacy pass ended.
 async fn legacy_burst(backend: TestBackend) -> Option<(u64, u64)> {
     let dir = tempfile::tempdir().unwrap();
     let db = test_database(backend, dir.path(), &pool_of_two()).await?;
-    let store = EntryStore::open(
-        db.database().clone(),
-        dunite_oci::NAMESPACE,
-        dir.path(),
-        CAP,
-        OnConflict::KeepExisting,
+    let namespace = dunite_oci::NAMESPACE;
+    let store = EntryStore::open(db.database().clone(), namespace, dir.path(), CAP, OnConflict::KeepExisting)
+        .await
+        .unwrap();
+    Some(
+        legacy_store_burst(&store, policy(), TASKS, STORES_PER_TASK, |t, i| {
+            let (digest, bytes) = blob(t * 1000 + i, BLOB);
+            (digest.to_string(), bytes, digest.content_digest().clone())
+        })
+        .await,
     )
-    .await
-    .unwrap();
-    let tally = Arc::new(PoolTally::default());
-    let mut tasks = tokio::task::JoinSet::new();
-    for t in 0..TASKS {
-        let (store, tally) = (store.clone(), tally.clone());
-        tasks.spawn(async move {
-            let mut evictions = Vec::new();
-            for i in 0..STORES_PER_TASK {
-                let (digest, bytes) = blob(t * 1000 + i, BLOB);
-                let expected =
-                    Expected::new().with_size(BLOB as u64).with_digest(digest.content_digest().clone());
-                match store.store(&digest.to_string(), &bytes[..], &expected, "").await {
-                    Ok(_) => evictions.push(tokio::spawn(legacy_evict_if_over_cap(store.clone(), policy()))),
-                    Err(e) => tally.record(&e),
-                }
-                if let Err(e) = store.open_entry(&digest.to_string()).await {
-                    tally.record(&e);
-                }
-            }
-            for eviction in evictions {
-                if let Err(e) = eviction.await.unwrap() {
-                    tally.record(&e);
-                }
-            }
-        });
-    }
-    tasks.join_all().await;
-    Some((tally.pool_timeouts(), store.total_bytes().await.unwrap()))
 }
