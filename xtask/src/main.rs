@@ -112,6 +112,10 @@ impl Step {
     }
 }
 
+/// Test modules whose tests must run by themselves (timing-sensitive, or stopping the shared
+/// PostgreSQL server); the same set as the override in `.config/nextest.toml`.
+const ALONE: [&str; 3] = ["pool::", "burst::", "pg_restart::"];
+
 fn has_nextest() -> bool {
     Command::new(env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
         .args(["nextest", "--version"])
@@ -131,11 +135,22 @@ fn ci() -> Result<(), String> {
     let server = TestServer::start()?;
     println!("postgres   {}", server.describe());
     let tests = if has_nextest() {
-        Step::cargo("test", &["nextest", "run", "--workspace", "--all-targets", "--no-fail-fast"])
+        // .config/nextest.toml runs the tests that must run alone (ALONE) by themselves.
+        vec![Step::cargo("test", &["nextest", "run", "--workspace", "--all-targets", "--no-fail-fast"])]
     } else {
-        Step::cargo("test", &["test", "--workspace", "--all-targets", "--no-fail-fast"])
+        // Without nextest: the rest in parallel, then those one at a time, by themselves.
+        let mut rest = vec!["test", "--workspace", "--all-targets", "--no-fail-fast", "--"];
+        for module in ALONE {
+            rest.extend(["--skip", module]);
+        }
+        let mut alone = vec!["test", "--workspace", "--all-targets", "--no-fail-fast", "--"];
+        alone.extend(ALONE);
+        alone.push("--test-threads=1");
+        vec![Step::cargo("test", &rest), Step::cargo("test-alone", &alone)]
     };
-    tests.env("PROPTEST_CASES", &cases).postgres(&server).env(REQUIRE_POSTGRES_VAR, "1").run()?;
+    for step in tests {
+        step.env("PROPTEST_CASES", &cases).postgres(&server).env(REQUIRE_POSTGRES_VAR, "1").run()?;
+    }
     Step::cargo("doctest", &["test", "--workspace", "--doc"])
         .postgres(&server)
         .env(REQUIRE_POSTGRES_VAR, "1")

@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use dunite_core::{
     CacheOptions, CacheStats, ContentDigest, DigestAlgorithm, EntryCache, EntryInfo, EvictionPolicy,
-    Expected, OnConflict, PassReport, Pin,
+    Expected, OnConflict, PassReport, Pin, Stored,
 };
 
 use crate::{Error, FetchRequest, Fetched, Fetcher, ResponseMeta, Result, UrlKey, Validators};
@@ -286,6 +286,9 @@ fn now_ms() -> i64 {
 /// waiting on the fill has opened it.
 struct Filled {
     source: Source,
+    /// What the fill stored (none for a revalidation), so its callers open it without a
+    /// second lookup.
+    stored: Option<Stored>,
     _pin: Pin,
 }
 
@@ -441,7 +444,11 @@ impl DownloadCache {
             let filled = filled?;
             // 3. Open what the fill stored. A fill's answer is served even if already stale
             //    (with a freshness of zero it always is).
-            if let Some(entry) = self.inner.cache.open_entry(key).await?
+            let entry = match &filled.stored {
+                Some(stored) => self.inner.cache.open_stored(key, stored).await?,
+                None => self.inner.cache.open_entry(key).await?,
+            };
+            if let Some(entry) = entry
                 && let Some(info) = DownloadInfo::from_entry(&entry.info)
                 && info.satisfies(request)
             {
@@ -638,7 +645,7 @@ impl Inner {
         let _landed = Landed { inner: Arc::clone(&self), key: key.to_owned(), id };
         let pin = self.cache.pin(key);
         match self.fetch_and_store(&request, stale, &fetcher).await {
-            Ok(source) => Ok(Arc::new(Filled { source, _pin: pin })),
+            Ok((source, stored)) => Ok(Arc::new(Filled { source, stored, _pin: pin })),
             Err(error) => {
                 bump(&self.counters.failed);
                 tracing::debug!(url = request.url().redacted(), %error, "fetch-through failed");
@@ -652,7 +659,7 @@ impl Inner {
         request: &DownloadRequest,
         mut stale: Option<DownloadInfo>,
         fetcher: &F,
-    ) -> Result<Source> {
+    ) -> Result<(Source, Option<Stored>)> {
         let url = request.url();
         let key = url.as_str();
         loop {
@@ -668,8 +675,8 @@ impl Inner {
                 .map_err(|e| Error::fetch(url, e))?;
             match answer {
                 Fetched::Body { body, meta } => {
-                    self.store(request, body, &meta).await?;
-                    return Ok(Source::Fetched);
+                    let stored = self.store(request, body, &meta).await?;
+                    return Ok((Source::Fetched, Some(stored)));
                 }
                 Fetched::NotModified { meta } => {
                     let Some(info) = stale.take().filter(|_| conditional) else {
@@ -682,7 +689,7 @@ impl Inner {
                     let record = Meta::new(Some(&info.sha256), info.content_type(), &validators);
                     if self.cache.refresh(key, &info.meta, &record.to_json()?).await? {
                         bump(&self.counters.not_modified);
-                        return Ok(Source::Revalidated);
+                        return Ok((Source::Revalidated, None));
                     }
                     // Removed or replaced since we looked: fetch the content whole (`stale`
                     // is now None).
@@ -691,7 +698,12 @@ impl Inner {
         }
     }
 
-    async fn store(&self, request: &DownloadRequest, body: crate::Body, meta: &ResponseMeta) -> Result<()> {
+    async fn store(
+        &self,
+        request: &DownloadRequest,
+        body: crate::Body,
+        meta: &ResponseMeta,
+    ) -> Result<Stored> {
         let key = request.url().as_str();
         let mut expected = Expected::new();
         if let Some(length) = meta.content_length() {
@@ -704,12 +716,12 @@ impl Inner {
         // Fail on an unencodable record before any byte is stored, then fill in the digest
         // the core computes while streaming; the record is complete in the store's own commit.
         record.to_json()?;
-        self.cache
+        Ok(self
+            .cache
             .store_with_meta(key, body, &expected, move |digest| {
                 record.sha256 = Some(digest.hex());
                 record.to_json().unwrap_or_default()
             })
-            .await?;
-        Ok(())
+            .await?)
     }
 }

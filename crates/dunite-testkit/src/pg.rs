@@ -121,9 +121,21 @@ pub async fn fresh_database() -> Option<TestDatabase> {
 }
 
 /// Whether tests may stop and start the test server: `DUNITE_TEST_PG_CTL` is set.
+///
+/// # Panics
+///
+/// When it is unset under `CI` (where `cargo xtask ci` always starts a server of its own):
+/// a restart test must not pass there without running. Elsewhere (a server of the user's,
+/// given by `DUNITE_TEST_DATABASE_URL`) such tests skip.
 #[must_use]
 pub fn can_restart() -> bool {
-    non_empty_var(PG_CTL_VAR).is_some()
+    let can = non_empty_var(PG_CTL_VAR).is_some();
+    assert!(
+        can || !is_truthy("CI"),
+        "CI is set, so the PostgreSQL restart tests must run, but {PG_CTL_VAR} is not set: run them \
+         through `cargo xtask ci` or `cargo xtask pg -- ...`, which start a server they may restart"
+    );
+    can
 }
 
 /// Stop the test server (`pg_ctl ... stop -m fast -w -t 60`), waiting until it is down. Every

@@ -300,6 +300,33 @@ impl EntryCache {
         self.store.open_entry(key).await
     }
 
+    /// Open the entry a store of `key` just committed, without a database lookup (falling back
+    /// to [`open_entry`](Self::open_entry) if it is gone); see [`EntryStore::open_stored`].
+    ///
+    /// # Errors
+    ///
+    /// As [`EntryStore::open_stored`].
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use dunite_core::{CacheOptions, EntryCache, EvictionPolicy, Expected};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), dunite_core::Error> {
+    /// # let dir = tempfile::tempdir().map_err(|e| dunite_core::Error::InvalidConfig(e.to_string()))?;
+    /// let cache = EntryCache::open(CacheOptions::new(dir.path(), "demo", EvictionPolicy::new(1 << 20))).await?;
+    /// let stored = cache.store("greeting", &b"hello"[..], &Expected::new(), "v1").await?;
+    /// // Serve what was stored: the handle and the row as committed, no second lookup.
+    /// let entry = cache.open_stored("greeting", &stored).await?.expect("just stored");
+    /// assert_eq!((entry.info.size, entry.info.meta.as_str()), (5, "v1"));
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn open_stored(&self, key: &str, stored: &Stored) -> Result<Option<OpenEntry>> {
+        self.store.open_stored(key, stored).await
+    }
+
     /// Open `key`'s payload without the database, verified against `digest`; see
     /// [`EntryStore::open_unindexed`].
     ///

@@ -49,6 +49,9 @@ pub struct Stored {
     pub digest: ContentDigest,
     /// How the store ended.
     pub outcome: StoreOutcome,
+    /// The payload and row this store committed (none if the key was already present), for
+    /// [`EntryStore::open_stored`].
+    committed: Option<(String, EntryInfo)>,
 }
 
 /// What is recorded about an entry, without its payload.
@@ -119,6 +122,9 @@ pub(crate) struct Inner {
     touches: Mutex<HashMap<String, i64>>,
     /// In-flight pins: key -> count. Pinned entries are never evicted.
     pins: Mutex<HashMap<String, usize>>,
+    /// Payloads of stores whose COMMIT failed unseen: (key, file, when). Each is kept until
+    /// the database says whether the commit happened, then deleted if no row names it.
+    unsettled: Mutex<Vec<(String, String, std::time::Instant)>>,
     counters: Counters,
     show_key: KeyDisplay,
 }
@@ -300,6 +306,7 @@ impl EntryStore {
                 on_conflict,
                 clock: Clock::default(),
                 touches: Mutex::default(),
+                unsettled: Mutex::default(),
                 pins: Mutex::default(),
                 counters: Counters::default(),
                 show_key,
@@ -419,14 +426,16 @@ impl EntryStore {
         let (size, digest) = (written.size, written.digest.clone());
         let meta = meta(&digest);
         let file = inner.layout.persist(written.temp, key).await?;
-        let outcome = match self.commit(key, &file, size, &meta).await {
+        let stored_at_ms = now_ms();
+        let outcome = match self.commit(key, &file, size, stored_at_ms, &meta).await {
             Ok(outcome) => outcome,
             // The COMMIT itself failed: it may have been applied with only the answer lost
-            // (the connection dropped). Keep the payload: a row may name it. If none does,
-            // it is an orphan, which reconciliation deletes; deleting it here could leave a
-            // committed row without its file.
+            // (the connection dropped). Keep the payload: a row may name it, and deleting it
+            // here could leave a committed row without its file. If none does,
+            // it is an orphan, deleted once the database answers again (`settle_unseen_on`).
             Err(e @ Error::Database { op: COMMIT_A_STORE, .. }) => {
-                tracing::warn!(error = %e, "a store's commit failed unseen; its payload is kept");
+                tracing::warn!(error = %e, "a store's commit failed unseen; its payload is kept until settled");
+                lock(&inner.unsettled).push((key.to_owned(), file, std::time::Instant::now()));
                 return Err(e);
             }
             Err(e) => {
@@ -460,10 +469,19 @@ impl EntryStore {
             inner.counters.stores.fetch_add(1, Ordering::Relaxed);
             inner.counters.bytes_stored.fetch_add(size, Ordering::Relaxed);
         }
-        Ok(Stored { size, digest, outcome })
+        let committed = (outcome != StoreOutcome::AlreadyPresent)
+            .then_some((file, EntryInfo { size, stored_at_ms, meta }));
+        Ok(Stored { size, digest, outcome, committed })
     }
 
-    async fn commit(&self, key: &str, file: &str, size: u64, meta: &str) -> Result<Committed> {
+    async fn commit(
+        &self,
+        key: &str,
+        file: &str,
+        size: u64,
+        stored_at_ms: i64,
+        meta: &str,
+    ) -> Result<Committed> {
         let inner = &self.inner;
         // Lock order everywhere: a connection first, then the write turn (an eviction pass
         // holds its connection across turns).
@@ -502,14 +520,31 @@ impl EntryStore {
                 .bind(file)
                 .bind(size_i)
                 .bind(version)
-                .bind(now_ms())
+                .bind(stored_at_ms)
                 .bind(meta)
                 .execute(&mut *tx)
                 .await
                 .map_err(Error::db("insert an entry"))?;
                 (size_i, 1, Committed::Inserted)
             }
-            Some(_) if keep => return Ok(Committed::AlreadyPresent),
+            Some(_) if keep => {
+                // Stored again: make the kept entry recent in the database, not only in this
+                // process's access stamps, so a pass that selected it at its old version (here
+                // or on another instance) skips it, and LRU order sees the store.
+                self.inner.db.round_trip().await;
+                sqlx::query(
+                    "UPDATE entries SET version = $1 WHERE namespace = $2 AND key = $3 AND state = 0",
+                )
+                .bind(version)
+                .bind(&inner.namespace)
+                .bind(key)
+                .execute(&mut *tx)
+                .await
+                .map_err(Error::db("renew an entry stored again"))?;
+                // Not COMMIT_A_STORE: whatever this commit's fate, no row names the new payload.
+                tx.commit().await.map_err(Error::db("commit a renewal"))?;
+                return Ok(Committed::AlreadyPresent);
+            }
             Some((old_file, old_size, state)) => {
                 self.inner.db.round_trip().await;
                 sqlx::query(
@@ -519,7 +554,7 @@ impl EntryStore {
                 .bind(file)
                 .bind(size_i)
                 .bind(version)
-                .bind(now_ms())
+                .bind(stored_at_ms)
                 .bind(meta)
                 .bind(&inner.namespace)
                 .bind(key)
@@ -584,6 +619,35 @@ impl EntryStore {
             }
             Err(e) => Err(Error::io("open", path)(e)),
         }
+    }
+
+    /// Open the entry that `stored` (a store of `key`) committed, without a database lookup,
+    /// and record the access: for a caller that stores and then serves what it stored. If
+    /// that payload is gone (evicted, or replaced by a later store) or the store found `key`
+    /// already present, this is [`open_entry`](Self::open_entry): whatever `key` holds now,
+    /// found with one lookup.
+    ///
+    /// The handle and its [`EntryInfo`] always belong together; the info is the row as the
+    /// store committed it, so a later [`refresh`](Self::refresh) of the row is not reflected.
+    ///
+    /// # Errors
+    ///
+    /// As [`open_entry`](Self::open_entry).
+    ///
+    /// See [`EntryCache::open_stored`](crate::EntryCache::open_stored) for an example.
+    pub async fn open_stored(&self, key: &str, stored: &Stored) -> Result<Option<OpenEntry>> {
+        if let Some((file, info)) = &stored.committed {
+            let path = self.inner.layout.payload(file);
+            match tokio::fs::File::open(&path).await {
+                Ok(file) => {
+                    self.touch(key);
+                    return Ok(Some(OpenEntry { file, info: info.clone() }));
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(Error::io("open", path)(e)),
+            }
+        }
+        self.open_entry(key).await
     }
 
     /// Open `key`'s payload **without the database**, for when it is unreachable: a file of
@@ -753,8 +817,9 @@ impl EntryStore {
         self.inner.flush_accesses_on(&mut conn).await
     }
 
-    /// Spawn the task that flushes access stamps every `period`. It holds only a weak
-    /// reference and ends once the store is dropped. Requires a Tokio runtime.
+    /// Spawn the task that flushes access stamps every `period` (and deletes the payloads of
+    /// stores whose commit failed unseen, once the database says no row names them). It holds
+    /// only a weak reference and ends once the store is dropped. Requires a Tokio runtime.
     pub fn spawn_access_flusher(&self, period: Duration) {
         let weak: Weak<Inner> = Arc::downgrade(&self.inner);
         tokio::spawn(async move {
@@ -764,11 +829,15 @@ impl EntryStore {
             loop {
                 interval.tick().await;
                 let Some(inner) = weak.upgrade() else { break };
-                if lock(&inner.touches).is_empty() {
+                if lock(&inner.touches).is_empty() && lock(&inner.unsettled).is_empty() {
                     continue;
                 }
-                let store = EntryStore { inner };
-                if let Err(error) = store.flush_accesses().await {
+                let result = async {
+                    let mut conn = inner.db.acquire().await?;
+                    inner.settle_unseen_on(&mut conn).await?;
+                    inner.flush_accesses_on(&mut conn).await
+                };
+                if let Err(error) = result.await {
                     tracing::warn!(%error, "flushing access stamps failed; will retry");
                 }
             }
@@ -782,7 +851,51 @@ enum Committed {
     AlreadyPresent,
 }
 
+/// How long after a store's COMMIT failed unseen its outcome is asked for: time for a server
+/// that received the COMMIT to have applied it.
+const SETTLE_AFTER: Duration = Duration::from_secs(1);
+
 impl Inner {
+    /// Settle the stores whose COMMIT failed unseen (at least [`SETTLE_AFTER`] ago): a payload
+    /// its key's row names was committed and is an entry like any other; one no row names was
+    /// not (or was committed and since replaced or removed), and is deleted. Without this,
+    /// such a payload would stay on disk, uncounted, until the next start-up reconcile.
+    async fn settle_unseen_on(&self, conn: &mut AnyConnection) -> Result<()> {
+        let due: Vec<(String, String, std::time::Instant)> = {
+            let mut unsettled = lock(&self.unsettled);
+            let (due, later) = std::mem::take(&mut *unsettled)
+                .into_iter()
+                .partition(|(_, _, at)| at.elapsed() >= SETTLE_AFTER);
+            *unsettled = later;
+            due
+        };
+        let mut due = due.into_iter();
+        while let Some((key, file, at)) = due.next() {
+            self.db.round_trip().await;
+            let named: Result<Option<(i64,)>> =
+                sqlx::query_as("SELECT 1 FROM entries WHERE namespace = $1 AND key = $2 AND file = $3")
+                    .bind(&self.namespace)
+                    .bind(&key)
+                    .bind(&file)
+                    .fetch_optional(&mut *conn)
+                    .await
+                    .map_err(Error::db("settle a store's unseen commit"));
+            let unlinked = match named {
+                Ok(Some(_)) => Ok(()),
+                Ok(None) => self.layout.unlink(&file).await,
+                Err(e) => Err(e),
+            };
+            if let Err(e) = unlinked {
+                // Ask again next time, with what was not asked yet.
+                let mut unsettled = lock(&self.unsettled);
+                unsettled.push((key, file, at));
+                unsettled.extend(due);
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
     pub(crate) async fn totals_on(&self, conn: &mut AnyConnection) -> Result<(u64, u64)> {
         self.db.round_trip().await;
         let (bytes, entries): (i64, i64) =
@@ -1086,6 +1199,9 @@ impl EvictionStore for EntryStore {
         }
         if inner.db.is_shared() {
             tracing::debug!(namespace = %inner.namespace, "eviction lock taken");
+        }
+        if let Err(error) = inner.settle_unseen_on(&mut pass.conn).await {
+            tracing::debug!(%error, "settling unseen commits failed; will retry");
         }
         if let Err(error) = inner.finish_marked(&mut pass.conn).await {
             // Leave the lock the way every failed pass does.

@@ -39,10 +39,19 @@ async fn lock_waiters(db: &Database) -> i64 {
     n
 }
 
-/// A TCP proxy to PostgreSQL that, once armed, forwards the next message containing `COMMIT`
-/// and then cuts the client off without its answer: the commit happens, the client sees an
-/// error. Returns the proxy's port.
-async fn commit_cutting_proxy(upstream: String, armed: Arc<AtomicBool>) -> u16 {
+/// What [`commit_cutting_proxy`] does with the `COMMIT` it cuts the client off at.
+#[derive(Clone, Copy)]
+enum Cut {
+    /// Forward it first: the commit happens, the client sees an error.
+    AfterCommit,
+    /// Drop it: the server sees the connection go mid-transaction and rolls back; the client
+    /// sees the same error.
+    BeforeCommit,
+}
+
+/// A TCP proxy to PostgreSQL that, once armed, cuts the client off at the next message
+/// containing `COMMIT`, without its answer. Returns the proxy's port.
+async fn commit_cutting_proxy(upstream: String, armed: Arc<AtomicBool>, how: Cut) -> u16 {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     tokio::spawn(async move {
@@ -64,6 +73,10 @@ async fn commit_cutting_proxy(upstream: String, armed: Arc<AtomicBool>) -> u16 {
                         };
                         let hit = buf[..n].windows(6).any(|w| w == b"COMMIT")
                             && armed.swap(false, Ordering::SeqCst);
+                        if hit && matches!(how, Cut::BeforeCommit) {
+                            cut_up.notify_one();
+                            return;
+                        }
                         if server_write.write_all(&buf[..n]).await.is_err() {
                             return;
                         }
@@ -90,23 +103,33 @@ async fn commit_cutting_proxy(upstream: String, armed: Arc<AtomicBool>) -> u16 {
     port
 }
 
+/// A `KeepExisting` store in a fresh directory whose database connections go through a
+/// [`commit_cutting_proxy`] that cuts `how` once `armed`; `None` without a test server.
+async fn store_behind_a_commit_cutter(
+    how: Cut,
+) -> Option<(EntryStore, Arc<AtomicBool>, tempfile::TempDir, pg::TestDatabase)> {
+    let server = pg::fresh_database().await?;
+    let url = server.url().to_owned();
+    let (userinfo, rest) = url.split_once("://").unwrap().1.split_once('@').unwrap();
+    let (host_port, database) = rest.split_once('/').unwrap();
+    let armed = Arc::new(AtomicBool::new(false));
+    let port = commit_cutting_proxy(host_port.to_owned(), Arc::clone(&armed), how).await;
+    let proxied = format!("postgres://{userinfo}@127.0.0.1:{port}/{database}");
+    let dir = tempfile::tempdir().unwrap();
+    let db = Database::connect(&proxied, &DatabaseOptions::new()).await.unwrap();
+    let store = EntryStore::open(db, "blobs", dir.path(), 1 << 30, OnConflict::KeepExisting).await.unwrap();
+    Some((store, armed, dir, server))
+}
+
 /// The COMMIT of a store reaches the server but its answer is lost. The store reports a
 /// database error, and must keep its payload: the row may exist. Before the fix the payload
 /// was deleted, leaving a live, counted row without its file that every later store of the
 /// key (`KeepExisting`) kept alive as `AlreadyPresent` while every read missed.
 #[tokio::test]
 async fn a_commit_whose_answer_is_lost_keeps_its_payload() {
-    let Some(server) = pg::fresh_database().await else { return };
-    let url = server.url().to_owned();
-    let (userinfo, rest) = url.split_once("://").unwrap().1.split_once('@').unwrap();
-    let (host_port, database) = rest.split_once('/').unwrap();
-    let armed = Arc::new(AtomicBool::new(false));
-    let port = commit_cutting_proxy(host_port.to_owned(), Arc::clone(&armed)).await;
-    let proxied = format!("postgres://{userinfo}@127.0.0.1:{port}/{database}");
-
-    let dir = tempfile::tempdir().unwrap();
-    let db = Database::connect(&proxied, &DatabaseOptions::new()).await.unwrap();
-    let store = EntryStore::open(db, "blobs", dir.path(), 1 << 30, OnConflict::KeepExisting).await.unwrap();
+    let Some((store, armed, dir, _server)) = store_behind_a_commit_cutter(Cut::AfterCommit).await else {
+        return;
+    };
     armed.store(true, Ordering::SeqCst);
     let err = store.store("k", &[7u8; 1000][..], &Expected::new(), "").await.unwrap_err();
     assert!(err.is_database(), "{err}");
@@ -122,6 +145,29 @@ async fn a_commit_whose_answer_is_lost_keeps_its_payload() {
     let again = store.store("k", &[7u8; 1000][..], &Expected::new(), "").await.unwrap();
     assert_eq!(again.outcome, StoreOutcome::AlreadyPresent);
     assert_eq!(payloads(dir.path()), 1);
+}
+
+/// The COMMIT of a store never reaches the server (rolled back), and the store cannot tell
+/// that from a lost answer, so it keeps the payload. Once the database answers again the
+/// running store deletes it: no file without its row, and no restart needed. Before the fix
+/// it stayed on disk, uncounted, until the next start-up reconcile.
+#[tokio::test]
+async fn a_commit_that_never_happened_leaves_no_payload_behind() {
+    let Some((store, armed, dir, _server)) = store_behind_a_commit_cutter(Cut::BeforeCommit).await else {
+        return;
+    };
+    store.spawn_access_flusher(Duration::from_millis(20));
+    armed.store(true, Ordering::SeqCst);
+    let err = store.store("k", &[7u8; 1000][..], &Expected::new(), "").await.unwrap_err();
+    assert!(err.is_database(), "{err}");
+    assert_eq!(payloads(dir.path()), 1, "kept while the commit's fate is unknown");
+
+    poll("the uncommitted payload deleted", async || payloads(dir.path()) == 0).await;
+    assert_eq!((store.total_bytes().await.unwrap(), store.len().await.unwrap()), (0, 0));
+    assert!(store.open_entry("k").await.unwrap().is_none());
+    // The key stores normally afterwards.
+    store.store("k", &[7u8; 1000][..], &Expected::new(), "").await.unwrap();
+    assert_eq!((payloads(dir.path()), store.total_bytes().await.unwrap()), (1, 1000));
 }
 
 /// A live row whose payload is gone (however it happened) heals: a read drops the row and its

@@ -6,4 +6,5 @@ mod burst;
 mod convergence;
 mod faults;
 mod lifecycle;
+mod reads;
 mod support;

@@ -23,6 +23,26 @@ impl Drop for Stopped {
     }
 }
 
+/// A blob cache over a fresh database with a pool of 4 and quick retries, flushing accesses
+/// (and settling unseen commits) every `flush`; `None` without a test server.
+async fn open_cache(flush: Duration) -> Option<(BlobCache, tempfile::TempDir, pg::TestDatabase)> {
+    let dir = tempfile::tempdir().unwrap();
+    let server = pg::fresh_database().await?;
+    let options = DatabaseOptions::new().with_max_connections(4).with_acquire_timeout(Duration::from_secs(2));
+    let policy = EvictionPolicy::new(CAP)
+        .without_safety_tick()
+        .with_retry_backoff(Duration::from_millis(20), Duration::from_millis(500));
+    let cache = BlobCache::new(
+        BlobCache::options(dir.path(), policy)
+            .with_database_url(server.url())
+            .with_database_options(options)
+            .with_access_flush_period(flush),
+    )
+    .await
+    .unwrap();
+    Some((cache, dir, server))
+}
+
 async fn store_range(cache: &BlobCache, seeds: std::ops::Range<u64>) -> Vec<Result<(), Error>> {
     let mut tasks = tokio::task::JoinSet::new();
     for seed in seeds {
@@ -44,17 +64,7 @@ async fn caches_recover_and_converge_after_a_database_restart_mid_burst() {
         // A server given by URL only: this test cannot stop it. CI always starts its own.
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let Some(server) = pg::fresh_database().await else { return };
-    let options = DatabaseOptions::new().with_max_connections(4).with_acquire_timeout(Duration::from_secs(2));
-    let policy = EvictionPolicy::new(CAP)
-        .without_safety_tick()
-        .with_retry_backoff(Duration::from_millis(20), Duration::from_millis(500));
-    let cache = BlobCache::new(
-        BlobCache::options(dir.path(), policy).with_database_url(server.url()).with_database_options(options),
-    )
-    .await
-    .unwrap();
+    let Some((cache, dir, server)) = open_cache(Duration::from_secs(1)).await else { return };
 
     assert!(store_range(&cache, 0..16).await.iter().all(Result::is_ok));
     // Let the evictor settle, so the files counted next change only by what the outage does.
@@ -93,6 +103,65 @@ async fn caches_recover_and_converge_after_a_database_restart_mid_burst() {
         read_verified(&cache, &digest).await;
     }
     assert!(cache.stats().evictor.errors > 0, "the pass during the outage should have failed");
+    drop(cache);
+    drop(server);
+}
+
+/// The server stopped while stores and eviction passes are in flight (connections die
+/// mid-transaction, some at their COMMIT): the writers see database errors, and once the
+/// server is back the running cache, with no restart of its own, ends with rows, total and
+/// files in agreement under its cap. Before unseen commits were settled, a store cut at its
+/// COMMIT could leave a payload no row names until the next start-up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_with_stores_in_flight_leaves_rows_and_files_in_agreement() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+    if !pg::can_restart() {
+        return;
+    }
+    let Some((cache, dir, server)) = open_cache(Duration::from_millis(50)).await else { return };
+
+    // Four writers store new blobs until told to stop, counting outcomes.
+    let (stop, ok, failed) =
+        (Arc::new(AtomicBool::new(false)), Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let mut writers = tokio::task::JoinSet::new();
+    for lane in 0..4u64 {
+        let (cache, stop, ok, failed) = (cache.clone(), stop.clone(), ok.clone(), failed.clone());
+        writers.spawn(async move {
+            // Bounded: a writer stops by itself after this many stores.
+            for i in 0..20_000u64 {
+                if stop.load(Ordering::SeqCst) {
+                    break;
+                }
+                let (digest, bytes) = blob(1_000_000 + lane * 100_000 + i, BLOB);
+                match cache.store(&digest, &bytes[..]).await {
+                    Ok(_) => ok.fetch_add(1, Ordering::SeqCst),
+                    Err(Error::Cache(CoreError::Database { .. })) => failed.fetch_add(1, Ordering::SeqCst),
+                    Err(other) => panic!("a store failed other than on the database: {other}"),
+                };
+            }
+        });
+    }
+    eventually(Duration::from_secs(30), || async { ok.load(Ordering::SeqCst) >= 32 }).await;
+    tokio::task::spawn_blocking(pg::stop_server).await.unwrap();
+    let mut stopped = Stopped(true);
+    eventually(Duration::from_secs(30), || async { failed.load(Ordering::SeqCst) >= 4 }).await;
+    tokio::task::spawn_blocking(pg::start_server).await.unwrap();
+    stopped.0 = false;
+    let resumed = ok.load(Ordering::SeqCst);
+    eventually(Duration::from_secs(30), || async { ok.load(Ordering::SeqCst) >= resumed + 32 }).await;
+    stop.store(true, Ordering::SeqCst);
+    writers.join_all().await;
+
+    // Unseen commits settle and the evictor drives the total under the cap, in the background.
+    eventually(Duration::from_secs(30), || async {
+        cache.evict_if_over_cap().await.is_ok_and(|report| report.total_after <= CAP)
+            && check_consistency(cache.entries().entries(), dir.path()).await.is_ok()
+    })
+    .await;
+    let total = check_consistency(cache.entries().entries(), dir.path()).await.unwrap();
+    assert!(total <= CAP && total > 0);
     drop(cache);
     drop(server);
 }

@@ -89,6 +89,29 @@ async fn an_entry_re_stored_on_one_instance_is_not_removed_by_the_other() {
     assert_eq!(check_consistency(&a, dir.path()).await.unwrap(), BLOB as u64);
 }
 
+/// A victim selected on one instance and stored again on the other (a store that finds the
+/// blob already present) is skipped: the re-store makes the entry recent in the database, not
+/// only in the storing process's memory.
+#[tokio::test]
+async fn an_entry_stored_again_on_one_instance_is_not_removed_by_the_other() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some((a_db, b_db, _server)) = two_instances(&DatabaseOptions::new()).await else { return };
+    let (a, b) = (entry_store(&a_db, dir.path()).await, entry_store(&b_db, dir.path()).await);
+    let digest = store_blob(&a, 1).await;
+
+    let mut pass = b.begin_pass().await.unwrap().unwrap();
+    let victims = pass.least_recently_used(10).await.unwrap();
+    assert_eq!(victims.len(), 1);
+    let (_, bytes) = blob(1, BLOB);
+    let again = a.store(&digest.to_string(), &bytes[..], &Expected::new(), "").await.unwrap();
+    assert_eq!(again.outcome, dunite_core::StoreOutcome::AlreadyPresent);
+    assert_eq!(pass.remove_batch(&victims).await.unwrap(), vec![Removal::Skipped]);
+    pass.finish().await.unwrap();
+
+    assert!(b.open_entry(&digest.to_string()).await.unwrap().is_some(), "kept for both instances");
+    assert_eq!(check_consistency(&a, dir.path()).await.unwrap(), BLOB as u64);
+}
+
 /// Bursts of stores through two instances over one cap: no errors, the shared total ends
 /// under the cap, every blob left reads back with its digest on both instances, and rows,
 /// total and files agree.
