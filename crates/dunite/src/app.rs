@@ -143,9 +143,10 @@ impl App {
         } else {
             crate::dl::PrivateNetworks::Refused
         };
-        let fetcher = crate::dl::HttpFetcher::new(config.dl_allow.clone(), private)
+        let fetcher = crate::dl::HttpFetcher::new(config.dl_allow.clone(), private, config.upstream_timeout)
             .map_err(|e| StartError::Upstream(crate::upstream::UpstreamError::Http(e)))?;
-        let registries = Registries::new(config.upstreams.clone(), config.credentials.clone())?;
+        let registries =
+            Registries::new(config.upstreams.clone(), config.credentials.clone(), config.upstream_timeout)?;
         Ok(Arc::new(Self {
             config,
             blobs,
@@ -195,8 +196,12 @@ async fn remove_stale_spools(dir: &std::path::Path, grace: Duration) {
 
 async fn metrics(State(app): State<Arc<App>>) -> Response {
     let mut caches = Vec::new();
-    for (name, cache) in [("blobs", app.blobs.entries()), ("manifests", &app.manifests), ("tags", &app.tags)]
-    {
+    for (name, cache) in [
+        ("blobs", app.blobs.entries()),
+        ("manifests", &app.manifests),
+        ("tags", &app.tags),
+        ("downloads", app.downloads.entries()),
+    ] {
         let stats = cache.stats();
         caches.push((
             name,

@@ -81,6 +81,10 @@ pub struct ServeArgs {
     /// How long in-flight responses may finish after a shutdown signal, e.g. 30s [default: 30s].
     #[arg(long, env = "DUNITE_SHUTDOWN_GRACE")]
     pub shutdown_grace: Option<String>,
+    /// How long an upstream (registry, token endpoint or download host) may take to accept a
+    /// connection or stay silent mid-answer before the request fails, e.g. 30s [default: 60s].
+    #[arg(long, env = "DUNITE_UPSTREAM_TIMEOUT")]
+    pub upstream_timeout: Option<String>,
 }
 
 /// The config file: the same settings as the flags, plus credentials.
@@ -103,6 +107,7 @@ struct FileConfig {
     dl_allow_private_networks: bool,
     dl_freshness: Option<String>,
     shutdown_grace: Option<String>,
+    upstream_timeout: Option<String>,
     /// `host -> { username, password }` for upstream token authentication.
     #[serde(default)]
     credentials: BTreeMap<String, Credentials>,
@@ -172,6 +177,8 @@ pub struct Config {
     pub credentials: BTreeMap<String, Credentials>,
     /// Grace period for in-flight responses at shutdown.
     pub shutdown_grace: Duration,
+    /// How long an upstream may stay silent (to connect, or mid-answer).
+    pub upstream_timeout: Duration,
 }
 
 impl Config {
@@ -198,6 +205,7 @@ impl Config {
             dl_freshness: Duration::from_secs(3600),
             credentials: BTreeMap::new(),
             shutdown_grace: Duration::from_secs(30),
+            upstream_timeout: Duration::from_secs(60),
         }
     }
 
@@ -258,6 +266,12 @@ impl Config {
         }
         if let Some(grace) = args.shutdown_grace.or(file.shutdown_grace) {
             config.shutdown_grace = parse_duration(&grace).map_err(|m| bad("shutdown-grace", m))?;
+        }
+        if let Some(timeout) = args.upstream_timeout.or(file.upstream_timeout) {
+            config.upstream_timeout = parse_duration(&timeout).map_err(|m| bad("upstream-timeout", m))?;
+            if config.upstream_timeout.is_zero() {
+                return Err(bad("upstream-timeout", "must be positive"));
+            }
         }
         config.dl_allow = if args.dl_allow.is_empty() { file.dl_allow } else { args.dl_allow };
         config.dl_allow.iter_mut().for_each(|h| *h = h.to_ascii_lowercase());

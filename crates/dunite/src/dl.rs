@@ -52,11 +52,13 @@ struct PublicOnly {
     allow_private: bool,
 }
 
-/// Whether `ip` is an address the proxy may reach without explicit permission.
+/// Whether `ip` is an address the proxy may reach without explicit permission: a globally
+/// routed unicast address. IPv6 forms that carry an IPv4 address (mapped, compatible, NAT64,
+/// 6to4) are judged by that address.
 pub(crate) fn is_public(ip: std::net::IpAddr) -> bool {
     match ip {
         std::net::IpAddr::V4(v4) => {
-            let [a, b, ..] = v4.octets();
+            let [a, b, c, _] = v4.octets();
             !(v4.is_loopback()
                 || v4.is_private()
                 || v4.is_link_local()
@@ -65,18 +67,37 @@ pub(crate) fn is_public(ip: std::net::IpAddr) -> bool {
                 || v4.is_multicast()
                 || v4.is_documentation()
                 || a == 0
-                || (a == 100 && (64..128).contains(&b)))
+                || (a == 100 && (64..128).contains(&b)) // shared address space (CGNAT)
+                || (a == 192 && b == 0 && c == 0) // IETF protocol assignments
+                || (a == 198 && (18..20).contains(&b)) // benchmarking
+                || a >= 240) // reserved
         }
         std::net::IpAddr::V6(v6) => {
+            let segments = v6.segments();
+            let embedded = |hi: u16, lo: u16| {
+                let [h1, h2] = hi.to_be_bytes();
+                let [l1, l2] = lo.to_be_bytes();
+                std::net::IpAddr::V4(std::net::Ipv4Addr::new(h1, h2, l1, l2))
+            };
             if let Some(v4) = v6.to_ipv4_mapped() {
                 return is_public(std::net::IpAddr::V4(v4));
             }
-            let first = v6.segments()[0];
-            !(v6.is_loopback()
-                || v6.is_unspecified()
-                || v6.is_multicast()
-                || (first & 0xfe00) == 0xfc00
-                || (first & 0xffc0) == 0xfe80)
+            // IPv4-compatible (::a.b.c.d, deprecated) and NAT64 (64:ff9b::/96).
+            if segments[..6] == [0; 6] || segments[..6] == [0x64, 0xff9b, 0, 0, 0, 0] {
+                return !v6.is_loopback()
+                    && !v6.is_unspecified()
+                    && is_public(embedded(segments[6], segments[7]));
+            }
+            // 6to4 (2002:a.b.c.d::/48).
+            if segments[0] == 0x2002 {
+                return is_public(embedded(segments[1], segments[2]));
+            }
+            let first = segments[0];
+            !(v6.is_multicast()
+                || (first & 0xfe00) == 0xfc00 // unique local
+                || (first & 0xffc0) == 0xfe80 // link-local
+                || (first & 0xffc0) == 0xfec0 // site-local (deprecated)
+                || (first == 0x2001 && segments[1] == 0x0db8)) // documentation
         }
     }
 }
@@ -103,7 +124,11 @@ impl reqwest::dns::Resolve for PublicOnly {
 impl HttpFetcher {
     /// A client that follows redirects only within `allow` and, unless `private` allows it,
     /// reaches only public addresses through host names.
-    pub(crate) fn new(allow: Vec<String>, private: PrivateNetworks) -> Result<Self, reqwest::Error> {
+    pub(crate) fn new(
+        allow: Vec<String>,
+        private: PrivateNetworks,
+        timeout: Duration,
+    ) -> Result<Self, reqwest::Error> {
         let allow = Arc::new(allow);
         let policy = reqwest::redirect::Policy::custom(move |attempt| {
             let host = attempt.url().host_str().map(str::to_ascii_lowercase);
@@ -115,9 +140,10 @@ impl HttpFetcher {
                 attempt.error("redirect to a host outside the download allowlist")
             }
         });
-        let client = reqwest::Client::builder()
-            .user_agent(concat!("dunite/", env!("CARGO_PKG_VERSION")))
-            .connect_timeout(Duration::from_secs(10))
+        let client = crate::upstream::http_client(timeout)
+            // No proxy from the environment (HTTP_PROXY and such): a proxy would resolve the
+            // host itself, past the public-only resolver below.
+            .no_proxy()
             .redirect(policy)
             .dns_resolver(Arc::new(PublicOnly { allow_private: private == PrivateNetworks::Allowed }))
             .build()?;
@@ -334,13 +360,13 @@ async fn stream_miss(app: &Arc<App>, request: DownloadRequest) -> Response {
     app.metrics.download_misses.fetch_add(1, Ordering::Relaxed);
     let key = format!("{}|{}", request.sha256().map(ContentDigest::hex).unwrap_or_default(), request.url());
     let fill_app = Arc::clone(app);
-    let fill_key = key.clone();
     let joined = app.dl_fills.join(&key, &app.spool_dir, move |spool, state| async move {
         let app = fill_app;
         let answer = app.fetcher.get(request.url(), None).await;
         let downloads = app.downloads.clone();
         let upstream_bytes = Arc::clone(&app.metrics.upstream_bytes);
-        fill_from_upstream(answer, spool, state, upstream_bytes, |response| {
+        let limit = downloads.entries().entries().max_bytes();
+        fill_from_upstream(answer, (spool, state, limit), upstream_bytes, |response| {
             let meta = meta_of(response);
             let content_type = meta.content_type().map(Arc::from);
             let store = |spool, _written| async move {
@@ -350,7 +376,6 @@ async fn stream_miss(app: &Arc<App>, request: DownloadRequest) -> Response {
             (content_type, store)
         })
         .await;
-        app.dl_fills.finish(&fill_key);
     });
     let mut subscription = match joined {
         Ok(subscription) => subscription,
@@ -401,10 +426,25 @@ mod tests {
             "fc00::1",
             "fe80::1",
             "::ffff:127.0.0.1",
+            "::",
+            "::127.0.0.1",
+            "::10.0.0.1",
+            "64:ff9b::a9fe:a9fe",
+            "64:ff9b::7f00:1",
+            "2002:c0a8:0101::1",
+            "2002:7f00:1::",
+            "fec0::1",
+            "2001:db8::1",
+            "198.18.0.1",
+            "192.0.0.8",
+            "240.0.0.1",
+            "255.255.255.255",
         ] {
             assert!(!is_public(private.parse().unwrap()), "{private}");
         }
-        for public in ["93.184.216.34", "1.1.1.1", "2606:4700::1111"] {
+        for public in
+            ["93.184.216.34", "1.1.1.1", "2606:4700::1111", "64:ff9b::5db8:d822", "2002:5db8:d822::1"]
+        {
             assert!(is_public(public.parse().unwrap()), "{public}");
         }
     }

@@ -50,15 +50,43 @@ pub(crate) enum FillState {
     },
 }
 
+type InFlight<K> = Arc<Mutex<HashMap<K, Arc<Fill>>>>;
+
 /// The in-flight fills, by key.
 #[derive(Debug)]
 pub(crate) struct Fills<K> {
-    inflight: Mutex<HashMap<K, Arc<Fill>>>,
+    inflight: InFlight<K>,
 }
 
 impl<K> Default for Fills<K> {
     fn default() -> Self {
-        Self { inflight: Mutex::new(HashMap::new()) }
+        Self { inflight: Arc::default() }
+    }
+}
+
+/// Takes a fill out of the map when its task ends, however it ends (a panic included), so
+/// the next client of its key starts a new fill instead of joining a dead one.
+struct Landed<K: Eq + Hash> {
+    inflight: InFlight<K>,
+    key: K,
+    fill: Arc<Fill>,
+}
+
+impl<K: Eq + Hash> Drop for Landed<K> {
+    fn drop(&mut self) {
+        let mut inflight = self.inflight.lock().unwrap_or_else(PoisonError::into_inner);
+        if inflight.get(&self.key).is_some_and(|fill| Arc::ptr_eq(fill, &self.fill)) {
+            inflight.remove(&self.key);
+        }
+        // A task that ended without an outcome (it panicked) fails its clients' streams.
+        self.fill.state.send_if_modified(|state| match state {
+            FillState::Connecting | FillState::Streaming { .. } => {
+                *state =
+                    FillState::Failed { status: None, message: "the fill ended without an outcome".into() };
+                true
+            }
+            FillState::Done { .. } | FillState::Failed { .. } => false,
+        });
     }
 }
 
@@ -77,10 +105,11 @@ pub(crate) struct Subscription {
     spool: std::fs::File,
 }
 
-impl<K: Eq + Hash + Clone> Fills<K> {
+impl<K: Eq + Hash + Clone + Send + 'static> Fills<K> {
     /// Join the fill of `key`, starting it with `start` if none is in flight. `start`
-    /// receives the spool path and the state sender, and must run to completion on its own
-    /// task (it is spawned, so a client going away does not cancel it for the others).
+    /// receives the spool path and the state sender, and runs to completion on a task of its
+    /// own (spawned, so a client going away does not cancel it for the others); when that
+    /// task ends, however it ends, the fill leaves the map and then its spool is deleted.
     ///
     /// # Errors
     ///
@@ -109,31 +138,30 @@ impl<K: Eq + Hash + Clone> Fills<K> {
         let (state, rx) = watch::channel(FillState::Connecting);
         let fill = Arc::new(Fill { spool: path.clone(), state: state.clone() });
         let subscription = Subscription { state: rx, spool: std::fs::File::open(&path)? };
-        inflight.insert(key.clone(), fill);
+        inflight.insert(key.clone(), Arc::clone(&fill));
         drop(inflight);
+        let landed = Landed { inflight: Arc::clone(&self.inflight), key: key.clone(), fill };
         let task = start(path, state);
         tokio::spawn(async move {
+            // Dropped in reverse order, on a panic too: the fill leaves the map, then `spool`
+            // (a TempPath) deletes the file; open handles keep reading.
+            let _spool = spool;
+            let _landed = landed;
             task.await;
-            // `spool` (a TempPath) is dropped with this task, after the fill has left the
-            // map (see `finish`), deleting the file; open handles keep reading.
-            drop(spool);
         });
         Ok(subscription)
-    }
-
-    /// Remove `key`'s fill from the map (before its spool is deleted).
-    pub(crate) fn finish(&self, key: &K) {
-        self.inflight.lock().unwrap_or_else(PoisonError::into_inner).remove(key);
     }
 }
 
 /// Copy an upstream body into the spool, publishing progress, then hand the spool to `store`
-/// (which puts it in a cache and verifies it). Sets the final state.
+/// (which puts it in a cache and verifies it). Sets the final state. A body over `limit` bytes
+/// (the cache's cap: it could never be stored) fails the fill as soon as that is known, from
+/// its `Content-Length` or its bytes, so an upstream cannot fill the disk through a spool.
 async fn run_fill<S, F, Fut>(
     spool: std::path::PathBuf,
     state: watch::Sender<FillState>,
     body: S,
-    (total, content_type): (Option<u64>, Option<Arc<str>>),
+    (total, content_type, limit): (Option<u64>, Option<Arc<str>>, u64),
     upstream_bytes: Arc<std::sync::atomic::AtomicU64>,
     store: F,
 ) where
@@ -142,6 +170,11 @@ async fn run_fill<S, F, Fut>(
     Fut: Future<Output = Result<(), String>>,
 {
     let result: Result<u64, String> = async {
+        if let Some(total) = total
+            && total > limit
+        {
+            return Err(format!("upstream announced {total} bytes, over the cache's cap of {limit}"));
+        }
         let mut file = tokio::fs::OpenOptions::new()
             .write(true)
             .open(&spool)
@@ -152,6 +185,9 @@ async fn run_fill<S, F, Fut>(
         let mut body = std::pin::pin!(body);
         while let Some(chunk) = body.next().await {
             let chunk = chunk.map_err(|e| format!("upstream body failed after {written} bytes: {e}"))?;
+            if written + chunk.len() as u64 > limit {
+                return Err(format!("upstream body exceeds the cache's cap of {limit} bytes"));
+            }
             file.write_all(&chunk).await.map_err(|e| crate::error_chain(&e))?;
             // tokio's `write_all` returns once the write is queued on a blocking thread;
             // `flush` waits for it, so the bytes published below are readable by clients.
@@ -180,13 +216,12 @@ async fn run_fill<S, F, Fut>(
     }
 }
 
-/// Run a fill from an upstream's answer: a success is spooled and handed to the store step
-/// that `prepare` builds from the response (with the content type to show clients); an error
-/// status or a failed request fails the fill with it.
+/// Run a fill from an upstream's answer: a success is spooled (up to `limit` bytes) and handed
+/// to the store step that `prepare` builds from the response (with the content type to show
+/// clients); an error status or a failed request fails the fill with it.
 pub(crate) async fn fill_from_upstream<E, P, F, Fut>(
     answer: Result<reqwest::Response, E>,
-    spool: std::path::PathBuf,
-    state: watch::Sender<FillState>,
+    (spool, state, limit): (std::path::PathBuf, watch::Sender<FillState>, u64),
     upstream_bytes: Arc<std::sync::atomic::AtomicU64>,
     prepare: P,
 ) where
@@ -202,7 +237,7 @@ pub(crate) async fn fill_from_upstream<E, P, F, Fut>(
             let body = response
                 .bytes_stream()
                 .map(|chunk| chunk.map_err(|e| crate::upstream::redact(e).to_string()));
-            run_fill(spool, state, body, (total, content_type), upstream_bytes, store).await;
+            run_fill(spool, state, body, (total, content_type, limit), upstream_bytes, store).await;
         }
         Ok(response) => {
             let status = response.status();
@@ -308,6 +343,40 @@ mod tests {
             }
         }
         (got, None)
+    }
+
+    /// A fill whose task panics fails its clients and leaves the map: the next client of the
+    /// key starts a new fill. Before, the map kept the dead fill (clients hung, new ones could
+    /// not open its deleted spool).
+    #[tokio::test]
+    async fn a_panicking_fill_fails_its_clients_and_frees_its_key() {
+        let spool_dir = tempfile::tempdir().unwrap();
+        let fills: Fills<&'static str> = Fills::default();
+        let first = fills
+            .join(&"k", spool_dir.path(), |_, _| async {
+                tokio::task::yield_now().await;
+                panic!("a fill that panics (expected by this test)");
+            })
+            .unwrap();
+        let (got, error) =
+            tokio::time::timeout(std::time::Duration::from_secs(10), collect(first.into_stream()))
+                .await
+                .expect("the client of a dead fill must not hang");
+        assert!(got.is_empty());
+        assert!(error.is_some_and(|e| e.contains("without an outcome")));
+        let (started, ran) =
+            (Arc::new(std::sync::atomic::AtomicBool::new(false)), tokio::sync::oneshot::channel());
+        let (flag, done) = (Arc::clone(&started), ran.0);
+        let second = fills
+            .join(&"k", spool_dir.path(), move |_, state| async move {
+                flag.store(true, std::sync::atomic::Ordering::SeqCst);
+                state.send_replace(FillState::Done { written: 0 });
+                let _ = done.send(());
+            })
+            .unwrap();
+        ran.1.await.unwrap();
+        assert!(started.load(std::sync::atomic::Ordering::SeqCst), "a new fill started");
+        assert_eq!(collect(second.into_stream()).await, (Vec::new(), None));
     }
 
     #[tokio::test]

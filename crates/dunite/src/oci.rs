@@ -144,9 +144,10 @@ async fn blob(
         .join(digest, &app.spool_dir, move |spool, state| async move {
             let app = fill_app;
             let answer = app.registries.send(&fill_host, &upstream_name, Method::GET, &path, None).await;
-            let (cache, digest) = (app.blobs.clone(), fill_digest.clone());
+            let (cache, digest) = (app.blobs.clone(), fill_digest);
             let upstream_bytes = Arc::clone(&app.metrics.upstream_bytes);
-            fill_from_upstream(answer, spool, state, upstream_bytes, |_| {
+            let limit = cache.entries().entries().max_bytes();
+            fill_from_upstream(answer, (spool, state, limit), upstream_bytes, |_| {
                 let store = |spool, written| async move {
                     let reader = tokio::fs::File::open(spool).await.map_err(|e| e.to_string())?;
                     match cache.store_with_size(&digest, written, reader).await {
@@ -162,7 +163,6 @@ async fn blob(
                 (None, store)
             })
             .await;
-            app.fills.finish(&fill_digest);
         })
         .map_err(|e| internal(dunite_oci::Error::Cache(dunite_core::Error::InvalidConfig(e.to_string()))))?;
     match subscription.started().await {
@@ -542,9 +542,6 @@ async fn fetch_manifest(
         }
         s => return Err(SpecError::upstream(format!("upstream answered {s}"))),
     }
-    if response.content_length().is_some_and(|n| n > MAX_MANIFEST as u64) {
-        return Err(SpecError::new(StatusCode::BAD_GATEWAY, "MANIFEST_INVALID", "manifest too large"));
-    }
     let media_type = response
         .headers()
         .get(header::CONTENT_TYPE)
@@ -553,11 +550,10 @@ async fn fetch_manifest(
         .to_owned();
     let announced =
         response.headers().get("docker-content-digest").and_then(|v| v.to_str().ok()).map(str::to_owned);
-    let bytes =
-        response.bytes().await.map_err(|e| SpecError::upstream(crate::upstream::redact(e).to_string()))?;
-    if bytes.len() > MAX_MANIFEST {
-        return Err(SpecError::new(StatusCode::BAD_GATEWAY, "MANIFEST_INVALID", "manifest too large"));
-    }
+    let bytes = crate::upstream::read_limited(response, MAX_MANIFEST)
+        .await
+        .map_err(|e| SpecError::upstream(e.to_string()))?
+        .ok_or_else(|| SpecError::new(StatusCode::BAD_GATEWAY, "MANIFEST_INVALID", "manifest too large"))?;
     app.metrics.upstream_bytes.fetch_add(bytes.len() as u64, Ordering::Relaxed);
     // Address by the upstream's announced algorithm if it is sha512, else sha256.
     let algorithm = match announced.as_deref() {

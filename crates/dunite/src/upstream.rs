@@ -17,6 +17,75 @@ use crate::config::Credentials;
 /// Tokens are dropped this long before their stated expiry, to absorb clock skew.
 const EXPIRY_MARGIN: Duration = Duration::from_secs(10);
 
+/// The HTTP client set-up every upstream request shares: dunite's user agent, and `timeout`
+/// both to connect and between two reads of an answer, so a stalled upstream fails its
+/// request (and the fill every client of it joined) instead of holding it forever.
+pub fn http_client(timeout: Duration) -> reqwest::ClientBuilder {
+    reqwest::Client::builder()
+        .user_agent(concat!("dunite/", env!("CARGO_PKG_VERSION")))
+        .connect_timeout(timeout)
+        .read_timeout(timeout)
+}
+
+/// The most tokens kept: scopes name repositories, which clients choose.
+const MAX_TOKENS: usize = 4096;
+
+/// Cache a token until `expires`, first dropping expired ones and, at [`MAX_TOKENS`], the one
+/// that expires soonest: the cache stays bounded however many repositories clients ask for.
+fn remember_token(
+    tokens: &mut HashMap<(String, String), (String, Instant)>,
+    key: (String, String),
+    token: String,
+    expires: Instant,
+) {
+    let now = Instant::now();
+    tokens.retain(|_, (_, until)| *until > now);
+    if tokens.len() >= MAX_TOKENS
+        && let Some(soonest) = tokens.iter().min_by_key(|(_, (_, until))| *until).map(|(k, _)| k.clone())
+    {
+        tokens.remove(&soonest);
+    }
+    tokens.insert(key, (token, expires));
+}
+
+/// Whether the configured credentials of `upstream` may go to the token `realm` its challenge
+/// names: over https, or, for an upstream the operator configured as plain http, to that
+/// upstream's own host (a registry that issues its own tokens). Never in clear text to a host
+/// the operator did not name, nor in clear text for an https upstream.
+fn may_send_credentials(upstream: &url::Url, realm: &url::Url) -> bool {
+    realm.scheme() == "https"
+        || (realm.scheme() == "http"
+            && upstream.scheme() == "http"
+            && realm.host_str() == upstream.host_str())
+}
+
+/// The largest token endpoint answer read (Docker Hub's are a few KiB).
+const MAX_TOKEN_ANSWER: usize = 256 << 10;
+
+/// Read a response's body whole, or `None` if it is over `limit` bytes: refused from its
+/// `Content-Length` before any byte is read, else as soon as the bytes pass the limit, so an
+/// upstream that sends no length (or lies) costs at most `limit` and one chunk of memory.
+///
+/// # Errors
+///
+/// The body's transport error, redacted.
+pub(crate) async fn read_limited(
+    mut response: reqwest::Response,
+    limit: usize,
+) -> Result<Option<bytes::Bytes>, reqwest::Error> {
+    if response.content_length().is_some_and(|n| n > limit as u64) {
+        return Ok(None);
+    }
+    let mut body = bytes::BytesMut::new();
+    while let Some(chunk) = response.chunk().await.map_err(redact)? {
+        if body.len() + chunk.len() > limit {
+            return Ok(None);
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(Some(body.freeze()))
+}
+
 /// A client for the configured upstream registries.
 #[derive(Debug)]
 pub struct Registries {
@@ -72,7 +141,8 @@ struct TokenAnswer {
 }
 
 impl Registries {
-    /// A client for `upstreams` (host -> base URL).
+    /// A client for `upstreams` (host -> base URL), whose requests fail when an upstream goes
+    /// silent for `timeout` (see [`http_client`]).
     ///
     /// # Errors
     ///
@@ -80,11 +150,9 @@ impl Registries {
     pub fn new(
         upstreams: BTreeMap<String, url::Url>,
         credentials: BTreeMap<String, Credentials>,
+        timeout: Duration,
     ) -> Result<Self, UpstreamError> {
-        let http = reqwest::Client::builder()
-            .user_agent(concat!("dunite/", env!("CARGO_PKG_VERSION")))
-            .connect_timeout(Duration::from_secs(10))
-            .build()?;
+        let http = http_client(timeout).build()?;
         Ok(Self { http, upstreams, credentials, tokens: Mutex::default() })
     }
 
@@ -144,10 +212,8 @@ impl Registries {
         let Some(challenge) = bearer_challenge(response.headers()) else { return Ok(response) };
         let token = self.fetch_token(host, &challenge, &scope).await?;
         let answer = build(Some(&token.0)).send().await?;
-        self.tokens
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .insert(key, (token.0, Instant::now() + token.1));
+        let mut tokens = self.tokens.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        remember_token(&mut tokens, key, token.0, Instant::now() + token.1);
         Ok(answer)
     }
 
@@ -179,15 +245,27 @@ impl Registries {
             }
             query.append_pair("scope", challenge.get("scope").map_or(scope, String::as_str));
         }
-        let mut request = self.http.get(url);
+        let mut request = self.http.get(url.clone());
         if let Some(credentials) = self.credentials.get(host) {
-            request = request.basic_auth(&credentials.username, Some(&credentials.password));
+            if self.upstreams.get(host).is_some_and(|upstream| may_send_credentials(upstream, &url)) {
+                request = request.basic_auth(&credentials.username, Some(&credentials.password));
+            } else {
+                tracing::warn!(
+                    host,
+                    realm = %url.origin().ascii_serialization(),
+                    "token realm would get the credentials in clear text; asking it without them"
+                );
+            }
         }
         let response = request.send().await?;
         if !response.status().is_success() {
             return Err(UpstreamError::Token(format!("token endpoint answered {}", response.status())));
         }
-        let answer: TokenAnswer = response.json().await?;
+        let body = read_limited(response, MAX_TOKEN_ANSWER)
+            .await?
+            .ok_or_else(|| UpstreamError::Token(format!("token answer over {MAX_TOKEN_ANSWER} bytes")))?;
+        let answer: TokenAnswer = serde_json::from_slice(&body)
+            .map_err(|e| UpstreamError::Token(format!("bad token answer: {e}")))?;
         let token =
             answer.token.or(answer.access_token).ok_or_else(|| UpstreamError::Token("no token".into()))?;
         let lifetime = Duration::from_secs(answer.expires_in.unwrap_or(60)).saturating_sub(EXPIRY_MARGIN);
@@ -251,11 +329,45 @@ mod tests {
     }
 
     #[test]
+    fn credentials_go_to_a_realm_only_over_https_or_to_a_plain_http_upstream_itself() {
+        let url = |s: &str| url::Url::parse(s).unwrap();
+        let hub = url("https://registry-1.docker.io");
+        assert!(may_send_credentials(&hub, &url("https://auth.docker.io/token")));
+        assert!(!may_send_credentials(&hub, &url("http://auth.docker.io/token")), "no downgrade");
+        assert!(!may_send_credentials(&hub, &url("http://registry-1.docker.io/token")), "no downgrade");
+        let local = url("http://127.0.0.1:5000");
+        assert!(may_send_credentials(&local, &url("http://127.0.0.1:5001/token")));
+        assert!(!may_send_credentials(&local, &url("http://169.254.169.254/token")));
+        assert!(!may_send_credentials(&local, &url("http://localhost:5000/token")), "another host name");
+        assert!(!may_send_credentials(&local, &url("ftp://127.0.0.1/token")));
+    }
+
+    #[test]
+    fn the_token_cache_stays_bounded_and_drops_expired_tokens() {
+        let mut tokens = HashMap::new();
+        let later = Instant::now() + Duration::from_secs(300);
+        for i in 0..MAX_TOKENS + 100 {
+            let key = ("h".to_owned(), format!("repository:n{i}:pull"));
+            remember_token(&mut tokens, key, format!("t{i}"), later + Duration::from_millis(i as u64));
+        }
+        assert_eq!(tokens.len(), MAX_TOKENS);
+        // The ones dropped were those expiring soonest: the first ones in.
+        assert!(!tokens.contains_key(&("h".to_owned(), "repository:n0:pull".to_owned())));
+        assert!(tokens.contains_key(&("h".to_owned(), format!("repository:n{}:pull", MAX_TOKENS + 99))));
+        let past = Instant::now().checked_sub(Duration::from_secs(1)).unwrap();
+        for (_, until) in tokens.values_mut() {
+            *until = past;
+        }
+        remember_token(&mut tokens, ("h".to_owned(), "x".to_owned()), "t".to_owned(), later);
+        assert_eq!(tokens.len(), 1, "expired tokens are dropped on insert");
+    }
+
+    #[test]
     fn docker_hub_names_get_library() {
         let mut upstreams = BTreeMap::new();
         upstreams.insert("docker.io".to_owned(), url::Url::parse("https://registry-1.docker.io").unwrap());
         upstreams.insert("local".to_owned(), url::Url::parse("http://127.0.0.1:1").unwrap());
-        let r = Registries::new(upstreams, BTreeMap::new()).unwrap();
+        let r = Registries::new(upstreams, BTreeMap::new(), Duration::from_secs(1)).unwrap();
         assert_eq!(r.upstream_name("docker.io", "alpine"), "library/alpine");
         assert_eq!(r.upstream_name("docker.io", "me/app"), "me/app");
         assert_eq!(r.upstream_name("local", "alpine"), "alpine");

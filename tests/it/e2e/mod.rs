@@ -6,6 +6,7 @@ mod auth;
 mod downloads;
 mod faults;
 pub(crate) mod harness;
+mod hostile_upstream;
 mod instances;
 mod origin;
 mod pg_restart;

@@ -35,6 +35,28 @@ pub struct Head {
     pub headers: HashMap<String, String>,
 }
 
+impl Head {
+    /// Read a request's head from `socket` (up to 16 KiB); `None` if the client goes first.
+    pub async fn read(socket: &mut tokio::net::TcpStream) -> Option<Self> {
+        let mut head = Vec::new();
+        let mut buf = [0u8; 1024];
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 16 * 1024 {
+            match socket.read(&mut buf).await {
+                Ok(0) | Err(_) => return None,
+                Ok(n) => head.extend_from_slice(&buf[..n]),
+            }
+        }
+        let text = String::from_utf8_lossy(&head).to_string();
+        let mut lines = text.lines();
+        let path = lines.next().and_then(|l| l.split_whitespace().nth(1)).unwrap_or("/").to_owned();
+        let headers = lines
+            .filter_map(|l| l.split_once(':'))
+            .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
+            .collect();
+        Some(Self { path, headers })
+    }
+}
+
 type Handler = dyn Fn(&Head, SocketAddr) -> Vec<u8> + Send + Sync;
 
 impl Origin {
@@ -74,24 +96,9 @@ impl Origin {
                 let Ok((mut socket, _)) = listener.accept().await else { return };
                 let (handler, counter) = (Arc::clone(&handler), Arc::clone(&counter));
                 tokio::spawn(async move {
-                    let mut head = Vec::new();
-                    let mut buf = [0u8; 1024];
-                    while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 16 * 1024 {
-                        match socket.read(&mut buf).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => head.extend_from_slice(&buf[..n]),
-                        }
-                    }
+                    let Some(head) = Head::read(&mut socket).await else { return };
                     counter.fetch_add(1, Ordering::SeqCst);
-                    let text = String::from_utf8_lossy(&head).to_string();
-                    let mut lines = text.lines();
-                    let path =
-                        lines.next().and_then(|l| l.split_whitespace().nth(1)).unwrap_or("/").to_owned();
-                    let headers = lines
-                        .filter_map(|l| l.split_once(':'))
-                        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
-                        .collect();
-                    let response = handler(&Head { path, headers }, addr);
+                    let response = handler(&head, addr);
                     let _ = socket.write_all(&response).await;
                     let _ = socket.shutdown().await;
                 });
