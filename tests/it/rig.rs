@@ -84,6 +84,11 @@ impl Server {
     /// the log is appended to `log`. Returns once `/healthz` answers (start-up reconciliation
     /// has then finished: the listener is bound before the caches open).
     pub async fn start(upstream: SocketAddr, data: &Path, cap: u64, log: &Path) -> Self {
+        Self::start_with(upstream, data, cap, log, &[]).await
+    }
+
+    /// As [`start`](Self::start), with `extra` flags.
+    pub async fn start_with(upstream: SocketAddr, data: &Path, cap: u64, log: &Path, extra: &[&str]) -> Self {
         let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let append = || std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
         let mut child = Command::new(dunite_binary())
@@ -92,6 +97,7 @@ impl Server {
             .arg(data)
             .args(["--upstream", &format!("local=http://{upstream}"), "--default-registry", "local"])
             .args(["--oci-max-bytes", &cap.to_string()])
+            .args(extra)
             .env("DUNITE_LOG", "info")
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
@@ -211,20 +217,22 @@ pub struct Checked {
     pub violations: Vec<String>,
     /// Blobs hashed and found to match their digests.
     pub blobs_verified: usize,
+    /// Downloads hashed and found to match their recorded SHA-256.
+    pub downloads_verified: usize,
 }
 
 /// Check a data directory no process is using: per namespace, the live rows' bytes and
 /// count equal the `totals` row and the files under the cache's `data/`; no row is marked
-/// for removal; every row's payload exists; `tmp/` and `spool/` are empty; and every blob's
-/// bytes hash to its digest.
+/// for removal; every row's payload exists; `tmp/` and `spool/` are empty; every blob's
+/// bytes hash to its digest and every download's to the SHA-256 its row records.
 pub async fn check_data_dir(data: &Path) -> Checked {
     let mut violations = Vec::new();
-    let mut blobs_verified = 0;
+    let (mut blobs_verified, mut downloads_verified) = (0, 0);
     let options = sqlx::sqlite::SqliteConnectOptions::new().filename(data.join("metadata.db"));
     let mut db = sqlx::SqliteConnection::connect_with(&options).await.unwrap();
     for (ns, dir) in CACHES {
-        let rows: Vec<(String, String, i64, i64)> =
-            sqlx::query_as("SELECT key, file, size, state FROM entries WHERE namespace = ?")
+        let rows: Vec<(String, String, i64, i64, String)> =
+            sqlx::query_as("SELECT key, file, size, state, meta FROM entries WHERE namespace = ?")
                 .bind(ns)
                 .fetch_all(&mut db)
                 .await
@@ -256,7 +264,7 @@ pub async fn check_data_dir(data: &Path) -> Checked {
                 files.len()
             ));
         }
-        for (key, file, size, _) in &live {
+        for (key, file, size, _, meta) in &live {
             let path = data.join(dir).join("data").join(file);
             let Ok(bytes) = std::fs::read(&path) else {
                 violations.push(format!("{ns}: {key}: payload {} is missing", path.display()));
@@ -275,13 +283,28 @@ pub async fn check_data_dir(data: &Path) -> Checked {
                     blobs_verified += 1;
                 }
             }
+            if ns == "downloads" {
+                let recorded = serde_json::from_str::<serde_json::Value>(meta)
+                    .ok()
+                    .and_then(|meta| meta.get("sha256").and_then(|v| v.as_str()).map(str::to_owned));
+                let actual = hex::encode(sha2::Sha256::digest(&bytes));
+                match recorded {
+                    Some(recorded) if recorded == actual => downloads_verified += 1,
+                    Some(recorded) => {
+                        violations.push(format!(
+                            "{ns}: {key}: recorded sha256 {recorded}, payload hashes to {actual}"
+                        ));
+                    }
+                    None => violations.push(format!("{ns}: {key}: no sha256 recorded in {meta:?}")),
+                }
+            }
         }
     }
     for path in leftovers(data) {
         violations.push(format!("left over: {}", path.display()));
     }
     db.close().await.unwrap();
-    Checked { violations, blobs_verified }
+    Checked { violations, blobs_verified, downloads_verified }
 }
 
 /// The check must be able to fail: tamper with a healthy directory in three ways.

@@ -8,6 +8,6 @@ mod faults;
 pub(crate) mod harness;
 mod hostile_upstream;
 mod instances;
-mod origin;
+pub(crate) mod origin;
 mod pg_restart;
 mod pulls;
