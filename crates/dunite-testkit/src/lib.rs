@@ -17,20 +17,24 @@ use dunite_core::{EntryStore, EvictionPass, EvictionPolicy, EvictionStore, Expec
 /// `tokio::spawn`ed after **every** store. Under a burst this is N concurrent passes wanting
 /// N connections; dunite's `DebouncedEvictor` exists to replace it. Test and bench code only.
 ///
+/// Returns whether the pass ran: `false` when the store turned it away because another pass
+/// (on a shared database, of any instance) was running; the legacy pattern then simply has
+/// no pass for its store.
+///
 /// # Errors
 ///
 /// The store's error, `PoolTimedOut` among them when the pool is exhausted.
 pub async fn legacy_evict_if_over_cap<S: EvictionStore>(
     store: S,
     policy: EvictionPolicy,
-) -> Result<(), S::Error> {
+) -> Result<bool, S::Error> {
     // The legacy pattern knew nothing of other processes: a busy store just means no pass.
     let Some(mut pass) = store.begin_pass().await? else {
-        return Ok(());
+        return Ok(false);
     };
     let mut total = pass.total_size_bytes().await?;
     if total <= policy.max_bytes() {
-        return pass.finish().await;
+        return pass.finish().await.map(|()| true);
     }
     while total > policy.low_watermark() {
         let victims = pass.least_recently_used(policy.batch_size()).await?;
@@ -43,14 +47,25 @@ pub async fn legacy_evict_if_over_cap<S: EvictionStore>(
             }
         }
     }
-    pass.finish().await
+    pass.finish().await.map(|()| true)
+}
+
+/// What [`legacy_store_burst`] saw.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LegacyBurst {
+    /// `PoolTimedOut` errors of stores, reads and passes.
+    pub pool_timeouts: u64,
+    /// The accounted total once every legacy pass ended.
+    pub final_total: u64,
+    /// Passes turned away because another was running: each store whose pass this was has
+    /// none, so whether the cap holds after the burst depends on which pass ran last.
+    pub passes_lost: u64,
 }
 
 /// The burst of the pool-of-two tests, through the legacy pattern on a bare `store`: `tasks`
 /// tasks each store `per_task` entries (`entry(task, i)` gives the key, the bytes and their
 /// digest), `tokio::spawn` [`legacy_evict_if_over_cap`] after every store, and read each entry
-/// back. Returns the `PoolTimedOut` errors counted and the accounted total once every legacy
-/// pass has ended. Requires a multi-threaded Tokio runtime to show the failure.
+/// back. Requires a multi-threaded Tokio runtime to show the failure.
 ///
 /// # Panics
 ///
@@ -61,15 +76,17 @@ pub async fn legacy_store_burst<F>(
     tasks: u64,
     per_task: u64,
     entry: F,
-) -> (u64, u64)
+) -> LegacyBurst
 where
     F: Fn(u64, u64) -> (String, Vec<u8>, dunite_core::ContentDigest) + Send + Sync + 'static,
 {
     let entry = std::sync::Arc::new(entry);
     let tally = std::sync::Arc::new(PoolTally::default());
+    let lost = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
     let mut set = tokio::task::JoinSet::new();
     for t in 0..tasks {
         let (store, tally, entry, policy) = (store.clone(), tally.clone(), entry.clone(), policy.clone());
+        let lost = lost.clone();
         set.spawn(async move {
             let mut evictions = Vec::new();
             for i in 0..per_task {
@@ -86,14 +103,22 @@ where
                 }
             }
             for eviction in evictions {
-                if let Err(e) = eviction.await.expect("a legacy pass panicked") {
-                    tally.record(&e);
+                match eviction.await.expect("a legacy pass panicked") {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        lost.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    Err(e) => tally.record(&e),
                 }
             }
         });
     }
     set.join_all().await;
-    (tally.pool_timeouts(), store.total_bytes().await.expect("read the total"))
+    LegacyBurst {
+        pool_timeouts: tally.pool_timeouts(),
+        final_total: store.total_bytes().await.expect("read the total"),
+        passes_lost: lost.load(std::sync::atomic::Ordering::Relaxed),
+    }
 }
 
 /// What a cache directory holds on disk.

@@ -7,7 +7,7 @@ use std::time::Duration;
 use dunite_core::{EntryStore, EvictionPolicy, OnConflict};
 use dunite_download::NAMESPACE;
 use dunite_testkit::{
-    PoolTally, TestBackend, check_consistency, legacy_store_burst, pool_of_two, test_database,
+    LegacyBurst, PoolTally, TestBackend, check_consistency, legacy_store_burst, pool_of_two, test_database,
 };
 
 use crate::{HOUR, Upstream, content, eventually, open_on, read_verified, url, verified_request};
@@ -33,20 +33,23 @@ async fn download_cache_survives_a_burst_on_a_pool_of_two_on_postgres() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn legacy_spawn_per_store_hits_pool_timeouts() {
-    let (timeouts, _) = legacy_burst(TestBackend::Sqlite).await.unwrap();
+    let timeouts = legacy_burst(TestBackend::Sqlite).await.unwrap().pool_timeouts;
     assert!(timeouts > 0, "the legacy pattern should exhaust a pool of 2");
 }
 
 /// On PostgreSQL the legacy passes take the store's cross-instance eviction lock (without
 /// waiting), so they do not pile onto the pool; but a pass turned away is simply lost, and
-/// the burst can end over the cap for good (measured for blobs, three runs: 1.37-1.56x the
-/// cap, with 0-6 timeouts). Either failure shows the legacy pattern does not hold the cap there; `download_cache_survives_a_burst_on_a_pool_of_two_on_postgres` must.
+/// the cap then holds after the burst only if the pass that ran last came after the last
+/// store (measured for blobs, three runs: 1.37-1.56x the cap, with 0-6 timeouts; about 1 run
+/// in 15 ends exactly at the cap by that luck). Any of the three shows the legacy pattern does
+/// not hold the cap there; `download_cache_survives_a_burst_on_a_pool_of_two_on_postgres` must (its one evictor never competes with itself, and
+/// retries a pass another instance turned away).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn legacy_spawn_per_store_fails_on_postgres_too() {
-    let Some((timeouts, final_total)) = legacy_burst(TestBackend::Postgres).await else { return };
+    let Some(burst) = legacy_burst(TestBackend::Postgres).await else { return };
     assert!(
-        timeouts > 0 || final_total > CAP,
-        "the legacy pattern should time out or lose the cap (timeouts {timeouts}, total {final_total}, cap {CAP})"
+        burst.pool_timeouts > 0 || burst.final_total > CAP || burst.passes_lost > 0,
+        "the legacy pattern should time out, lose passes or lose the cap ({burst:?}, cap {CAP})"
     );
 }
 
@@ -102,9 +105,8 @@ async fn download_cache_burst(backend: TestBackend) {
 
 /// The same burst through the legacy per-store spawn on a bare entry store: the pool times
 /// out. This is the failure `DownloadCache` exists to prevent, and proves the test above can
-/// fail. Returns the `PoolTimedOut` errors and the accounted total once every legacy pass
-/// ended.
-async fn legacy_burst(backend: TestBackend) -> Option<(u64, u64)> {
+/// fail.
+async fn legacy_burst(backend: TestBackend) -> Option<LegacyBurst> {
     let dir = tempfile::tempdir().unwrap();
     let db = test_database(backend, dir.path(), &pool_of_two()).await?;
     let store = EntryStore::open(db.database().clone(), NAMESPACE, dir.path(), CAP, OnConflict::Replace)
