@@ -9,6 +9,7 @@
 #![allow(clippy::print_stdout, reason = "the trial summary is this test's report")]
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -39,9 +40,9 @@ async fn serve(upstream: &Upstream, data: &Path, cap: u64, log: &Path) -> Server
         .await
 }
 
-/// Download `/f<i>` through `server`.
-async fn download(server: &Server, origin: &Origin, i: usize) -> Result<Vec<u8>, String> {
-    let url = format!("http://{}/dl/http://{}/f{i}", server.addr, origin.addr);
+/// Download the origin's `/f<i>` through the server at `server`.
+async fn download(server: SocketAddr, origin: SocketAddr, i: u64) -> Result<Vec<u8>, String> {
+    let url = format!("http://{server}/dl/http://{origin}/f{i}");
     let response = reqwest::get(&url).await.map_err(|e| e.to_string())?;
     if !response.status().is_success() {
         return Err(format!("{url}: {}", response.status()));
@@ -86,8 +87,8 @@ async fn pull_all_and_compare(
             failures.push(format!("pull of {repo} after the restart: {e}\ndunite's log:\n{}", tail(log)));
         }
     }
-    for (i, file) in files.iter().enumerate() {
-        match download(server, origin, i).await {
+    for (i, file) in (0..).zip(files) {
+        match download(server.addr, origin.addr, i).await {
             Ok(bytes) if bytes == *file => {}
             Ok(bytes) => {
                 failures.push(format!("download {i} after the restart: {} wrong bytes", bytes.len()))
@@ -130,11 +131,8 @@ async fn chaos_kill_9_mid_pull_then_restart_leaves_a_consistent_cache_and_identi
             pulls.spawn(async move { pull(addr, &repo).await.map(drop) });
         }
         for i in 0..FILES {
-            let url = format!("http://{}/dl/http://{}/f{i}", server.addr, origin.addr);
-            pulls.spawn(async move {
-                let response = reqwest::get(&url).await.map_err(|e| e.to_string())?;
-                response.bytes().await.map(drop).map_err(|e| e.to_string())
-            });
+            let (server, origin) = (server.addr, origin.addr);
+            pulls.spawn(async move { download(server, origin, i).await.map(drop) });
         }
         // The injected fault's moment: not a synchronisation, the pulls may finish first.
         let _ = tokio::time::timeout(kill_after, async { while pulls.join_next().await.is_some() {} }).await;

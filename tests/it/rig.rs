@@ -6,6 +6,7 @@
 
 use crate::e2e::harness::{Image, Registry, dunite_binary};
 pub use crate::e2e::harness::{free_port, pull, same_copy};
+pub use dunite_testkit::poll_until;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -23,19 +24,6 @@ pub const CACHES: [(&str, &str); 4] = [
     ("oci-tags", "tags"),
     ("downloads", "downloads"),
 ];
-
-/// Poll `ready` every 20 ms until it holds; panic with `what` after `limit`.
-pub async fn poll_until<F, Fut>(limit: Duration, what: &str, mut ready: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let give_up = tokio::time::Instant::now() + limit;
-    while !ready().await {
-        assert!(tokio::time::Instant::now() < give_up, "gave up waiting: {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
 
 /// Debian's distribution registry on a free loopback port, with images `chaos/img<i>:v1`.
 pub struct Upstream {

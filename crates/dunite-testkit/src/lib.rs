@@ -388,6 +388,20 @@ where
     }
 }
 
+/// Poll `ready` every 20 ms until it holds, as [`eventually`] does, naming `what` was
+/// awaited when it gives up.
+///
+/// # Panics
+///
+/// If it does not hold within `limit`.
+pub async fn poll_until(limit: std::time::Duration, what: &str, mut ready: impl AsyncFnMut() -> bool) {
+    let give_up = tokio::time::Instant::now() + limit;
+    while !ready().await {
+        assert!(tokio::time::Instant::now() < give_up, "gave up waiting: {what}");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
 /// The proptest case count: `PROPTEST_CASES` when set (`cargo xtask ci` sets 256), else
 /// `default` for a quick local run.
 #[must_use]

@@ -61,6 +61,15 @@ async fn answer(
     release: Arc<tokio::sync::Notify>,
 ) {
     let Some(Head { path, .. }) = Head::read(&mut socket).await else { return };
+    // Write `head`, then `chunk` until the client goes or BOUND bytes of body were sent.
+    let flood = async |socket: &mut tokio::net::TcpStream, head: &str, chunk: &[u8]| {
+        if socket.write_all(head.as_bytes()).await.is_err() {
+            return;
+        }
+        while sent.load(Ordering::SeqCst) < BOUND && socket.write_all(chunk).await.is_ok() {
+            sent.fetch_add(CHUNK as u64, Ordering::SeqCst);
+        }
+    };
     if path.contains("/manifests/") || path.contains("/endless") {
         let ct = if path.contains("/manifests/") {
             "application/vnd.oci.image.manifest.v1+json"
@@ -68,30 +77,13 @@ async fn answer(
             "application/octet-stream"
         };
         let head = format!("HTTP/1.1 200 OK\r\nContent-Type: {ct}\r\nTransfer-Encoding: chunked\r\n\r\n");
-        if socket.write_all(head.as_bytes()).await.is_err() {
-            return;
-        }
         let mut chunk = format!("{CHUNK:x}\r\n").into_bytes();
         chunk.extend(std::iter::repeat_n(b' ', CHUNK));
         chunk.extend_from_slice(b"\r\n");
-        while sent.load(Ordering::SeqCst) < BOUND {
-            if socket.write_all(&chunk).await.is_err() {
-                return;
-            }
-            sent.fetch_add(CHUNK as u64, Ordering::SeqCst);
-        }
+        flood(&mut socket, &head, &chunk).await;
     } else if path.contains("/announced") {
         let head = "HTTP/1.1 200 OK\r\nContent-Length: 104857600\r\n\r\n";
-        if socket.write_all(head.as_bytes()).await.is_err() {
-            return;
-        }
-        let chunk = vec![b' '; CHUNK];
-        while sent.load(Ordering::SeqCst) < BOUND {
-            if socket.write_all(&chunk).await.is_err() {
-                return;
-            }
-            sent.fetch_add(CHUNK as u64, Ordering::SeqCst);
-        }
+        flood(&mut socket, head, &[b' '; CHUNK]).await;
     } else if path.contains("/stall") {
         let head =
             format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", STALLED.len());
@@ -110,18 +102,23 @@ async fn answer(
     }
 }
 
-/// Files in `dir` (0 if it does not exist).
-fn files_in(dir: &std::path::Path) -> usize {
-    std::fs::read_dir(dir).map_or(0, Iterator::count)
+/// Poll until `data`'s spool directory is empty, failing after 10 s.
+async fn until_no_spool(data: &std::path::Path) {
+    let spool = data.join("spool");
+    let empty = async || std::fs::read_dir(&spool).map_or(0, Iterator::count) == 0;
+    dunite_testkit::poll_until(Duration::from_secs(10), "no spool file left", empty).await;
 }
 
-/// Poll until `dir` is empty, failing after 10 s.
-async fn until_empty(dir: &std::path::Path) {
-    let give_up = tokio::time::Instant::now() + Duration::from_secs(10);
-    while files_in(dir) != 0 {
-        assert!(tokio::time::Instant::now() < give_up, "{} still holds files", dir.display());
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+/// `dunite serve` on `data` with downloads allowed from the loopback upstream and `extra`
+/// flags, and a client that gives up after 30 s.
+async fn serve_downloads(
+    upstream: &Hostile,
+    data: &std::path::Path,
+    extra: &[&str],
+) -> (Dunite, reqwest::Client) {
+    let flags: Vec<&str> = ["--dl-allow", "127.0.0.1"].into_iter().chain(extra.iter().copied()).collect();
+    let dunite = Dunite::start_with_data(upstream.addr, "64MiB", &flags, "info", data).await;
+    (dunite, reqwest::Client::builder().timeout(Duration::from_secs(30)).build().unwrap())
 }
 
 /// A manifest without end (chunked, no length) is refused once it passes the manifest limit:
@@ -148,15 +145,7 @@ async fn a_manifest_without_end_is_refused_at_its_limit() {
 async fn a_download_over_its_cap_is_cut_at_the_cap() {
     let upstream = Hostile::start().await;
     let data = tempfile::tempdir().unwrap();
-    let dunite = Dunite::start_with_data(
-        upstream.addr,
-        "64MiB",
-        &["--dl-allow", "127.0.0.1", "--dl-max-bytes", "1MiB"],
-        "info",
-        data.path(),
-    )
-    .await;
-    let client = reqwest::Client::builder().timeout(Duration::from_secs(60)).build().unwrap();
+    let (dunite, client) = serve_downloads(&upstream, data.path(), &["--dl-max-bytes", "1MiB"]).await;
     let origin = format!("http://{}", upstream.addr);
 
     let response = client.get(format!("http://{}/dl/{origin}/endless", dunite.addr)).send().await.unwrap();
@@ -173,7 +162,7 @@ async fn a_download_over_its_cap_is_cut_at_the_cap() {
     let message = response.text().await.unwrap();
     assert!(message.contains("cap"), "{message}");
 
-    until_empty(&data.path().join("spool")).await;
+    until_no_spool(data.path()).await;
     assert_eq!(dunite.metric("dunite_cache_bytes{cache=\"downloads\"}").await, 0);
 }
 
@@ -184,15 +173,7 @@ async fn a_download_over_its_cap_is_cut_at_the_cap() {
 async fn a_silent_upstream_fails_its_fill_and_the_next_request_starts_afresh() {
     let upstream = Hostile::start().await;
     let data = tempfile::tempdir().unwrap();
-    let dunite = Dunite::start_with_data(
-        upstream.addr,
-        "64MiB",
-        &["--dl-allow", "127.0.0.1", "--upstream-timeout", "1s"],
-        "info",
-        data.path(),
-    )
-    .await;
-    let client = reqwest::Client::builder().timeout(Duration::from_secs(30)).build().unwrap();
+    let (dunite, client) = serve_downloads(&upstream, data.path(), &["--upstream-timeout", "1s"]).await;
     let url = format!("http://{}/dl/http://{}/stall", dunite.addr, upstream.addr);
 
     let response = client.get(&url).send().await.unwrap();
@@ -202,5 +183,5 @@ async fn a_silent_upstream_fails_its_fill_and_the_next_request_starts_afresh() {
     upstream.healed.store(true, Ordering::SeqCst);
     let bytes = client.get(&url).send().await.unwrap().bytes().await.unwrap();
     assert_eq!(&bytes[..], STALLED);
-    until_empty(&data.path().join("spool")).await;
+    until_no_spool(data.path()).await;
 }

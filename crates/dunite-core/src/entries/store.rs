@@ -94,6 +94,9 @@ pub struct EntryStats {
     pub bytes_stored: u64,
     /// Access-stamp writes to the database (batched: one per flushed key, not one per hit).
     pub access_writes: u64,
+    /// Payloads of stores whose COMMIT failed unseen, kept until the database says whether
+    /// a row names them (then deleted if none does); normally 0.
+    pub unsettled: u64,
 }
 
 /// A cache's entries: payload files in a directory and rows in a database namespace.
@@ -796,6 +799,7 @@ impl EntryStore {
             stores: c.stores.load(Ordering::Relaxed),
             bytes_stored: c.bytes_stored.load(Ordering::Relaxed),
             access_writes: c.access_writes.load(Ordering::Relaxed),
+            unsettled: lock(&self.inner.unsettled).len() as u64,
         }
     }
 

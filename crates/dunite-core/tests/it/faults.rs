@@ -20,12 +20,8 @@ fn payloads(dir: &std::path::Path) -> usize {
         .sum()
 }
 
-async fn poll(what: &str, mut ready: impl AsyncFnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while !ready().await {
-        assert!(tokio::time::Instant::now() < deadline, "gave up waiting: {what}");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+async fn poll(what: &str, ready: impl AsyncFnMut() -> bool) {
+    dunite_testkit::poll_until(Duration::from_secs(10), what, ready).await;
 }
 
 /// Sessions of this database waiting for a lock.
@@ -130,10 +126,15 @@ async fn a_commit_whose_answer_is_lost_keeps_its_payload() {
     let Some((store, armed, dir, _server)) = store_behind_a_commit_cutter(Cut::AfterCommit).await else {
         return;
     };
+    store.spawn_access_flusher(Duration::from_millis(20));
     armed.store(true, Ordering::SeqCst);
     let err = store.store("k", &[7u8; 1000][..], &Expected::new(), "").await.unwrap_err();
     assert!(err.is_database(), "{err}");
     assert_eq!(payloads(dir.path()), 1, "the payload of a commit that may have happened is kept");
+    assert_eq!(store.stats().unsettled, 1);
+    // Settled once the database answers: the row names the payload, so it stays.
+    poll("the unseen commit settled", async || store.stats().unsettled == 0).await;
+    assert_eq!(payloads(dir.path()), 1, "a committed payload was deleted when settled");
 
     // It did happen: the row is there, and readable, through any connection.
     poll("a healthy connection", async || store.total_bytes().await.is_ok()).await;
@@ -161,6 +162,7 @@ async fn a_commit_that_never_happened_leaves_no_payload_behind() {
     let err = store.store("k", &[7u8; 1000][..], &Expected::new(), "").await.unwrap_err();
     assert!(err.is_database(), "{err}");
     assert_eq!(payloads(dir.path()), 1, "kept while the commit's fate is unknown");
+    assert_eq!(store.stats().unsettled, 1);
 
     poll("the uncommitted payload deleted", async || payloads(dir.path()) == 0).await;
     assert_eq!((store.total_bytes().await.unwrap(), store.len().await.unwrap()), (0, 0));

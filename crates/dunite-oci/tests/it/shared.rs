@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use dunite_core::{
     Database, DatabaseOptions, EntryStore, EvictionPass as _, EvictionPolicy, EvictionStore as _, Expected,
-    OnConflict, Removal,
+    OnConflict, Removal, StoreOutcome,
 };
 use dunite_oci::{BlobCache, Digest};
 use dunite_testkit::{PoolTally, check_consistency, pg};
@@ -68,10 +68,18 @@ async fn the_eviction_lock_admits_one_instance_at_a_time_and_turns_others_away_a
     pass.finish().await.unwrap();
 }
 
-/// A victim selected on one instance and re-stored on the other meanwhile is skipped: the
-/// re-stored entry keeps its file and its row.
-#[tokio::test]
-async fn an_entry_re_stored_on_one_instance_is_not_removed_by_the_other() {
+/// How instance A stores a blob again while B's pass holds it as a victim.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Again {
+    /// Removed, then stored anew (a new row and file).
+    AfterRemoval,
+    /// Stored over the present entry, which is kept (`AlreadyPresent`).
+    OverThePresentEntry,
+}
+
+/// A blob stored on A, selected as a victim by B's pass, then stored again on A `how`:
+/// B's removal skips it, and it stays readable on both with rows and files in agreement.
+async fn a_victim_stored_again_survives(how: Again) {
     let dir = tempfile::tempdir().unwrap();
     let Some((a_db, b_db, _server)) = two_instances(&DatabaseOptions::new()).await else { return };
     let (a, b) = (entry_store(&a_db, dir.path()).await, entry_store(&b_db, dir.path()).await);
@@ -80,36 +88,31 @@ async fn an_entry_re_stored_on_one_instance_is_not_removed_by_the_other() {
     let mut pass = b.begin_pass().await.unwrap().unwrap();
     let victims = pass.least_recently_used(10).await.unwrap();
     assert_eq!(victims.len(), 1);
-    a.remove(&digest.to_string()).await.unwrap();
-    store_blob(&a, 1).await;
-    assert_eq!(pass.remove_batch(&victims).await.unwrap(), vec![Removal::Skipped]);
+    if how == Again::AfterRemoval {
+        a.remove(&digest.to_string()).await.unwrap();
+    }
+    let (_, bytes) = blob(1, BLOB);
+    let again = a.store(&digest.to_string(), &bytes[..], &Expected::new(), "").await.unwrap();
+    let expected =
+        if how == Again::AfterRemoval { StoreOutcome::Inserted } else { StoreOutcome::AlreadyPresent };
+    assert_eq!(again.outcome, expected);
+    assert_eq!(pass.remove_batch(&victims).await.unwrap(), vec![Removal::Skipped], "{how:?}");
     pass.finish().await.unwrap();
 
     assert!(b.open_entry(&digest.to_string()).await.unwrap().is_some(), "a hit on the other instance");
     assert_eq!(check_consistency(&a, dir.path()).await.unwrap(), BLOB as u64);
 }
 
-/// A victim selected on one instance and stored again on the other (a store that finds the
-/// blob already present) is skipped: the re-store makes the entry recent in the database, not
-/// only in the storing process's memory.
+#[tokio::test]
+async fn an_entry_re_stored_on_one_instance_is_not_removed_by_the_other() {
+    a_victim_stored_again_survives(Again::AfterRemoval).await;
+}
+
+/// The store that finds the blob present makes the entry recent in the database, not only in
+/// the storing process's memory (before, B removed it).
 #[tokio::test]
 async fn an_entry_stored_again_on_one_instance_is_not_removed_by_the_other() {
-    let dir = tempfile::tempdir().unwrap();
-    let Some((a_db, b_db, _server)) = two_instances(&DatabaseOptions::new()).await else { return };
-    let (a, b) = (entry_store(&a_db, dir.path()).await, entry_store(&b_db, dir.path()).await);
-    let digest = store_blob(&a, 1).await;
-
-    let mut pass = b.begin_pass().await.unwrap().unwrap();
-    let victims = pass.least_recently_used(10).await.unwrap();
-    assert_eq!(victims.len(), 1);
-    let (_, bytes) = blob(1, BLOB);
-    let again = a.store(&digest.to_string(), &bytes[..], &Expected::new(), "").await.unwrap();
-    assert_eq!(again.outcome, dunite_core::StoreOutcome::AlreadyPresent);
-    assert_eq!(pass.remove_batch(&victims).await.unwrap(), vec![Removal::Skipped]);
-    pass.finish().await.unwrap();
-
-    assert!(b.open_entry(&digest.to_string()).await.unwrap().is_some(), "kept for both instances");
-    assert_eq!(check_consistency(&a, dir.path()).await.unwrap(), BLOB as u64);
+    a_victim_stored_again_survives(Again::OverThePresentEntry).await;
 }
 
 /// Bursts of stores through two instances over one cap: no errors, the shared total ends
