@@ -161,6 +161,9 @@ fn ci() -> Result<(), String> {
 }
 
 fn bench(args: &[String]) -> Result<(), String> {
+    // The http scenario runs the real server binary, which `cargo run` of the bench does not
+    // build.
+    Step::cargo("build", &["build", "--release", "--quiet", "--package", "dunite"]).run()?;
     let mut cargo_args = vec!["run", "--release", "--quiet", "--package", "dunite-bench", "--"];
     cargo_args.extend(args.iter().map(String::as_str));
     // The benchmarks have a PostgreSQL scenario.

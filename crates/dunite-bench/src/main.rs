@@ -41,7 +41,7 @@ const USAGE: &str = "usage: dunite-bench [--quick] [--json PATH] [--only NAME]..
   --quick       smaller sizes and counts (a smoke test, under 2 minutes on 2 cores)
   --json PATH   also write one JSON object per scenario (JSON lines) to PATH
   --only NAME   run only the scenarios whose name starts with NAME (repeatable):
-                burst, large-blob, small-blob, eviction, hits
+                burst, large-blob, small-blob, eviction, hits, http
   --dir PATH    where to create the temporary directories (default: the system temp dir)";
 
 #[derive(Debug, Default)]

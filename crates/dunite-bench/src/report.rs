@@ -4,12 +4,13 @@ use std::fmt::Write as _;
 
 use serde_json::{Map, Value, json};
 
-/// One figure: its name, our value, and the baseline's value where there is one.
+/// One figure: its name, our value, and the baseline's (and the limit's) where there is one.
 #[derive(Debug, Clone)]
 pub struct Figure {
     pub name: &'static str,
     pub measured: Value,
     pub baseline: Option<Value>,
+    pub limit: Option<Value>,
 }
 
 /// A target and whether this run met it.
@@ -29,6 +30,10 @@ pub struct Record {
     pub ratio: Option<f64>,
     pub ratio_of: &'static str,
     pub baseline_name: String,
+    /// A second reference measured in the same run (the HTTP scenarios: the fastest a file
+    /// server reaches here), and our figure over its, for `ratio_of`.
+    pub limit_name: Option<String>,
+    pub limit_ratio: Option<f64>,
     pub targets: Vec<Target>,
 }
 
@@ -41,6 +46,8 @@ impl Record {
             ratio: None,
             ratio_of: "",
             baseline_name: baseline_name.into(),
+            limit_name: None,
+            limit_ratio: None,
             targets: Vec::new(),
         }
     }
@@ -52,7 +59,7 @@ impl Record {
 
     /// A figure with no baseline counterpart.
     pub fn figure(&mut self, name: &'static str, measured: impl Into<Value>) -> &mut Self {
-        self.figures.push(Figure { name, measured: measured.into(), baseline: None });
+        self.figures.push(Figure { name, measured: measured.into(), baseline: None, limit: None });
         self
     }
 
@@ -63,7 +70,41 @@ impl Record {
         measured: impl Into<Value>,
         baseline: impl Into<Value>,
     ) -> &mut Self {
-        self.figures.push(Figure { name, measured: measured.into(), baseline: Some(baseline.into()) });
+        self.figures.push(Figure {
+            name,
+            measured: measured.into(),
+            baseline: Some(baseline.into()),
+            limit: None,
+        });
+        self
+    }
+
+    /// A figure measured for us, the baseline and the limit.
+    pub fn triple(
+        &mut self,
+        name: &'static str,
+        measured: impl Into<Value>,
+        baseline: impl Into<Value>,
+        limit: impl Into<Value>,
+    ) -> &mut Self {
+        self.figures.push(Figure {
+            name,
+            measured: measured.into(),
+            baseline: Some(baseline.into()),
+            limit: Some(limit.into()),
+        });
+        self
+    }
+
+    /// Name the limit column.
+    pub fn limit(&mut self, name: impl Into<String>) -> &mut Self {
+        self.limit_name = Some(name.into());
+        self
+    }
+
+    /// Our figure over the limit's, for the figure named in `ratio_of`.
+    pub fn limit_ratio(&mut self, ratio: f64) -> &mut Self {
+        self.limit_ratio = Some(ratio);
         self
     }
 
@@ -86,6 +127,8 @@ impl Record {
             self.figures.iter().map(|f| (f.name.to_owned(), f.measured.clone())).collect();
         let baseline: Map<String, Value> =
             self.figures.iter().filter_map(|f| f.baseline.clone().map(|b| (f.name.to_owned(), b))).collect();
+        let limit: Map<String, Value> =
+            self.figures.iter().filter_map(|f| f.limit.clone().map(|b| (f.name.to_owned(), b))).collect();
         let targets: Vec<Value> =
             self.targets.iter().map(|t| json!({ "target": t.description, "met": t.met })).collect();
         json!({
@@ -96,6 +139,9 @@ impl Record {
             "baseline": baseline,
             "ratio": self.ratio,
             "ratio_of": self.ratio_of,
+            "limit_name": self.limit_name,
+            "limit": limit,
+            "limit_ratio": self.limit_ratio,
             "targets": targets,
         })
     }
@@ -105,14 +151,37 @@ impl Record {
         let mut out = String::new();
         let params: Vec<String> = self.parameters.iter().map(|(k, v)| format!("{k}={}", show(v))).collect();
         let _ = writeln!(out, "### {}\n\n{}\n", self.name, params.join(", "));
-        let _ = writeln!(out, "| figure | dunite | {} |", self.baseline_name);
-        let _ = writeln!(out, "|---|---:|---:|");
-        for f in &self.figures {
-            let baseline = f.baseline.as_ref().map_or_else(|| "-".to_owned(), show);
-            let _ = writeln!(out, "| {} | {} | {} |", f.name, show(&f.measured), baseline);
-        }
-        if let Some(ratio) = self.ratio {
-            let _ = writeln!(out, "| **ratio** ({}) | **{ratio:.3}** | |", self.ratio_of);
+        let cell = |v: &Option<Value>| v.as_ref().map_or_else(|| "-".to_owned(), show);
+        if let Some(limit_name) = &self.limit_name {
+            let _ = writeln!(out, "| figure | dunite | {} | {limit_name} |", self.baseline_name);
+            let _ = writeln!(out, "|---|---:|---:|---:|");
+            for f in &self.figures {
+                let _ = writeln!(
+                    out,
+                    "| {} | {} | {} | {} |",
+                    f.name,
+                    show(&f.measured),
+                    cell(&f.baseline),
+                    cell(&f.limit)
+                );
+            }
+            let ratio = |r: Option<f64>| r.map_or_else(|| "-".to_owned(), |r| format!("**{r:.3}**"));
+            let _ = writeln!(
+                out,
+                "| **dunite / it** ({}) | | {} | {} |",
+                self.ratio_of,
+                ratio(self.ratio),
+                ratio(self.limit_ratio)
+            );
+        } else {
+            let _ = writeln!(out, "| figure | dunite | {} |", self.baseline_name);
+            let _ = writeln!(out, "|---|---:|---:|");
+            for f in &self.figures {
+                let _ = writeln!(out, "| {} | {} | {} |", f.name, show(&f.measured), cell(&f.baseline));
+            }
+            if let Some(ratio) = self.ratio {
+                let _ = writeln!(out, "| **ratio** ({}) | **{ratio:.3}** | |", self.ratio_of);
+            }
         }
         out.push('\n');
         for t in &self.targets {

@@ -7,6 +7,7 @@
 
 #![warn(missing_docs, missing_debug_implementations, unreachable_pub)]
 
+pub mod peers;
 pub mod pg;
 
 use std::path::Path;

@@ -13,7 +13,7 @@ const COMMAND_TIMEOUT: Duration = Duration::from_secs(180);
 
 /// A free loopback port (bound and released; the usual small race is acceptable here).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    dunite_testkit::peers::free_addr().unwrap().port()
 }
 
 async fn wait_listening(addr: SocketAddr, what: &str, log: &Path) {
@@ -29,51 +29,30 @@ async fn wait_listening(addr: SocketAddr, what: &str, log: &Path) {
 }
 
 pub fn tool(name: &str) -> PathBuf {
-    for dir in ["/usr/bin", "/usr/local/bin"] {
-        let path = Path::new(dir).join(name);
-        if path.exists() {
-            return path;
-        }
-    }
-    panic!("`{name}` is not installed; `.ci/run` installs it (apt-get install skopeo docker-registry)")
+    dunite_testkit::peers::tool(name, name).unwrap_or_else(|e| panic!("{e}"))
 }
 
-/// Debian's distribution registry, on a free loopback port, storing in a temporary directory.
+/// Debian's distribution registry, on a free loopback port, storing in a temporary directory
+/// (started by the same code as the benchmarks' peers).
 pub struct Registry {
-    _child: Child,
+    inner: dunite_testkit::peers::Registry,
     pub addr: SocketAddr,
-    dir: tempfile::TempDir,
+    _dir: tempfile::TempDir,
 }
 
 impl Registry {
-    /// The registry's error log, for failure messages.
+    /// The registry's log, for failure messages.
     pub fn log_text(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("registry.err")).unwrap_or_default()
+        self.inner.log_text()
     }
 
     pub async fn start() -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
-        let config = dir.path().join("config.yml");
-        std::fs::write(
-            &config,
-            format!(
-                "version: 0.1\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {addr}\nlog:\n  level: warn\n",
-                dir.path().join("data").display()
-            ),
-        )
-        .unwrap();
-        let log = dir.path().join("registry.log");
-        let child = Command::new(tool("docker-registry"))
-            .arg("serve")
-            .arg(&config)
-            .stdout(std::fs::File::create(&log).unwrap())
-            .stderr(std::fs::File::create(dir.path().join("registry.err")).unwrap())
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap();
-        wait_listening(addr, "docker-registry", &log).await;
-        Self { _child: child, addr, dir }
+        let inner =
+            dunite_testkit::peers::Registry::start(dir.path(), dunite_testkit::peers::RegistryMode::Plain)
+                .await
+                .unwrap_or_else(|e| panic!("{e}"));
+        Self { addr: inner.addr, inner, _dir: dir }
     }
 
     /// Fetch `repo:reference`'s manifest as `media_type`.

@@ -3,6 +3,7 @@
 pub mod burst;
 pub mod eviction;
 pub mod hits;
+pub mod http;
 pub mod large;
 pub mod small;
 
@@ -28,4 +29,5 @@ pub const ALL: &[Scenario] = &[
     Scenario { name: "small-blob", run: |s| Box::pin(small::run(s)) },
     Scenario { name: "eviction", run: |s| Box::pin(eviction::run(s)) },
     Scenario { name: "hits", run: |s| Box::pin(hits::run(s)) },
+    Scenario { name: "http", run: |s| Box::pin(http::run(s)) },
 ];
