@@ -11,6 +11,7 @@ use axum::http::StatusCode;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get};
+use axum::serve::ListenerExt as _;
 
 use dunite_core::{CacheOptions, Database, DatabaseOptions, EntryCache, EvictionPolicy, OnConflict};
 use dunite_oci::BlobCache;
@@ -261,6 +262,14 @@ pub async fn serve(
     let grace = app.config.shutdown_grace;
     let router = app.router();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    // TCP_NODELAY: a response's head and its body's chunks are separate writes, and with
+    // Nagle's algorithm the second small write waits for the client's (delayed, up to 40 ms)
+    // ACK of the first: a 40 ms stall on small blobs, manifests and downloads.
+    let listener = listener.tap_io(|tcp| {
+        if let Err(error) = tcp.set_nodelay(true) {
+            tracing::debug!(%error, "cannot set TCP_NODELAY on a connection");
+        }
+    });
     let server = axum::serve(listener, router).with_graceful_shutdown(async move {
         shutdown.await;
         tracing::info!(

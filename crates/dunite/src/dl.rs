@@ -333,11 +333,8 @@ pub(crate) async fn download(State(app): State<Arc<App>>, uri: Uri, RawQuery(que
         if outcome == CacheOutcome::Hit { &app.metrics.download_hits } else { &app.metrics.download_misses };
     counter.fetch_add(1, Ordering::Relaxed);
     let info = download.info().clone();
-    let stream = crate::metrics::metered(
-        tokio_util::io::ReaderStream::new(download.into_file()),
-        &app.metrics.bytes_served,
-    );
-    let mut response = Response::new(Body::from_stream(stream));
+    let file = download.into_file().into_std().await;
+    let mut response = Response::new(crate::body::file_body(file, 0, info.size(), &app.metrics.bytes_served));
     let headers = response.headers_mut();
     headers.insert(header::CONTENT_LENGTH, HeaderValue::from(info.size()));
     let put = |headers: &mut axum::http::HeaderMap, name: header::HeaderName, value: Option<&str>| {

@@ -28,6 +28,7 @@
 #![warn(missing_docs, missing_debug_implementations, unreachable_pub)]
 
 mod app;
+mod body;
 pub mod config;
 mod dl;
 mod fill;

@@ -1,5 +1,6 @@
 //! The OCI distribution pull API, as a pull-through mirror.
 
+use std::io::Seek as _;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -10,7 +11,7 @@ use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncReadExt as _, AsyncSeekExt as _};
+use tokio::io::AsyncReadExt as _;
 
 use dunite_core::{ContentDigest, DigestAlgorithm, Expected};
 use dunite_oci::Digest;
@@ -201,7 +202,7 @@ async fn serve_file(
     outcome: CacheOutcome,
 ) -> Result<Response, SpecError> {
     let size = blob.size();
-    let mut file = blob.into_file();
+    let file = blob.into_file();
     let (status, start, len) = match range.map(|r| parse_range(r, size)) {
         None => (StatusCode::OK, 0, size),
         Some(Some((start, end))) => (StatusCode::PARTIAL_CONTENT, start, end - start + 1),
@@ -214,12 +215,9 @@ async fn serve_file(
     let body = if *method == Method::HEAD {
         Body::empty()
     } else {
-        file.seek(std::io::SeekFrom::Start(start)).await.map_err(|e| SpecError::upstream(e.to_string()))?;
-        let stream = crate::metrics::metered(
-            tokio_util::io::ReaderStream::new(file.take(len)),
-            &app.metrics.bytes_served,
-        );
-        Body::from_stream(stream)
+        let mut file = file.into_std().await;
+        file.seek(std::io::SeekFrom::Start(start)).map_err(|e| SpecError::upstream(e.to_string()))?;
+        crate::body::file_body(file, start, len, &app.metrics.bytes_served)
     };
     let mut response = Response::new(body);
     *response.status_mut() = status;
