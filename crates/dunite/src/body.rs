@@ -1,77 +1,116 @@
 //! Response bodies read from a file: the one way a cached payload (a blob, a download) is
 //! streamed to a client.
 //!
-//! Each chunk is read on Tokio's blocking pool into a fresh buffer that becomes the chunk
-//! itself (no second copy), and the next chunk's read is
-//! started as soon as a chunk is handed to the connection, so the disk read of chunk n+1
-//! overlaps the socket write of chunk n. Why these sizes:
+//! Each chunk is read with positioned reads into a buffer that becomes the chunk itself (no
+//! second copy). A read first tries `preadv2(RWF_NOWAIT)` on the runtime's own thread: it
+//! copies what the page cache holds and never waits for the disk. Only what is not cached
+//! is read on Tokio's blocking pool. Why:
 //!
-//! - A read per 4 KiB (what `ReaderStream::new` does) makes the hop to the blocking pool,
-//!   not the copy, the cost of a hit: about 100 MB/s per client.
-//! - [`CHUNK`] bounds the memory of a response (two chunks: one being written, one being
-//!   read) and so of the server under many clients: 64 responses hold 32 MiB at most.
-//!   Larger chunks bought no more throughput in `cargo xtask bench --only http`.
+//! - A read per 4 KiB on the blocking pool (what `ReaderStream::new` over `tokio::fs::File`
+//!   does) makes the thread hop, not the copy, the cost of a hit: about 100 MB/s per client.
+//! - With 256 KiB reads on the blocking pool, a profile of 64 clients of a cached 1 MiB blob
+//!   still spent about a third of the server's CPU in context switches and wake-ups
+//!   (`finish_task_switch`, `_raw_spin_unlock_irqrestore`), as much as in the two copies.
+//!   A hot blob is in the page cache; copying it from there costs microseconds.
+//! - [`CHUNK`] bounds the memory of a response (one chunk in flight) and so of the server
+//!   under many clients: 64 responses hold 16 MiB of chunks at most.
 
-use std::io::{self, Read as _};
+use std::fs::File;
+use std::io;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use axum::body::Body;
 use bytes::Bytes;
 use futures_util::stream;
-use tokio::task::JoinHandle;
 
 /// The size of each read, and so of each chunk handed to the connection.
 pub(crate) const CHUNK: usize = 256 << 10;
 
-/// A body of the `len` bytes of `file` from its current position `start`, counting what it yields into `served`
-/// (`dunite_bytes_served_total`).
-pub(crate) fn file_body(file: std::fs::File, start: u64, len: u64, served: &Arc<AtomicU64>) -> Body {
-    let file = Arc::new(file);
+/// A body of the `len` bytes of `file` from offset `start`, counting what it yields into
+/// `served` (`dunite_bytes_served_total`).
+pub(crate) fn file_body(file: File, start: u64, len: u64, served: &Arc<AtomicU64>) -> Body {
     let end = start + len;
-    let first = (len > 0).then(|| read(Arc::clone(&file), start, end));
     let served = Arc::clone(served);
-    let chunks = stream::unfold((file, first, start), move |(file, pending, pos)| {
+    let chunks = stream::unfold((Arc::new(file), start), move |(file, pos)| {
         let served = Arc::clone(&served);
         async move {
-            let chunk = match pending?.await {
-                Ok(Ok(chunk)) => chunk,
-                Ok(Err(error)) => return Some((Err(error), (file, None, end))),
-                Err(join) => return Some((Err(io::Error::other(join)), (file, None, end))),
-            };
-            let pos = pos + chunk.len() as u64;
-            // Read ahead: the next chunk is read while this one is written.
-            let next = (pos < end).then(|| read(Arc::clone(&file), pos, end));
-            served.fetch_add(chunk.len() as u64, Ordering::Relaxed);
-            Some((Ok(chunk), (file, next, pos)))
+            if pos >= end {
+                return None;
+            }
+            let want = usize::try_from(end - pos).unwrap_or(CHUNK).min(CHUNK);
+            match read_chunk(Arc::clone(&file), pos, want).await {
+                Ok(chunk) => {
+                    served.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+                    let next = pos + chunk.len() as u64;
+                    Some((Ok(chunk), (file, next)))
+                }
+                // The stream ends after an error: the client sees a short body.
+                Err(error) => Some((Err(error), (file, end))),
+            }
         }
     });
     Body::from_stream(chunks)
 }
 
-/// Read the next `min(CHUNK, end - pos)` bytes from `file`'s position on the blocking pool
-/// (one read is in flight per body at a time, so the position is this body's). The buffer is
-/// not zeroed first: `read_to_end` fills spare capacity. A file that ends early is an error:
-/// the response promised `end - start` bytes.
-fn read(file: Arc<std::fs::File>, pos: u64, end: u64) -> JoinHandle<io::Result<Bytes>> {
+/// `want` bytes at `pos`: from the page cache without blocking if it holds them all, the
+/// rest on the blocking pool. A file that ends early is an error: the response promised its
+/// length.
+async fn read_chunk(file: Arc<File>, pos: u64, want: usize) -> io::Result<Bytes> {
+    let mut buf = vec![0u8; want];
+    let filled = read_cached(&file, &mut buf, pos)?;
+    if filled == want {
+        return Ok(Bytes::from(buf));
+    }
     tokio::task::spawn_blocking(move || {
-        let want = usize::try_from(end - pos).unwrap_or(CHUNK).min(CHUNK);
-        let mut buf = Vec::with_capacity(want);
-        (&*file).take(want as u64).read_to_end(&mut buf)?;
-        if buf.len() < want {
-            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the file is shorter than its entry"));
+        use std::os::unix::fs::FileExt as _;
+        let mut filled = filled;
+        // Bounded: each turn reads at least one byte or returns.
+        while filled < buf.len() {
+            match file.read_at(&mut buf[filled..], pos + filled as u64) {
+                Ok(0) => return Err(short_file()),
+                Ok(n) => filled += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
         }
         Ok(Bytes::from(buf))
     })
+    .await
+    .map_err(io::Error::other)?
+}
+
+/// Fill `buf` from `pos` with what the page cache holds, without waiting for the disk; how
+/// many bytes that was (fewer than asked when the rest is not cached, or the file system
+/// does not support `RWF_NOWAIT`).
+fn read_cached(file: &File, buf: &mut [u8], pos: u64) -> io::Result<usize> {
+    use rustix::io::{Errno, ReadWriteFlags};
+    let mut filled = 0;
+    // Bounded: each turn reads at least one byte or returns.
+    while filled < buf.len() {
+        let mut slices = [io::IoSliceMut::new(&mut buf[filled..])];
+        match rustix::io::preadv2(file, &mut slices, pos + filled as u64, ReadWriteFlags::NOWAIT) {
+            Ok(0) => return Err(short_file()),
+            Ok(n) => filled += n,
+            Err(Errno::INTR) => {}
+            Err(Errno::AGAIN | Errno::OPNOTSUPP | Errno::NOSYS | Errno::INVAL) => break,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(filled)
+}
+
+fn short_file() -> io::Error {
+    io::Error::new(io::ErrorKind::UnexpectedEof, "the file is shorter than its entry")
 }
 
 #[cfg(test)]
 mod tests {
-    use std::io::{Seek as _, SeekFrom, Write as _};
+    use std::io::Write as _;
 
     use super::*;
 
-    fn file_of(bytes: &[u8]) -> std::fs::File {
+    fn file_of(bytes: &[u8]) -> File {
         let mut file = tempfile::tempfile().unwrap();
         file.write_all(bytes).unwrap();
         file
@@ -82,9 +121,7 @@ mod tests {
         let bytes: Vec<u8> = (0..3 * CHUNK + 17).map(|i| (i % 251) as u8).collect();
         let served = Arc::new(AtomicU64::new(0));
         for (start, len) in [(0, bytes.len()), (5, 2 * CHUNK), (CHUNK - 1, CHUNK + 2), (7, 0)] {
-            let mut file = file_of(&bytes);
-            file.seek(SeekFrom::Start(start as u64)).unwrap();
-            let body = file_body(file, start as u64, len as u64, &served);
+            let body = file_body(file_of(&bytes), start as u64, len as u64, &served);
             let got = axum::body::to_bytes(body, usize::MAX).await.unwrap();
             assert_eq!(&got[..], &bytes[start..start + len], "start {start}, len {len}");
         }
@@ -93,9 +130,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_file_shorter_than_its_entry_ends_the_body_in_an_error() {
-        let mut file = file_of(&[1; 100]);
-        file.seek(SeekFrom::Start(0)).unwrap();
-        let body = file_body(file, 0, 200, &Arc::new(AtomicU64::new(0)));
+        let body = file_body(file_of(&[1; 100]), 0, 200, &Arc::new(AtomicU64::new(0)));
         assert!(axum::body::to_bytes(body, usize::MAX).await.is_err());
     }
 }

@@ -1,6 +1,5 @@
 //! The OCI distribution pull API, as a pull-through mirror.
 
-use std::io::Seek as _;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -215,9 +214,7 @@ async fn serve_file(
     let body = if *method == Method::HEAD {
         Body::empty()
     } else {
-        let mut file = file.into_std().await;
-        file.seek(std::io::SeekFrom::Start(start)).map_err(|e| SpecError::upstream(e.to_string()))?;
-        crate::body::file_body(file, start, len, &app.metrics.bytes_served)
+        crate::body::file_body(file.into_std().await, start, len, &app.metrics.bytes_served)
     };
     let mut response = Response::new(body);
     *response.status_mut() = status;

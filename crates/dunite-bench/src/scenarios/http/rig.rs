@@ -49,7 +49,7 @@ impl Sizes {
                 images: (2, 2, 64 << 10),
                 downloads: (8, 64 << 10),
                 hit_bytes: 16 << 20,
-                manifest_requests: 1_000,
+                manifest_requests: 500,
             }
         } else {
             Self {
@@ -60,7 +60,7 @@ impl Sizes {
                 images: (4, 6, 4 * MIB),
                 downloads: (40, 2 * MIB),
                 hit_bytes: 1 << 30,
-                manifest_requests: 20_000,
+                manifest_requests: 2_000,
             }
         }
     }
