@@ -85,6 +85,19 @@ pub enum Source {
     Revalidated,
 }
 
+/// What [`DownloadCache::lookup`] found for a request.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum Lookup {
+    /// A fresh entry that satisfies the request, opened: a hit (counted, its access recorded).
+    Fresh(Box<Download>),
+    /// An entry that is stale or does not satisfy the request (another pin):
+    /// [`DownloadCache::get_or_fetch`] revalidates or refetches it.
+    Cached,
+    /// No entry.
+    Missing,
+}
+
 /// What is recorded about a cached download.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DownloadInfo {
@@ -487,6 +500,27 @@ impl DownloadCache {
         in_flight
             .insert(key.to_owned(), InFlight { id, expected: request.sha256().cloned(), fill: fill.clone() });
         Ok((fill, true))
+    }
+
+    /// One metadata read for `request`: a fresh entry that satisfies it, opened (the hit
+    /// [`get_or_fetch`](Self::get_or_fetch) would give), or whether there is an entry at all.
+    /// Never asks the upstream. A server's hit path calls this once instead of
+    /// [`info`](Self::info) followed by `get_or_fetch`, which read the metadata twice.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Cache`] if the metadata cannot be read or the payload cannot be opened.
+    pub async fn lookup(&self, request: &DownloadRequest) -> Result<Lookup> {
+        let Some(entry) = self.inner.cache.open_entry(request.url().as_str()).await? else {
+            return Ok(Lookup::Missing);
+        };
+        match DownloadInfo::from_entry(&entry.info) {
+            Some(info) if info.satisfies(request) && !info.is_stale(self.inner.freshness) => {
+                bump(&self.inner.counters.hits);
+                Ok(Lookup::Fresh(Box::new(Download { file: entry.file, info, source: Source::Hit })))
+            }
+            _ => Ok(Lookup::Cached),
+        }
     }
 
     /// Open the cached entry of `url`, whatever its age, without any upstream request.

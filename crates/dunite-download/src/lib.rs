@@ -87,7 +87,9 @@ mod error;
 mod fetch;
 mod key;
 
-pub use cache::{Download, DownloadCache, DownloadInfo, DownloadRequest, DownloadStats, NAMESPACE, Source};
+pub use cache::{
+    Download, DownloadCache, DownloadInfo, DownloadRequest, DownloadStats, Lookup, NAMESPACE, Source,
+};
 pub use error::{Error, Result};
 pub use fetch::{
     Body, FetchError, FetchFn, FetchRequest, Fetched, Fetcher, ResponseMeta, Validators, fetch_fn,

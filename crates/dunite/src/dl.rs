@@ -18,7 +18,7 @@ use reqwest::header::{IF_MODIFIED_SINCE, IF_NONE_MATCH};
 
 use dunite_core::{ContentDigest, DigestAlgorithm};
 use dunite_download::{
-    DownloadRequest, FetchError, FetchRequest, Fetched, Fetcher, ResponseMeta, Source, UrlKey,
+    DownloadRequest, FetchError, FetchRequest, Fetched, Fetcher, Lookup, ResponseMeta, Source, UrlKey,
 };
 
 use crate::app::{App, CacheOutcome};
@@ -289,16 +289,22 @@ pub(crate) async fn download(State(app): State<Arc<App>>, uri: Uri, RawQuery(que
     if let Some(pin) = pin {
         request = request.with_sha256(pin);
     }
-    match app.downloads.info(request.url()).await {
-        Ok(None) => return stream_miss(&app, request).await,
-        Ok(Some(_)) => {}
+    // One metadata read: a fresh hit is served at once, a miss streams from the upstream.
+    let fresh = match app.downloads.lookup(&request).await {
+        Ok(Lookup::Fresh(download)) => Some(*download),
+        Ok(Lookup::Missing) => return stream_miss(&app, request).await,
+        Ok(_) => None,
         Err(error) => {
             app.metrics.errors.fetch_add(1, Ordering::Relaxed);
             return refuse(StatusCode::INTERNAL_SERVER_ERROR, &crate::error_chain(&error));
         }
-    }
-    // Cached (fresh, stale or pinned differently): the cache serves, revalidates or refetches.
-    let download = match app.downloads.get_or_fetch(&request, &app.fetcher).await {
+    };
+    // Cached but stale or pinned differently: the cache revalidates or refetches.
+    let fetched = match fresh {
+        Some(download) => Ok(download),
+        None => app.downloads.get_or_fetch(&request, &app.fetcher).await,
+    };
+    let download = match fetched {
         Ok(download) => download,
         Err(error) => {
             let upstream = match &error {

@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use dunite_core::{DatabaseOptions, EvictionPolicy};
-use dunite_download::{DownloadRequest, Source, Validators};
+use dunite_download::{DownloadRequest, Lookup, Source, Validators};
 use dunite_testkit::check_consistency;
 
 use crate::{Upstream, content, eventually, open_with, read_all, url};
@@ -160,4 +160,29 @@ async fn a_revalidation_never_relabels_an_entry_replaced_meanwhile() {
     assert_eq!(cached, new);
     assert_ne!(a.info(&key).await.unwrap().unwrap().sha256(), &old_sha);
     check_consistency(a.entries().entries(), dir.path()).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lookup_opens_a_fresh_hit_and_only_reports_stale_or_other_pins() {
+    let (fresh_dir, stale_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let fresh = crate::open(fresh_dir.path(), 1 << 20).await;
+    let stale = stale_cache(stale_dir.path()).await;
+    let upstream = Upstream::default();
+    let key = url("lookup.bin");
+    let (_, bytes) = content(2, 10_000);
+    upstream.serve(&key, bytes.clone(), None);
+    let request = DownloadRequest::new(key.clone());
+    let other_pin = DownloadRequest::new(key.clone()).with_sha256(content(3, 10).0);
+    for cache in [&fresh, &stale] {
+        assert!(matches!(cache.lookup(&request).await.unwrap(), Lookup::Missing));
+        cache.get_or_fetch(&request, &upstream).await.unwrap();
+        assert!(matches!(cache.lookup(&other_pin).await.unwrap(), Lookup::Cached));
+    }
+    let hits = fresh.download_stats().hits;
+    let Lookup::Fresh(hit) = fresh.lookup(&request).await.unwrap() else { panic!("a fresh entry is a hit") };
+    let mut hit = *hit;
+    assert_eq!((hit.source(), read_all(&mut hit).await), (Source::Hit, bytes));
+    assert_eq!(fresh.download_stats().hits, hits + 1, "a lookup hit is counted");
+    assert!(matches!(stale.lookup(&request).await.unwrap(), Lookup::Cached), "stale: revalidate first");
+    assert_eq!(upstream.calls(), 2, "lookups never ask the upstream");
 }
