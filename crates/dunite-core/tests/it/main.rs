@@ -7,4 +7,5 @@ mod convergence;
 mod faults;
 mod lifecycle;
 mod reads;
+mod slow_db;
 mod support;
