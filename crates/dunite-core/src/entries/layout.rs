@@ -8,6 +8,7 @@ use sha2::Digest as _;
 use tempfile::TempPath;
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWriteExt as _};
 
+use super::faults::Faults;
 use crate::hash::ContentDigest;
 use crate::{DigestAlgorithm, Error, Result};
 
@@ -27,6 +28,8 @@ const CHUNK: usize = 256 * 1024;
 pub(crate) struct Layout {
     data: PathBuf,
     tmp: PathBuf,
+    /// Injected faults (see [`Faults`]); the store's, shared.
+    pub(crate) faults: std::sync::Arc<Faults>,
 }
 
 static UNIQUE: AtomicU64 = AtomicU64::new(0);
@@ -45,7 +48,8 @@ fn process_nonce() -> u64 {
 
 impl Layout {
     pub(crate) async fn create(root: &Path) -> Result<Self> {
-        let layout = Self { data: root.join("data"), tmp: root.join("tmp") };
+        let layout =
+            Self { data: root.join("data"), tmp: root.join("tmp"), faults: std::sync::Arc::default() };
         for dir in [&layout.data, &layout.tmp] {
             tokio::fs::create_dir_all(dir).await.map_err(Error::io("create directory", dir))?;
         }
@@ -208,6 +212,9 @@ impl Layout {
     /// Delete a payload; one that is already gone is fine.
     pub(crate) async fn unlink(&self, file: &str) -> Result<()> {
         let path = self.payload(file);
+        if self.faults.unlink_failed() {
+            return Err(Error::io("delete", path)(super::faults::injected("unlink")));
+        }
         match tokio::fs::remove_file(&path).await {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),

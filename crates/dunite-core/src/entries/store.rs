@@ -12,6 +12,7 @@ use sqlx::{Any, AnyConnection};
 use tokio::io::AsyncRead;
 
 use super::database::Database;
+use super::faults::{self, Faults};
 use super::layout::{Expected, Layout};
 use crate::hash::ContentDigest;
 use crate::{Error, EvictionPass, EvictionStore, Removal, Result, Victim};
@@ -370,6 +371,13 @@ impl EntryStore {
         }
     }
 
+    /// Faults to inject into this store's next operations, for tests and simulations (see
+    /// [`Faults`]). Shared by every clone of the store.
+    #[must_use]
+    pub fn faults(&self) -> &Faults {
+        &self.inner.layout.faults
+    }
+
     /// The database the rows live in.
     #[must_use]
     pub fn database(&self) -> &Database {
@@ -651,7 +659,14 @@ impl EntryStore {
         };
         let committed = if delta_entries == 1 { Committed::Inserted } else { Committed::Replaced };
         adjust_totals(&mut tx, &inner.db, &inner.namespace, delta_bytes, delta_entries).await?;
+        if inner.layout.faults.commit_lost() {
+            drop(tx);
+            return Err(Error::db(COMMIT_A_STORE)(sqlx::Error::Io(faults::injected("COMMIT lost"))));
+        }
         tx.commit().await.map_err(Error::db(COMMIT_A_STORE))?;
+        if inner.layout.faults.commit_answer_lost() {
+            return Err(Error::db(COMMIT_A_STORE)(sqlx::Error::Io(faults::injected("COMMIT answer lost"))));
+        }
         Ok(committed)
     }
 
