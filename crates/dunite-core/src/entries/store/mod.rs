@@ -69,8 +69,9 @@ pub(crate) struct Inner {
     touches: Mutex<HashMap<String, i64>>,
     /// In-flight pins: key -> count. Pinned entries are never evicted.
     pins: Mutex<HashMap<String, usize>>,
-    /// Stores whose COMMIT failed unseen. Each payload is kept until the database says
-    /// whether the commit happened, then deleted if no row names it.
+    /// Payloads whose fate is open: stores whose COMMIT failed unseen (kept until the
+    /// database says whether the commit happened, then deleted if no row names it), and
+    /// payloads no row names whose deletion failed (retried).
     unsettled: Mutex<Vec<Unsettled>>,
     /// Called after every commit that may have added bytes (the cache's evictor poke).
     on_commit: std::sync::OnceLock<CommitHook>,

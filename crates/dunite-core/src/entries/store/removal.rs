@@ -25,7 +25,8 @@ fn mark_victims_sql(n: usize) -> String {
     )
 }
 
-/// A store whose COMMIT failed unseen, waiting for the database to say what happened.
+/// A store's payload whose fate is open: its COMMIT failed unseen (the database will say
+/// whether a row names it), or a payload no row names that could not be deleted yet.
 pub(super) struct Unsettled {
     pub(super) key: String,
     /// The new payload.
@@ -56,6 +57,16 @@ impl EntryStore {
 }
 
 impl Inner {
+    /// Settle `key`'s payload `file` later (after [`SETTLE_AFTER`], on a flusher tick or a
+    /// pass): kept if its row names it, deleted if none does; with `replaced`, the payload it
+    /// replaced goes too once no row names that. For a COMMIT that failed unseen, and for a
+    /// payload without a row whose deletion failed (so it is not left on disk, uncounted,
+    /// until a restart).
+    pub(super) fn settle_later(&self, key: String, file: String, replaced: Option<String>) {
+        let at = std::time::Instant::now();
+        lock(&self.unsettled).push(Unsettled { key, file, replaced, at });
+    }
+
     /// Settle the stores whose COMMIT failed unseen (at least [`SETTLE_AFTER`] ago): a payload
     /// its key's row names was committed and is an entry like any other; one no row names was
     /// not (or was committed and since replaced or removed), and is deleted. Without this,

@@ -83,8 +83,9 @@ pub struct EntryStats {
     pub bytes_stored: u64,
     /// Access-stamp writes to the database (batched: one per flushed key, not one per hit).
     pub access_writes: u64,
-    /// Payloads of stores whose COMMIT failed unseen, kept until the database says whether
-    /// a row names them (then deleted if none does); normally 0.
+    /// Payloads whose fate is open: those of stores whose COMMIT failed unseen, kept until
+    /// the database says whether a row names them (then deleted if none does), and payloads
+    /// no row names whose deletion failed, retried; normally 0.
     pub unsettled: u64,
 }
 

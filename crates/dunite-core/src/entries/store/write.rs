@@ -7,9 +7,8 @@ use std::sync::atomic::Ordering;
 use sqlx::Any;
 use tokio::io::AsyncRead;
 
-use super::removal::Unsettled;
 use super::rows::{EntryInfo, OnConflict, StoreOutcome, Stored};
-use super::{EntryStore, lock, now_ms, to_i64};
+use super::{EntryStore, now_ms, to_i64};
 use crate::entries::database::Database;
 use crate::entries::faults;
 use crate::entries::layout::{Expected, Written};
@@ -142,16 +141,16 @@ impl EntryStore {
                 // if none does. The evictor is told now, since the bytes may be counted.
                 Err(e @ Error::Database { op: COMMIT_A_STORE, .. }) => {
                     tracing::warn!(error = %e, "a store's commit failed unseen; its payload is kept until settled");
-                    let at = std::time::Instant::now();
-                    lock(&inner.unsettled).push(Unsettled { key, file, replaced, at });
+                    inner.settle_later(key, file, replaced);
                     inner.committed();
                     return Err(e);
                 }
                 Err(e) => {
-                    // Rolled back: never leave a payload without a row; if even this fails,
-                    // reconcile will.
+                    // Rolled back: never leave a payload without a row; if even this fails, it
+                    // is settled (deleted, since no row names it) once the volume lets it.
                     if let Err(unlink) = inner.layout.unlink(&file).await {
-                        tracing::warn!(%unlink, "could not delete an uncommitted payload");
+                        tracing::warn!(%unlink, "could not delete an uncommitted payload; retried later");
+                        inner.settle_later(key, file, None);
                     }
                     return Err(e);
                 }
@@ -166,7 +165,8 @@ impl EntryStore {
                     if let Some(old) = replaced
                         && let Err(e) = inner.layout.unlink(&old).await
                     {
-                        tracing::warn!(error = %e, "could not delete a replaced payload; reconcile will");
+                        tracing::warn!(error = %e, "could not delete a replaced payload; retried later");
+                        inner.settle_later(key.clone(), file.clone(), Some(old));
                     }
                     break StoreOutcome::Replaced;
                 }
@@ -182,7 +182,8 @@ impl EntryStore {
                         continue;
                     }
                     if let Err(e) = inner.layout.unlink(&file).await {
-                        tracing::warn!(error = %e, "could not delete a duplicate payload; reconcile will");
+                        tracing::warn!(error = %e, "could not delete a duplicate payload; retried later");
+                        inner.settle_later(key.clone(), file, None);
                     }
                     self.touch(&key);
                     return Ok((StoreOutcome::AlreadyPresent, None));
