@@ -196,13 +196,22 @@ impl Layout {
                 // An adopted file on another file system: copy it over, then drop the original
                 // (the returned TempPath deletes it).
                 Err(e) if e.error.kind() == std::io::ErrorKind::CrossesDevices => {
-                    std::fs::copy(&e.path, &dest)?;
-                    std::fs::File::open(&dest)?.sync_all()?;
+                    let copied =
+                        std::fs::copy(&e.path, &dest).and_then(|_| std::fs::File::open(&dest)?.sync_all());
+                    if let Err(error) = copied {
+                        let _ = std::fs::remove_file(&dest);
+                        return Err(error);
+                    }
                 }
                 Err(e) => return Err(e.error),
             }
-            // The rename is durable only once the directory is.
-            std::fs::File::open(dir)?.sync_all()
+            // The rename is durable only once the directory is. If it cannot be made so, the
+            // payload goes: no row will name it.
+            if let Err(error) = std::fs::File::open(dir).and_then(|dir| dir.sync_all()) {
+                let _ = std::fs::remove_file(&dest);
+                return Err(error);
+            }
+            Ok(())
         })
         .await
         .map_err(Error::io("move into place", path))?;

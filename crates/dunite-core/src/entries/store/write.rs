@@ -100,9 +100,9 @@ impl EntryStore {
 
     /// Move a verified payload into place and commit it (the shared half of every store).
     ///
-    /// Once the payload is in place the rest runs on a task of its own: a caller that stops
-    /// waiting (a cancelled request) neither rolls back a commit the server may already have
-    /// applied nor leaves the payload without a row. The commit finishes, is cleaned up or
+    /// Once the payload is verified, the move into place and the commit run on a task of their
+    /// own: a caller that stops waiting (a cancelled request) neither rolls back a commit the
+    /// server may already have applied nor leaves the payload without a row. The commit finishes, is cleaned up or
     /// left to settle, and calls the commit hook, whatever the caller does.
     async fn commit_written<M>(&self, key: &str, written: Written, meta: M) -> Result<Stored>
     where
@@ -110,9 +110,14 @@ impl EntryStore {
     {
         let (size, digest) = (written.size, written.digest.clone());
         let meta = meta(&digest);
-        let file = self.inner.layout.persist(written.temp, key).await?;
+        // From the move into place on, on a task of its own: a caller that stops waiting
+        // (a cancelled request) can no longer leave a payload in place with no row, whether
+        // it goes during the move (whose blocking rename finishes regardless) or the commit.
         let (store, key) = (self.clone(), key.to_owned());
-        let finishing = tokio::spawn(async move { store.commit_payload(key, file, size, meta).await });
+        let finishing = tokio::spawn(async move {
+            let file = store.inner.layout.persist(written.temp, &key).await?;
+            store.commit_payload(key, file, size, meta).await
+        });
         let (outcome, committed) =
             finishing.await.map_err(|e| if e.is_panic() { Error::Panicked } else { Error::Stopped })??;
         Ok(Stored { size, digest, outcome, committed })
