@@ -222,8 +222,8 @@ async fn run_on(settings: &Settings, backend: TestBackend) -> Result<Vec<Record>
     let slow = settings.latency > Duration::from_millis(1);
     // A thousand stores at tens of milliseconds a statement is minutes per variant.
     let sizes: &[usize] = match (settings.quick, slow) {
-        (true, _) => &[8, 64],
-        (false, true) => &[8, 64],
+        (true, true) => &[8],
+        (true, false) | (false, true) => &[8, 64],
         (false, false) => &[8, 64, 1024],
     };
     let mut records = Vec::new();
