@@ -42,7 +42,9 @@ const USAGE: &str = "usage: dunite-bench [--quick] [--json PATH] [--only NAME]..
   --json PATH   also write one JSON object per scenario (JSON lines) to PATH
   --only NAME   run only the scenarios whose name starts with NAME (repeatable):
                 burst, large-blob, small-blob, eviction, hits, http
-  --dir PATH    where to create the temporary directories (default: the system temp dir)";
+  --dir PATH    where to create the temporary directories (default: the system temp dir)
+  --latency-ms N  simulated latency per database statement in the burst scenario (default 1;
+                above 1 the acquire timeout is 10 s, so that stores wait rather than fail)";
 
 #[derive(Debug, Default)]
 struct Args {
@@ -50,6 +52,7 @@ struct Args {
     json: Option<PathBuf>,
     only: Vec<String>,
     dir: Option<PathBuf>,
+    latency_ms: Option<u64>,
 }
 
 fn parse_args(args: &[String]) -> Result<Args> {
@@ -61,6 +64,11 @@ fn parse_args(args: &[String]) -> Result<Args> {
             "--json" => parsed.json = Some(it.next().ok_or("--json needs a path")?.into()),
             "--only" => parsed.only.push(it.next().ok_or("--only needs a scenario name")?.clone()),
             "--dir" => parsed.dir = Some(it.next().ok_or("--dir needs a path")?.into()),
+            "--latency-ms" => {
+                let n = it.next().ok_or("--latency-ms needs a number")?;
+                parsed.latency_ms =
+                    Some(n.parse().map_err(|_| format!("--latency-ms takes milliseconds, got `{n}`"))?);
+            }
             "-h" | "--help" => return Err(USAGE.into()),
             other => return Err(format!("unknown argument `{other}`\n\n{USAGE}").into()),
         }
@@ -75,6 +83,8 @@ pub struct Settings {
     pub quick: bool,
     /// Parent of every temporary directory.
     pub dir: PathBuf,
+    /// Simulated latency per database statement in the burst scenario (`--latency-ms`).
+    pub latency: std::time::Duration,
 }
 
 impl Settings {
@@ -109,7 +119,11 @@ fn main() -> ExitCode {
 }
 
 fn run(args: Args) -> Result<()> {
-    let settings = Settings { quick: args.quick, dir: args.dir.unwrap_or_else(std::env::temp_dir) };
+    let settings = Settings {
+        quick: args.quick,
+        dir: args.dir.unwrap_or_else(std::env::temp_dir),
+        latency: std::time::Duration::from_millis(args.latency_ms.unwrap_or(1)),
+    };
     let wanted = |name: &str| args.only.is_empty() || args.only.iter().any(|o| name.starts_with(o.as_str()));
     let runtime = runtime()?;
     let started = Instant::now();

@@ -157,10 +157,22 @@ impl Error {
         matches!(self, Self::Database { .. })
     }
 
-    /// Whether this is the pool's `PoolTimedOut`: no connection within the acquire timeout.
+    /// Whether this is the pool's `PoolTimedOut`: every connection was busy for the whole
+    /// acquire timeout. A pool that could not connect at all reports an unreachable database
+    /// instead (see [`is_database_unavailable`](Self::is_database_unavailable)).
     #[must_use]
     pub fn is_pool_timeout(&self) -> bool {
         matches!(self, Self::Database { source, .. } if matches!(**source, sqlx::Error::PoolTimedOut))
+    }
+
+    /// Whether the metadata database failed other than by being busy: unreachable, or
+    /// refusing the statement. A cache may then fall back to what it can do without it (serve
+    /// a content-addressed payload verified on disk); a busy pool
+    /// ([`is_pool_timeout`](Self::is_pool_timeout)) is better waited for or answered with a
+    /// retry, since the fallback costs a full read of the payload.
+    #[must_use]
+    pub fn is_database_unavailable(&self) -> bool {
+        self.is_database() && !self.is_pool_timeout()
     }
 
     pub(crate) fn db(op: &'static str) -> impl FnOnce(sqlx::Error) -> Self {

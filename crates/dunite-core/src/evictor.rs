@@ -14,7 +14,9 @@ use crate::store::{EvictionPass, EvictionStore, Removal};
 use crate::{Error, EvictionPolicy, Result, StoreOp};
 
 /// Victims removed per `remove_batch` call at most (the time budget is checked between).
-const REMOVE_CHUNK: usize = 64;
+/// One call costs a fixed number of statements whatever its size (a mark and a delete), so on
+/// a database far away a bigger chunk frees more per round trip.
+const REMOVE_CHUNK: usize = 256;
 
 /// How many explicit pass requests may wait at once before `evict_now` callers queue on the
 /// channel itself (they are all served by one pass anyway).
@@ -101,6 +103,12 @@ pub struct EvictorStats {
     /// Passes not run because another process sharing the store was evicting it
     /// ([`PassOutcome::Elsewhere`]); not counted in `passes`.
     pub passes_elsewhere: u64,
+    /// Passes that removed at least one entry.
+    pub passes_removing: u64,
+    /// Passes that read a total over the cap and removed nothing (every candidate pinned or
+    /// changing, or a failure before the first removal). A healthy cache keeps this near 0:
+    /// a pass over the cap always attempts a removal before its time budget can stop it.
+    pub passes_stalled: u64,
     /// The most recent pass that ran to an outcome.
     pub last_pass: Option<PassReport>,
 }
@@ -176,16 +184,7 @@ impl<S: EvictionStore> DebouncedEvictor<S> {
     /// commit guarantees a pass that sees it. If the task is gone (the runtime is shutting
     /// down) the poke is ignored: the caller's store must not fail because of eviction.
     pub fn poke(&self) {
-        self.shared.stats.pokes.fetch_add(1, Ordering::Relaxed);
-        match self.pokes.try_send(()) {
-            Ok(()) => {}
-            Err(mpsc::error::TrySendError::Full(())) => {
-                self.shared.stats.pokes_coalesced.fetch_add(1, Ordering::Relaxed);
-            }
-            Err(mpsc::error::TrySendError::Closed(())) => {
-                tracing::debug!("evictor task gone; poke ignored");
-            }
-        }
+        self.shared.stats.poke(&self.pokes);
     }
 
     /// Run a pass now on the eviction task and wait for its report.
@@ -208,6 +207,18 @@ impl<S: EvictionStore> DebouncedEvictor<S> {
         let (tx, rx) = oneshot::channel();
         self.requests.send(tx).await.map_err(|_| Error::Stopped)?;
         rx.await.map_err(|_| Error::Stopped)?
+    }
+
+    /// A poke that does not keep the task alive (for a store that outlives its evictor's
+    /// handles, or is held by the task itself): a no-op once the last handle is dropped.
+    pub(crate) fn weak_poke(&self) -> impl Fn() + Send + Sync + 'static {
+        let shared = Arc::downgrade(&self.shared);
+        let pokes = self.pokes.downgrade();
+        move || {
+            if let (Some(shared), Some(pokes)) = (shared.upgrade(), pokes.upgrade()) {
+                shared.stats.poke(&pokes);
+            }
+        }
     }
 
     /// A snapshot of the evictor's counters.
@@ -244,10 +255,26 @@ struct StatsCell {
     bytes_evicted: AtomicU64,
     errors: AtomicU64,
     passes_elsewhere: AtomicU64,
+    passes_removing: AtomicU64,
+    passes_stalled: AtomicU64,
     last_pass: Mutex<Option<PassReport>>,
 }
 
 impl StatsCell {
+    /// Send a poke on `pokes`, counting it (and whether it was coalesced).
+    fn poke(&self, pokes: &mpsc::Sender<()>) {
+        self.pokes.fetch_add(1, Ordering::Relaxed);
+        match pokes.try_send(()) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(())) => {
+                self.pokes_coalesced.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(mpsc::error::TrySendError::Closed(())) => {
+                tracing::debug!("evictor task gone; poke ignored");
+            }
+        }
+    }
+
     fn snapshot(&self) -> EvictorStats {
         EvictorStats {
             pokes: self.pokes.load(Ordering::Relaxed),
@@ -257,11 +284,13 @@ impl StatsCell {
             bytes_evicted: self.bytes_evicted.load(Ordering::Relaxed),
             errors: self.errors.load(Ordering::Relaxed),
             passes_elsewhere: self.passes_elsewhere.load(Ordering::Relaxed),
+            passes_removing: self.passes_removing.load(Ordering::Relaxed),
+            passes_stalled: self.passes_stalled.load(Ordering::Relaxed),
             last_pass: self.last_pass.lock().unwrap_or_else(PoisonError::into_inner).clone(),
         }
     }
 
-    fn record(&self, result: &Result<PassReport>) {
+    fn record(&self, result: &Result<PassReport>, max_bytes: u64) {
         if let Ok(PassReport { outcome: PassOutcome::Elsewhere, .. }) = result {
             self.passes_elsewhere.fetch_add(1, Ordering::Relaxed);
             return;
@@ -269,6 +298,11 @@ impl StatsCell {
         self.passes.fetch_add(1, Ordering::Relaxed);
         match result {
             Ok(report) => {
+                if report.entries_evicted > 0 {
+                    self.passes_removing.fetch_add(1, Ordering::Relaxed);
+                } else if report.total_before > max_bytes {
+                    self.passes_stalled.fetch_add(1, Ordering::Relaxed);
+                }
                 self.entries_evicted.fetch_add(report.entries_evicted, Ordering::Relaxed);
                 self.bytes_evicted.fetch_add(report.bytes_evicted, Ordering::Relaxed);
                 *self.last_pass.lock().unwrap_or_else(PoisonError::into_inner) = Some(report.clone());
@@ -360,7 +394,7 @@ async fn run<S: EvictionStore>(
         tracing::debug!(?trigger, "eviction pass starting");
         let result =
             AssertUnwindSafe(run_pass(&shared, &pokes)).catch_unwind().await.unwrap_or(Err(Error::Panicked));
-        shared.stats.record(&result);
+        shared.stats.record(&result, policy.max_bytes());
 
         let next = match &result {
             Ok(report) => {
@@ -424,6 +458,11 @@ async fn tick_opt(tick: Option<&mut tokio::time::Interval>) {
 
 /// One pass: read the total once, then remove least-recently-used entries in batches until
 /// the total is at the low watermark, the time budget is spent, or the handles are gone.
+///
+/// The time budget bounds removal, not waiting: its clock starts once the pass holds its
+/// connection and has read a total over the cap, and it is checked only after the first
+/// removal attempt. However slow the database or long the pool queue, a pass over the cap
+/// removes at least one chunk.
 async fn run_pass<S: EvictionStore>(shared: &Shared<S>, pokes: &mpsc::Receiver<()>) -> Result<PassReport> {
     let policy = &shared.policy;
     let started = Instant::now();
@@ -442,7 +481,7 @@ async fn run_pass<S: EvictionStore>(shared: &Shared<S>, pokes: &mpsc::Receiver<(
         report.duration = started.elapsed();
         return Ok(report);
     };
-    let driven = drive_pass(&mut pass, policy, started, pokes, &mut report).await;
+    let driven = drive_pass(&mut pass, policy, pokes, &mut report).await;
     // Finish even a failed pass: it releases what the pass took (a shared store's lock).
     let finished = pass.finish().await.map_err(|e| Error::store(StoreOp::FinishPass, None, e));
     driven?;
@@ -454,7 +493,6 @@ async fn run_pass<S: EvictionStore>(shared: &Shared<S>, pokes: &mpsc::Receiver<(
 async fn drive_pass<P: EvictionPass>(
     pass: &mut P,
     policy: &EvictionPolicy,
-    started: Instant,
     pokes: &mpsc::Receiver<()>,
     report: &mut PassReport,
 ) -> Result<()> {
@@ -463,7 +501,7 @@ async fn drive_pass<P: EvictionPass>(
     report.total_before = total_before;
     report.total_after = total_before;
     if total_before > policy.max_bytes() {
-        report.outcome = evict_to_watermark(pass, policy, started, pokes, report).await?;
+        report.outcome = evict_to_watermark(pass, policy, pokes, report).await?;
     }
     Ok(())
 }
@@ -471,11 +509,13 @@ async fn drive_pass<P: EvictionPass>(
 async fn evict_to_watermark<P: EvictionPass>(
     pass: &mut P,
     policy: &EvictionPolicy,
-    started: Instant,
     pokes: &mpsc::Receiver<()>,
     report: &mut PassReport,
 ) -> Result<PassOutcome> {
     let target = policy.low_watermark();
+    // The budget's clock starts here, holding the connection over the cap.
+    let started = Instant::now();
+    let mut attempted = false;
     while report.total_after > target {
         let victims = pass
             .least_recently_used(policy.batch_size())
@@ -491,9 +531,10 @@ async fn evict_to_watermark<P: EvictionPass>(
             if pokes.is_closed() {
                 return Ok(PassOutcome::ShutDown);
             }
-            if started.elapsed() >= policy.pass_time_budget() {
+            if attempted && started.elapsed() >= policy.pass_time_budget() {
                 return Ok(PassOutcome::TimeBudgetSpent);
             }
+            attempted = true;
             // Just the victims needed to reach the target (if none is skipped), at most a
             // chunk at a time so the time budget is checked often.
             let mut needed = 0;

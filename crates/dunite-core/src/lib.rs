@@ -56,8 +56,8 @@ mod store;
 
 pub use entries::{
     Backend, CacheOptions, CacheStats, Database, DatabaseOptions, EntryCache, EntryInfo, EntryPass,
-    EntryStats, EntryStore, Expected, KeyDisplay, OnConflict, OpenEntry, Pin, ReconcileReport, StoreOutcome,
-    Stored,
+    EntryStats, EntryStore, Expected, Faults, KeyDisplay, OnConflict, OpenEntry, Pin, ReconcileReport,
+    StoreOutcome, Stored,
 };
 pub use error::{BoxError, Error, Result, StoreOp};
 pub use evictor::{DebouncedEvictor, EvictorStats, PassOutcome, PassReport};

@@ -65,8 +65,10 @@ impl EvictionPolicy {
         self
     }
 
-    /// How long one pass may hold its connection before it stops at an entry boundary and
-    /// hands over to a fresh pass (on a fresh connection).
+    /// How long one pass may spend removing before it stops at a chunk boundary and hands over
+    /// to a fresh pass (on a fresh connection). The clock starts once the pass holds its
+    /// connection and has read a total over the cap, and the first chunk is always removed:
+    /// waiting for a connection or a slow database never stops a pass before it makes progress.
     #[must_use]
     pub fn with_pass_time_budget(mut self, budget: Duration) -> Self {
         self.pass_time_budget = budget;

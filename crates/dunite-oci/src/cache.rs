@@ -145,7 +145,9 @@ impl BlobCache {
     ///
     /// When the metadata database is unreachable, the blob is looked for on disk instead and
     /// handed out only if its bytes hash to `digest` (a full read of the file first): cached
-    /// blobs stay servable through a database outage, more slowly.
+    /// blobs stay servable through a database outage, more slowly. A pool merely busy is no
+    /// outage: its timeout is returned (`dunite_core::Error::is_pool_timeout`), not turned
+    /// into a full-file read per hit.
     ///
     /// # Errors
     ///
@@ -155,7 +157,7 @@ impl BlobCache {
         let key = digest.to_string();
         match self.cache.open_entry(&key).await {
             Ok(entry) => Ok(entry.map(|entry| Blob { size: entry.info.size, file: entry.file })),
-            Err(error) if error.is_database() => {
+            Err(error) if error.is_database_unavailable() => {
                 tracing::warn!(%error, %digest, "metadata database unavailable; looking for the blob on disk");
                 let found = self.cache.open_unindexed(&key, digest.content_digest()).await?;
                 Ok(found.map(|(file, size)| Blob { size, file }))

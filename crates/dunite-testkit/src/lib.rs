@@ -18,9 +18,9 @@ use dunite_core::{EntryStore, EvictionPass, EvictionPolicy, EvictionStore, Expec
 /// `tokio::spawn`ed after **every** store. Under a burst this is N concurrent passes wanting
 /// N connections; dunite's `DebouncedEvictor` exists to replace it. Test and bench code only.
 ///
-/// Returns whether the pass ran: `false` when the store turned it away because another pass
-/// (on a shared database, of any instance) was running; the legacy pattern then simply has
-/// no pass for its store.
+/// Returns how many entries the pass removed, or `None` when the store turned it away because
+/// another pass (on a shared database, of any instance) was running; the legacy pattern then
+/// simply has no pass for its store.
 ///
 /// # Errors
 ///
@@ -28,14 +28,15 @@ use dunite_core::{EntryStore, EvictionPass, EvictionPolicy, EvictionStore, Expec
 pub async fn legacy_evict_if_over_cap<S: EvictionStore>(
     store: S,
     policy: EvictionPolicy,
-) -> Result<bool, S::Error> {
+) -> Result<Option<u64>, S::Error> {
     // The legacy pattern knew nothing of other processes: a busy store just means no pass.
     let Some(mut pass) = store.begin_pass().await? else {
-        return Ok(false);
+        return Ok(None);
     };
     let mut total = pass.total_size_bytes().await?;
+    let mut removed = 0;
     if total <= policy.max_bytes() {
-        return pass.finish().await.map(|()| true);
+        return pass.finish().await.map(|()| Some(removed));
     }
     while total > policy.low_watermark() {
         let victims = pass.least_recently_used(policy.batch_size()).await?;
@@ -45,10 +46,11 @@ pub async fn legacy_evict_if_over_cap<S: EvictionStore>(
         for victim in &victims {
             if let Removal::Removed { bytes } = pass.remove(victim).await? {
                 total = total.saturating_sub(bytes);
+                removed += 1;
             }
         }
     }
-    pass.finish().await.map(|()| true)
+    pass.finish().await.map(|()| Some(removed))
 }
 
 /// What [`legacy_store_burst`] saw.
@@ -105,8 +107,8 @@ where
             }
             for eviction in evictions {
                 match eviction.await.expect("a legacy pass panicked") {
-                    Ok(true) => {}
-                    Ok(false) => {
+                    Ok(Some(_)) => {}
+                    Ok(None) => {
                         lost.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     }
                     Err(e) => tally.record(&e),

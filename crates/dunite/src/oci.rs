@@ -459,7 +459,7 @@ async fn cached_manifest(app: &App, digest: &Digest) -> Result<Option<(Bytes, St
         }
         // Without the database: a verified copy on disk; the media type was in the row, so
         // take it from the manifest itself.
-        Err(e) if e.is_database() => {
+        Err(e) if e.is_database_unavailable() => {
             tracing::warn!(error = %e, %digest, "database unavailable; looking for the manifest on disk");
             let Some((mut file, _)) =
                 app.manifests.open_unindexed(&key, digest.content_digest()).await.map_err(core_internal)?

@@ -7,10 +7,8 @@ use tokio::io::AsyncRead;
 
 use super::database::{Database, DatabaseOptions};
 use super::layout::Expected;
-use super::store::{
-    EntryInfo, EntryStats, EntryStore, KeyDisplay, OnConflict, OpenEntry, Pin, StoreOutcome, Stored,
-};
-use crate::{DebouncedEvictor, Error, EvictionPolicy, EvictorStats, PassReport, Result};
+use super::store::{EntryInfo, EntryStats, EntryStore, KeyDisplay, OnConflict, OpenEntry, Pin, Stored};
+use crate::{DebouncedEvictor, Error, EvictionPolicy, EvictorStats, PassOutcome, PassReport, Result};
 
 /// How to open an [`EntryCache`].
 ///
@@ -214,10 +212,11 @@ impl EntryCache {
         )
         .await?;
         let evictor = DebouncedEvictor::spawn(store.clone(), options.policy)?;
+        // Every commit that may add bytes pokes (after the commit, as the evictor's contract
+        // requires), including one whose answer was lost and one whose caller went away.
+        store.set_commit_hook(Box::new(evictor.weak_poke()));
         store.spawn_access_flusher(options.access_flush_period);
-        if let Err(error) = evictor.evict_now().await {
-            tracing::warn!(%error, "start-up eviction pass failed; the evictor retries in the background");
-        }
+        start_up_passes(&evictor).await;
         Ok(Self { store, evictor })
     }
 
@@ -258,12 +257,8 @@ impl EntryCache {
         R: AsyncRead + Unpin + Send,
         M: FnOnce(&crate::ContentDigest) -> String + Send,
     {
-        let stored = self.store.store_with_meta(key, reader, expected, meta).await?;
-        if stored.outcome != StoreOutcome::AlreadyPresent {
-            // After the commit, as the evictor's contract requires.
-            self.evictor.poke();
-        }
-        Ok(stored)
+        // The store's commit hook pokes the evictor.
+        self.store.store_with_meta(key, reader, expected, meta).await
     }
 
     /// Store the file at `path` without copying it, then poke the evictor; see
@@ -283,12 +278,7 @@ impl EntryCache {
         expected: &Expected,
         meta: &str,
     ) -> Result<Stored> {
-        let stored = self.store.store_file(key, path, expected, meta).await?;
-        if stored.outcome != StoreOutcome::AlreadyPresent {
-            // After the commit, as the evictor's contract requires.
-            self.evictor.poke();
-        }
-        Ok(stored)
+        self.store.store_file(key, path, expected, meta).await
     }
 
     /// Open `key`'s payload, recording the access; see [`EntryStore::open_entry`].
@@ -440,5 +430,22 @@ impl EntryCache {
     #[must_use]
     pub fn evictor(&self) -> &DebouncedEvictor<EntryStore> {
         &self.evictor
+    }
+}
+
+/// The start-up eviction: passes until the total is under the cap, so a cache opened over it
+/// (a lowered cap, say) serves only once back under it. Every pass over the cap removes at
+/// least one chunk, so this ends; it stops early on a pass that removes nothing or fails (the
+/// evictor then retries in the background).
+async fn start_up_passes(evictor: &DebouncedEvictor<EntryStore>) {
+    loop {
+        match evictor.evict_now().await {
+            Ok(report) if report.outcome == PassOutcome::TimeBudgetSpent && report.entries_evicted > 0 => {}
+            Ok(_) => return,
+            Err(error) => {
+                tracing::warn!(%error, "start-up eviction pass failed; the evictor retries in the background");
+                return;
+            }
+        }
     }
 }

@@ -344,7 +344,18 @@ impl Database {
                 *down = Some(Instant::now() + FAIL_FAST);
             }
         }
-        acquired.map_err(Error::db("acquire a connection"))
+        match acquired {
+            // Not busy: it could not connect. Said so, so that a caller can tell an outage
+            // from a busy pool (`Error::is_pool_timeout`).
+            Err(sqlx::Error::PoolTimedOut) if unreachable => Err(Error::Database {
+                op: "acquire a connection",
+                source: Arc::new(sqlx::Error::Io(std::io::Error::new(
+                    std::io::ErrorKind::NotConnected,
+                    "the database is unreachable (no connection could be opened within the acquire timeout)",
+                ))),
+            }),
+            acquired => acquired.map_err(Error::db("acquire a connection")),
+        }
     }
 
     /// Wait for this process's turn to write to `namespace`: one turn per database on SQLite

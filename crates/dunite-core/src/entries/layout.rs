@@ -8,6 +8,7 @@ use sha2::Digest as _;
 use tempfile::TempPath;
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWriteExt as _};
 
+use super::faults::Faults;
 use crate::hash::ContentDigest;
 use crate::{DigestAlgorithm, Error, Result};
 
@@ -27,6 +28,8 @@ const CHUNK: usize = 256 * 1024;
 pub(crate) struct Layout {
     data: PathBuf,
     tmp: PathBuf,
+    /// Injected faults (see [`Faults`]); the store's, shared.
+    pub(crate) faults: std::sync::Arc<Faults>,
 }
 
 static UNIQUE: AtomicU64 = AtomicU64::new(0);
@@ -45,7 +48,8 @@ fn process_nonce() -> u64 {
 
 impl Layout {
     pub(crate) async fn create(root: &Path) -> Result<Self> {
-        let layout = Self { data: root.join("data"), tmp: root.join("tmp") };
+        let layout =
+            Self { data: root.join("data"), tmp: root.join("tmp"), faults: std::sync::Arc::default() };
         for dir in [&layout.data, &layout.tmp] {
             tokio::fs::create_dir_all(dir).await.map_err(Error::io("create directory", dir))?;
         }
@@ -192,13 +196,22 @@ impl Layout {
                 // An adopted file on another file system: copy it over, then drop the original
                 // (the returned TempPath deletes it).
                 Err(e) if e.error.kind() == std::io::ErrorKind::CrossesDevices => {
-                    std::fs::copy(&e.path, &dest)?;
-                    std::fs::File::open(&dest)?.sync_all()?;
+                    let copied =
+                        std::fs::copy(&e.path, &dest).and_then(|_| std::fs::File::open(&dest)?.sync_all());
+                    if let Err(error) = copied {
+                        let _ = std::fs::remove_file(&dest);
+                        return Err(error);
+                    }
                 }
                 Err(e) => return Err(e.error),
             }
-            // The rename is durable only once the directory is.
-            std::fs::File::open(dir)?.sync_all()
+            // The rename is durable only once the directory is. If it cannot be made so, the
+            // payload goes: no row will name it.
+            if let Err(error) = std::fs::File::open(dir).and_then(|dir| dir.sync_all()) {
+                let _ = std::fs::remove_file(&dest);
+                return Err(error);
+            }
+            Ok(())
         })
         .await
         .map_err(Error::io("move into place", path))?;
@@ -208,6 +221,9 @@ impl Layout {
     /// Delete a payload; one that is already gone is fine.
     pub(crate) async fn unlink(&self, file: &str) -> Result<()> {
         let path = self.payload(file);
+        if self.faults.unlink_failed() {
+            return Err(Error::io("delete", path)(super::faults::injected("unlink")));
+        }
         match tokio::fs::remove_file(&path).await {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),

@@ -7,12 +7,14 @@
 
 mod cache;
 mod database;
+mod faults;
 mod layout;
 mod reconcile;
 mod store;
 
 pub use cache::{CacheOptions, CacheStats, EntryCache};
 pub use database::{Backend, Database, DatabaseOptions};
+pub use faults::Faults;
 pub use layout::Expected;
 pub use reconcile::ReconcileReport;
 pub use store::{

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
 
 use super::layout::blocking;
-use super::store::EntryStore;
+use super::store::{EntryStore, adjust_totals};
 use crate::{Error, Result};
 
 /// What [`EntryStore::reconcile`] repaired.
@@ -23,6 +23,9 @@ pub struct ReconcileReport {
     /// The accounted total before and after, when it was wrong.
     pub total_corrected: Option<(u64, u64)>,
 }
+
+/// Marked rows finished per delete statement (two bound values each).
+const MARKED_PER_STATEMENT: usize = 500;
 
 impl EntryStore {
     /// Bring the payload directory and the rows into agreement: delete temporary files,
@@ -56,10 +59,16 @@ impl EntryStore {
                 .fetch_all(pool)
                 .await
                 .map_err(Error::db("list interrupted removals"))?;
-        for (key, file) in marked {
-            inner.layout.unlink(&file).await?;
-            if self.delete_row(&key, &file, false, "finish an interrupted removal").await? {
-                report.removals_finished += 1;
+        // Deleted first, and only while still marked (another instance's remover may put a
+        // row back, live, meanwhile); then the payloads of the rows deleted are unlinked. One
+        // that cannot be is no longer counted, and is an orphan for the walk below.
+        if !marked.is_empty() {
+            let mut conn = inner.db.acquire().await?;
+            for chunk in marked.chunks(MARKED_PER_STATEMENT) {
+                for (_, file, _) in inner.delete_marked(&mut conn, chunk).await? {
+                    inner.layout.unlink(&file).await?;
+                    report.removals_finished += 1;
+                }
             }
         }
 
@@ -135,12 +144,7 @@ impl EntryStore {
             .await
             .map_err(Error::db(op))?;
         if let Some((size,)) = deleted {
-            sqlx::query("UPDATE totals SET bytes = bytes - $1, entries = entries - 1 WHERE namespace = $2")
-                .bind(size)
-                .bind(&inner.namespace)
-                .execute(&mut *tx)
-                .await
-                .map_err(Error::db("update the accounted total"))?;
+            adjust_totals(&mut tx, &inner.db, &inner.namespace, -size, -1).await?;
         }
         tx.commit().await.map_err(Error::db(op))?;
         Ok(deleted.is_some())
@@ -172,13 +176,7 @@ impl EntryStore {
             return Ok(None);
         }
         tracing::warn!(namespace = ns, was = bytes, now = sum, "accounted total was wrong; corrected");
-        sqlx::query("UPDATE totals SET bytes = $1, entries = $2 WHERE namespace = $3")
-            .bind(sum)
-            .bind(count)
-            .bind(ns)
-            .execute(&mut *tx)
-            .await
-            .map_err(Error::db("correct the accounted total"))?;
+        adjust_totals(&mut tx, &inner.db, ns, sum - bytes, count - entries).await?;
         tx.commit().await.map_err(Error::db("commit a recount"))?;
         Ok(Some((u64::try_from(bytes).unwrap_or(0), u64::try_from(sum).unwrap_or(0))))
     }

@@ -99,11 +99,9 @@ async fn commit_cutting_proxy(upstream: String, armed: Arc<AtomicBool>, how: Cut
     port
 }
 
-/// A `KeepExisting` store in a fresh directory whose database connections go through a
-/// [`commit_cutting_proxy`] that cuts `how` once `armed`; `None` without a test server.
-async fn store_behind_a_commit_cutter(
-    how: Cut,
-) -> Option<(EntryStore, Arc<AtomicBool>, tempfile::TempDir, pg::TestDatabase)> {
+/// A fresh test database whose connections go through a [`commit_cutting_proxy`] that cuts
+/// `how` once armed; `None` without a test server.
+async fn database_behind_a_commit_cutter(how: Cut) -> Option<(Database, Arc<AtomicBool>, pg::TestDatabase)> {
     let server = pg::fresh_database().await?;
     let url = server.url().to_owned();
     let (userinfo, rest) = url.split_once("://").unwrap().1.split_once('@').unwrap();
@@ -111,10 +109,62 @@ async fn store_behind_a_commit_cutter(
     let armed = Arc::new(AtomicBool::new(false));
     let port = commit_cutting_proxy(host_port.to_owned(), Arc::clone(&armed), how).await;
     let proxied = format!("postgres://{userinfo}@127.0.0.1:{port}/{database}");
-    let dir = tempfile::tempdir().unwrap();
     let db = Database::connect(&proxied, &DatabaseOptions::new()).await.unwrap();
+    Some((db, armed, server))
+}
+
+/// A `KeepExisting` store in a fresh directory behind a [`commit_cutting_proxy`].
+async fn store_behind_a_commit_cutter(
+    how: Cut,
+) -> Option<(EntryStore, Arc<AtomicBool>, tempfile::TempDir, pg::TestDatabase)> {
+    let (db, armed, server) = database_behind_a_commit_cutter(how).await?;
+    let dir = tempfile::tempdir().unwrap();
     let store = EntryStore::open(db, "blobs", dir.path(), 1 << 30, OnConflict::KeepExisting).await.unwrap();
     Some((store, armed, dir, server))
+}
+
+/// The last store of a burst commits but its answer is lost. Before the fix the store
+/// returned the error before poking the evictor, and settling confirmed the row without
+/// poking either: with no further store and no safety tick the cache stayed over its cap.
+#[tokio::test]
+async fn a_store_whose_commit_answer_is_lost_still_brings_the_cache_under_its_cap() {
+    let Some((db, armed, _server)) = database_behind_a_commit_cutter(Cut::AfterCommit).await else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let policy = EvictionPolicy::new(2_500).without_safety_tick();
+    let options = CacheOptions::new(dir.path(), "blobs", policy)
+        .with_database(db)
+        .with_access_flush_period(Duration::from_millis(50));
+    let cache = EntryCache::open(options).await.unwrap();
+    cache.store("a", &[1u8; 1000][..], &Expected::new(), "").await.unwrap();
+    cache.store("b", &[2u8; 1000][..], &Expected::new(), "").await.unwrap();
+    armed.store(true, Ordering::SeqCst);
+    let err = cache.store("c", &[3u8; 1000][..], &Expected::new(), "").await.unwrap_err();
+    assert!(err.is_database(), "{err}");
+    poll("the cache back under its cap", async || {
+        cache.total_bytes().await.is_ok_and(|total| total <= 2_500)
+    })
+    .await;
+    poll("the unseen commit settled", async || cache.entries().stats().unsettled == 0).await;
+    dunite_testkit::check_consistency(cache.entries(), dir.path()).await.unwrap();
+}
+
+/// A `Replace` store whose COMMIT applied with its answer lost: once settled, the payload it
+/// replaced must go. Before the fix that file was never unlinked: no row named it, and it
+/// stayed on disk above the accounted total until a restart.
+#[tokio::test]
+async fn a_replacement_whose_commit_answer_is_lost_deletes_the_replaced_payload() {
+    let Some((db, armed, _server)) = database_behind_a_commit_cutter(Cut::AfterCommit).await else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let store = EntryStore::open(db, "dl", dir.path(), 1 << 30, OnConflict::Replace).await.unwrap();
+    store.spawn_access_flusher(Duration::from_millis(20));
+    store.store("k", &[1u8; 1000][..], &Expected::new(), "").await.unwrap();
+    armed.store(true, Ordering::SeqCst);
+    let err = store.store("k", &[2u8; 2000][..], &Expected::new(), "").await.unwrap_err();
+    assert!(err.is_database(), "{err}");
+    poll("the unseen commit settled", async || store.stats().unsettled == 0).await;
+    poll("a healthy connection", async || store.total_bytes().await.is_ok()).await;
+    assert_eq!(payloads(dir.path()), 1, "the replaced payload outlived its row");
+    assert_eq!(dunite_testkit::check_consistency(&store, dir.path()).await.unwrap(), 2000);
 }
 
 /// The COMMIT of a store reaches the server but its answer is lost. The store reports a
@@ -301,4 +351,45 @@ async fn an_unremovable_marked_payload_does_not_stop_eviction() {
     cache.evictor().evict_now().await.expect("the pass runs despite the unremovable payload");
     let total = cache.total_bytes().await.unwrap();
     assert!(total <= 10_000, "the total came back under the cap: {total}");
+}
+
+/// Another instance's start-up reconcile finds a row marked for removal, and before it
+/// finishes the removal the remover puts the row back (it found the entry pinned). Before the
+/// fix the reconcile unlinked the payload and then deleted the row whatever its state: a live
+/// entry lost. Now it deletes only a row still marked, and unlinks only what it deleted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reconcile_leaves_alone_a_row_unmarked_meanwhile() {
+    let Some(server) = pg::fresh_database().await else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let a_db = Database::connect(server.url(), &DatabaseOptions::new()).await.unwrap();
+    let a =
+        EntryStore::open(a_db.clone(), "ns", dir.path(), 1 << 30, OnConflict::KeepExisting).await.unwrap();
+    a.store("k", &[5u8; 1000][..], &Expected::new(), "").await.unwrap();
+    sqlx::query("UPDATE entries SET state = 1 WHERE namespace = 'ns' AND key = 'k'")
+        .execute(a_db.pool())
+        .await
+        .unwrap();
+    // The remover's session holds the namespace's write lock while it decides.
+    let mut remover = a_db.pool().begin().await.unwrap();
+    sqlx::query("SELECT bytes FROM totals WHERE namespace = 'ns' FOR UPDATE")
+        .fetch_one(&mut *remover)
+        .await
+        .unwrap();
+    let c_db = Database::connect(server.url(), &DatabaseOptions::new()).await.unwrap();
+    let c = tokio::spawn({
+        let dir = dir.path().to_path_buf();
+        async move { EntryStore::open(c_db, "ns", &dir, 1 << 30, OnConflict::KeepExisting).await }
+    });
+    poll("the reconcile waiting to finish the removal", async || lock_waiters(&a_db).await >= 1).await;
+    sqlx::query("UPDATE entries SET state = 0 WHERE namespace = 'ns' AND key = 'k'")
+        .execute(&mut *remover)
+        .await
+        .unwrap();
+    remover.commit().await.unwrap();
+    let _c = c.await.unwrap().unwrap();
+    let mut entry = a.open_entry("k").await.unwrap().expect("the entry put back is still there");
+    let mut bytes = Vec::new();
+    entry.file.read_to_end(&mut bytes).await.unwrap();
+    assert_eq!(bytes, vec![5u8; 1000]);
+    assert_eq!(dunite_testkit::check_consistency(&a, dir.path()).await.unwrap(), 1000);
 }

@@ -7,4 +7,6 @@ mod convergence;
 mod faults;
 mod lifecycle;
 mod reads;
+mod simulation;
+mod slow_db;
 mod support;

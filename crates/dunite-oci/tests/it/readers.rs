@@ -91,3 +91,25 @@ async fn hits_keep_a_blob_and_are_written_in_batches() {
     assert_eq!(stats.hits, 100);
     assert!(stats.access_writes <= 2, "100 hits, at most a flush or two: {stats:?}");
 }
+
+/// A pool busy with other work is no database outage. Before the fix `open` took its
+/// `PoolTimedOut` for one and read the whole blob from disk to hash it: under pool pressure
+/// every hit became a full-file read. Now the timeout is the caller's to handle (a 503 at the
+/// server), and the disk is searched only when the database cannot be reached.
+#[tokio::test]
+async fn a_busy_pool_is_not_an_outage() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dunite_core::DatabaseOptions::new()
+        .with_max_connections(1)
+        .with_acquire_timeout(std::time::Duration::from_millis(100));
+    let cache =
+        crate::open_with(dir.path(), dunite_core::EvictionPolicy::new(1 << 20).without_safety_tick(), db)
+            .await;
+    let (digest, bytes) = blob(4, 64 * 1024);
+    cache.store(&digest, &bytes[..]).await.unwrap();
+    let held = cache.entries().entries().database().pool().acquire().await.unwrap();
+    let busy = cache.open(&digest).await.expect_err("no connection was free");
+    assert!(busy.as_cache().is_some_and(dunite_core::Error::is_pool_timeout), "{busy}");
+    drop(held);
+    assert_eq!(read_verified(&cache, &digest).await.unwrap(), bytes);
+}
