@@ -28,9 +28,11 @@ impl EntryStore {
     ///
     /// # Cancel safety
     ///
-    /// Dropping the future before the commit leaves nothing behind but, at worst, a payload
-    /// file without a row, which the next [`reconcile`](Self::reconcile) deletes; readers
-    /// never see it. After the commit the entry is stored.
+    /// Dropping the future while the bytes are read or verified leaves nothing behind (the
+    /// temporary file goes with it). Once they are verified, the move into place and the
+    /// commit run on a task of their own and finish whether or not the future is still
+    /// awaited: the entry is then stored (and the evictor poked) or cleaned up, never left as
+    /// a payload without a row. Requires a Tokio runtime.
     ///
     /// # Errors
     ///
