@@ -105,9 +105,10 @@ pub struct EvictorStats {
     pub passes_elsewhere: u64,
     /// Passes that removed at least one entry.
     pub passes_removing: u64,
-    /// Passes that read a total over the cap and removed nothing (every candidate pinned or
-    /// changing, or a failure before the first removal). A healthy cache keeps this near 0:
-    /// a pass over the cap always attempts a removal before its time budget can stop it.
+    /// Passes that read a total over the cap and ended without removing anything (every
+    /// candidate pinned, changing, or refusing deletion); a pass that failed with an error is
+    /// counted in `errors` instead. A healthy cache keeps this at 0: a pass over the cap always
+    /// attempts a removal before its time budget can stop it.
     pub passes_stalled: u64,
     /// The most recent pass that ran to an outcome.
     pub last_pass: Option<PassReport>,

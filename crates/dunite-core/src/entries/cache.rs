@@ -435,12 +435,21 @@ impl EntryCache {
 
 /// The start-up eviction: passes until the total is under the cap, so a cache opened over it
 /// (a lowered cap, say) serves only once back under it. Every pass over the cap removes at
-/// least one chunk, so this ends; it stops early on a pass that removes nothing or fails (the
-/// evictor then retries in the background).
+/// least one chunk, so in one process this ends; it stops early on a pass that removes
+/// nothing or fails, and when the total a pass starts from is no lower than the last one's
+/// (other instances storing as fast as this one evicts): the evictor then carries on in the
+/// background.
 async fn start_up_passes(evictor: &DebouncedEvictor<EntryStore>) {
+    let mut last_start = u64::MAX;
     loop {
         match evictor.evict_now().await {
-            Ok(report) if report.outcome == PassOutcome::TimeBudgetSpent && report.entries_evicted > 0 => {}
+            Ok(report)
+                if report.outcome == PassOutcome::TimeBudgetSpent
+                    && report.entries_evicted > 0
+                    && report.total_before < last_start =>
+            {
+                last_start = report.total_before;
+            }
             Ok(_) => return,
             Err(error) => {
                 tracing::warn!(%error, "start-up eviction pass failed; the evictor retries in the background");

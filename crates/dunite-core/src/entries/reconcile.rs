@@ -66,7 +66,9 @@ impl EntryStore {
             let mut conn = inner.db.acquire().await?;
             for chunk in marked.chunks(MARKED_PER_STATEMENT) {
                 for (_, file, _) in inner.delete_marked(&mut conn, chunk).await? {
-                    inner.layout.unlink(&file).await?;
+                    if let Err(error) = inner.layout.unlink(&file).await {
+                        tracing::warn!(%error, "could not delete the payload of an interrupted removal");
+                    }
                     report.removals_finished += 1;
                 }
             }

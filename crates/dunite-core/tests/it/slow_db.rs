@@ -169,8 +169,10 @@ async fn interrupted_removals_behind_stuck_ones_are_finished() {
 }
 
 /// Several victims of one chunk whose first payload cannot be unlinked: before the fix the
-/// removal stopped at that error and left the rest of the chunk marked (still counted) for a
-/// later pass; now every other victim of the chunk is removed.
+/// removal stopped at that error and left the rest of the chunk marked (still counted), and
+/// the pass failed (and backed off, over the cap). Now every other victim of the chunk is
+/// removed, the one that could not be stays marked and counted, and the pass goes on to bring
+/// the total under the cap with the next victim.
 #[tokio::test]
 async fn one_payload_that_cannot_be_unlinked_does_not_stop_its_chunk() {
     let dir = tempfile::tempdir().unwrap();
@@ -180,26 +182,23 @@ async fn one_payload_that_cannot_be_unlinked_does_not_stop_its_chunk() {
     for i in 0..5u8 {
         store.store(&format!("k{i}"), &[i; 100][..], &Expected::new(), "").await.unwrap();
     }
-    let (file,): (String,) = sqlx::query_as("SELECT file FROM entries WHERE namespace = 'ns' AND key = 'k0'")
-        .fetch_one(db.pool())
-        .await
-        .unwrap();
-    let path = dir.path().join("data").join(&file);
-    std::fs::remove_file(&path).unwrap();
-    std::fs::create_dir(&path).unwrap();
-    std::fs::write(path.join("keep"), b"x").unwrap();
+    store.faults().fail_unlinks(1);
 
     let evictor =
         DebouncedEvictor::spawn(store.clone(), EvictionPolicy::new(150).without_safety_tick()).unwrap();
-    assert!(evictor.evict_now().await.is_err(), "the unlink failure is reported");
+    let report = evictor.evict_now().await.expect("one failed deletion does not fail the pass");
     let (marked,): (i64,) =
         sqlx::query_as("SELECT COUNT(*) FROM entries WHERE namespace = 'ns' AND state = 1")
             .fetch_one(db.pool())
             .await
             .unwrap();
     assert_eq!(marked, 1, "only the victim that could not be unlinked stays marked");
-    // k4 is kept; k0 stays counted until it can be unlinked.
-    assert_eq!(store.total_bytes().await.unwrap(), 200);
+    // k0 stays counted until it can be unlinked; k4 went too, to get under the cap.
+    assert_eq!(report.entries_evicted, 4, "{report:?}");
+    assert_eq!(store.total_bytes().await.unwrap(), 100);
+    // The next pass finishes it.
+    evictor.evict_now().await.unwrap();
+    assert_eq!(check_consistency(&store, dir.path()).await.unwrap(), 0);
 }
 
 /// A store cancelled by its caller while its commit waits on a slow database. Before the fix
@@ -245,4 +244,42 @@ async fn a_payload_that_could_not_be_deleted_is_deleted_later() {
         poll("the payload deleted", async || store.stats().unsettled == 0 && payloads(dir.path()) == 1).await;
         check_consistency(&store, dir.path()).await.unwrap();
     }
+}
+
+/// Two payloads waiting to be settled, the first of which can never be deleted (a directory
+/// stands in its place). Before the fix settling stopped at the first failure and put it back
+/// ahead of the rest, so nothing behind it was ever settled, and the flusher skipped its
+/// access stamps on every tick. Now each is settled on its own.
+#[tokio::test]
+async fn a_payload_that_can_never_be_deleted_does_not_hold_up_the_others() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = sqlite(dir.path(), &DatabaseOptions::new()).await;
+    let store =
+        EntryStore::open(db.clone(), "ns", dir.path(), 1 << 30, OnConflict::KeepExisting).await.unwrap();
+    // The first: a duplicate whose deletion failed, then turned into a directory.
+    store.store("a", &[1u8; 100][..], &Expected::new(), "").await.unwrap();
+    store.faults().fail_unlinks(1);
+    store.store("a", &[2u8; 100][..], &Expected::new(), "").await.unwrap();
+    let (kept,): (String,) = sqlx::query_as("SELECT file FROM entries WHERE namespace = 'ns' AND key = 'a'")
+        .fetch_one(db.pool())
+        .await
+        .unwrap();
+    let shard = dir.path().join("data").join(kept.split('/').next().unwrap());
+    let stuck = std::fs::read_dir(&shard)
+        .unwrap()
+        .map(|entry| entry.unwrap().path())
+        .find(|path| !path.ends_with(kept.split('/').next_back().unwrap()))
+        .expect("the duplicate payload");
+    std::fs::remove_file(&stuck).unwrap();
+    std::fs::create_dir(&stuck).unwrap();
+    std::fs::write(stuck.join("keep"), b"x").unwrap();
+    // The second: another duplicate whose deletion failed once.
+    store.store("b", &[3u8; 100][..], &Expected::new(), "").await.unwrap();
+    store.faults().fail_unlinks(1);
+    store.store("b", &[4u8; 100][..], &Expected::new(), "").await.unwrap();
+    assert_eq!(store.stats().unsettled, 2);
+
+    store.spawn_access_flusher(Duration::from_millis(20));
+    poll("the second settled past the first", async || store.stats().unsettled == 1).await;
+    assert_eq!(payloads(dir.path()), 3, "a's and b's payloads, and the directory in the stuck one's place");
 }

@@ -99,7 +99,10 @@ impl EntryStore {
                 }
                 let result = async {
                     let mut conn = inner.db.acquire().await?;
-                    inner.settle_unseen_on(&mut conn).await?;
+                    // A payload that cannot be settled yet must not hold up the stamps.
+                    if let Err(error) = inner.settle_unseen_on(&mut conn).await {
+                        tracing::warn!(%error, "settling a payload failed; will retry");
+                    }
                     inner.flush_accesses_on(&mut conn).await
                 };
                 if let Err(error) = result.await {

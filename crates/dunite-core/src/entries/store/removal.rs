@@ -40,6 +40,10 @@ pub(super) struct Unsettled {
 /// that received the COMMIT to have applied it.
 const SETTLE_AFTER: Duration = Duration::from_secs(1);
 
+/// Payloads settled per call at most (a flusher tick, or the start of a pass), one write turn
+/// each: after a burst of failures on a slow database, settling must not hold up a pass.
+const SETTLE_PER_CALL: usize = 64;
+
 impl EntryStore {
     /// Remove `key` now, whatever its age. Returns the bytes freed, if it was present.
     ///
@@ -71,31 +75,53 @@ impl Inner {
     /// its key's row names was committed and is an entry like any other; one no row names was
     /// not (or was committed and since replaced or removed), and is deleted. Without this,
     /// such a payload would stay on disk, uncounted, until the next start-up reconcile.
+    ///
+    /// Each payload is settled on its own: one that fails (a file the volume will not let go)
+    /// goes to the back of the list and does not hold up the others. Returns the first error.
     pub(super) async fn settle_unseen_on(&self, conn: &mut AnyConnection) -> Result<()> {
         let due: Vec<Unsettled> = {
             let mut unsettled = lock(&self.unsettled);
-            let (due, later) =
-                std::mem::take(&mut *unsettled).into_iter().partition(|u| u.at.elapsed() >= SETTLE_AFTER);
-            *unsettled = later;
+            let mut due = Vec::new();
+            let mut i = 0;
+            while i < unsettled.len() && due.len() < SETTLE_PER_CALL {
+                if unsettled[i].at.elapsed() >= SETTLE_AFTER {
+                    due.push(unsettled.remove(i));
+                } else {
+                    i += 1;
+                }
+            }
             due
         };
-        let mut due = due.into_iter();
-        while let Some(store) = due.next() {
+        let mut first_error = None;
+        for store in due {
             if let Err(e) = self.settle(conn, &store).await {
-                // Ask again next time, with what was not asked yet.
-                let mut unsettled = lock(&self.unsettled);
-                unsettled.push(store);
-                unsettled.extend(due);
-                return Err(e);
+                // Asked again later, behind the others.
+                lock(&self.unsettled).push(store);
+                first_error.get_or_insert(e);
             }
         }
-        Ok(())
+        first_error.map_or(Ok(()), Err)
     }
 
     /// Settle one store whose COMMIT failed unseen. Idempotent, so a failure part way is
     /// retried from the start.
+    ///
+    /// The rows are read inside a write transaction: it waits for the namespace's write lock,
+    /// so a COMMIT still in flight on the server (its answer lost, the server slow to apply
+    /// it) has ended, applied or not, before the answer is taken as final.
     async fn settle(&self, conn: &mut AnyConnection, store: &Unsettled) -> Result<()> {
-        if self.names(conn, &store.key, &store.file).await? {
+        let (named, old_named) = {
+            let _turn = self.db.write_turn(&self.namespace).await;
+            let mut tx = self.db.begin_write(conn, &self.namespace, "begin settling a store").await?;
+            let named = self.names(&mut *tx, &store.key, &store.file).await?;
+            let old_named = match &store.replaced {
+                Some(old) => self.names(&mut *tx, &store.key, old).await?,
+                None => false,
+            };
+            tx.commit().await.map_err(Error::db("settle a store"))?;
+            (named, old_named)
+        };
+        if named {
             // Committed: an entry like any other, and what it replaced has no row any more.
             if let Some(old) = &store.replaced {
                 self.layout.unlink(old).await?;
@@ -108,7 +134,7 @@ impl Inner {
         // payload or, if the commit happened, named by no row.
         self.layout.unlink(&store.file).await?;
         if let Some(old) = &store.replaced
-            && !self.names(conn, &store.key, old).await?
+            && !old_named
         {
             self.layout.unlink(old).await?;
         }
@@ -214,7 +240,8 @@ impl Inner {
         }
         // 2. Unlink, holding no transaction. Readers that opened a file keep their bytes. A
         // payload that cannot be unlinked stays marked (and counted) for a later pass to
-        // finish; the others are removed, and the first error is reported.
+        // finish (`finish_marked`); the others are removed. A pass goes on with other victims
+        // (its entry counts as skipped); an explicit remove reports the error.
         let mut unlinked = Vec::with_capacity(doomed.len());
         let mut failure = None;
         for (key, file) in doomed {
@@ -231,9 +258,13 @@ impl Inner {
                 out[i] = Removal::Removed { bytes: to_u64(size) };
             }
         }
-        match failure {
-            Some(e) => Err(e),
-            None => Ok(out),
+        match (failure, &targets) {
+            (Some(e), Targets::Key(_)) => Err(e),
+            (Some(error), Targets::Victims(_)) => {
+                tracing::warn!(%error, "a victim's payload could not be deleted; it stays counted until it can be");
+                Ok(out)
+            }
+            (None, _) => Ok(out),
         }
     }
 

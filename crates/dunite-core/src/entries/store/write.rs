@@ -181,11 +181,22 @@ impl EntryStore {
                     // A live row whose payload is gone (its store's COMMIT succeeded unseen and
                     // the store deleted its file, say) is no entry to keep: drop it and store
                     // again, or it would stay counted and unreadable for as long as stores of
-                    // its key keep it recent. Checked after the commit, holding no lock.
+                    // its key keep it recent. Checked after the commit, holding no lock. Not on a
+                    // shared database: another instance's view of the volume may lag or differ,
+                    // and its rows are not this instance's to drop (reconcile holds back too).
                     let path = inner.layout.payload(&existing);
-                    if !checked_existing && !tokio::fs::try_exists(&path).await.unwrap_or(true) {
+                    if !checked_existing
+                        && !inner.db.is_shared()
+                        && !tokio::fs::try_exists(&path).await.unwrap_or(true)
+                    {
                         checked_existing = true;
-                        self.delete_row(&key, &existing, true, "drop a row without its file").await?;
+                        if let Err(e) =
+                            self.delete_row(&key, &existing, true, "drop a row without its file").await
+                        {
+                            // This store's payload is in place and no row names it.
+                            inner.settle_later(key, file, None);
+                            return Err(e);
+                        }
                         continue;
                     }
                     if let Err(e) = inner.layout.unlink(&file).await {
