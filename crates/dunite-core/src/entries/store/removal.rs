@@ -113,9 +113,9 @@ impl Inner {
         let (named, old_named) = {
             let _turn = self.db.write_turn(&self.namespace).await;
             let mut tx = self.db.begin_write(conn, &self.namespace, "begin settling a store").await?;
-            let named = self.names(&mut *tx, &store.key, &store.file).await?;
+            let named = self.names(&mut tx, &store.key, &store.file).await?;
             let old_named = match &store.replaced {
-                Some(old) => self.names(&mut *tx, &store.key, old).await?,
+                Some(old) => self.names(&mut tx, &store.key, old).await?,
                 None => false,
             };
             tx.commit().await.map_err(Error::db("settle a store"))?;
