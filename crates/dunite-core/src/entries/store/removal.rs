@@ -27,6 +27,7 @@ fn mark_victims_sql(n: usize) -> String {
 
 /// A store's payload whose fate is open: its COMMIT failed unseen (the database will say
 /// whether a row names it), or a payload no row names that could not be deleted yet.
+#[derive(Clone)]
 pub(super) struct Unsettled {
     pub(super) key: String,
     /// The new payload.
@@ -79,25 +80,26 @@ impl Inner {
     /// Each payload is settled on its own: one that fails (a file the volume will not let go)
     /// goes to the back of the list and does not hold up the others. Returns the first error.
     pub(super) async fn settle_unseen_on(&self, conn: &mut AnyConnection) -> Result<()> {
-        let due: Vec<Unsettled> = {
-            let mut unsettled = lock(&self.unsettled);
-            let mut due = Vec::new();
-            let mut i = 0;
-            while i < unsettled.len() && due.len() < SETTLE_PER_CALL {
-                if unsettled[i].at.elapsed() >= SETTLE_AFTER {
-                    due.push(unsettled.remove(i));
-                } else {
-                    i += 1;
-                }
-            }
-            due
-        };
+        // Copies: each stays listed (and counted in `EntryStats::unsettled`) until it is
+        // settled, so a cancelled call loses none and a waiter never sees 0 too early.
+        let due: Vec<Unsettled> = lock(&self.unsettled)
+            .iter()
+            .filter(|u| u.at.elapsed() >= SETTLE_AFTER)
+            .take(SETTLE_PER_CALL)
+            .cloned()
+            .collect();
         let mut first_error = None;
         for store in due {
-            if let Err(e) = self.settle(conn, &store).await {
-                // Asked again later, behind the others.
-                lock(&self.unsettled).push(store);
-                first_error.get_or_insert(e);
+            let settled = self.settle(conn, &store).await;
+            let mut unsettled = lock(&self.unsettled);
+            // Payload names are unique; another caller may have settled it meanwhile.
+            if let Some(i) = unsettled.iter().position(|u| u.file == store.file) {
+                let listed = unsettled.remove(i);
+                if let Err(e) = settled {
+                    // Asked again later, behind the others.
+                    unsettled.push(listed);
+                    first_error.get_or_insert(e);
+                }
             }
         }
         first_error.map_or(Ok(()), Err)
