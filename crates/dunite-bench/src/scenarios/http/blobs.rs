@@ -3,7 +3,7 @@
 //! cold blob (dunite's single-flight fill), both against the upstream served directly.
 
 use super::load::Target;
-use super::measure::{Outcomes, Side, Trio, alternate};
+use super::measure::{Outcomes, P50, P99, Side, Trio, alternate};
 use super::rig::{Blob, Rig};
 use crate::Result;
 use crate::report::Record;
@@ -122,20 +122,8 @@ fn miss_record(name: &str, outcomes: &Outcomes, blobs: usize, clients: usize, le
 
 /// Throughput, wall time and latency quantiles of the three.
 fn figures(r: &mut Record, o: &Outcomes) {
-    r.triple("MiB/s", o.dunite.mib_per_s(), o.peer.mib_per_s(), o.limit.mib_per_s())
-        .triple(
-            "wall time (ms)",
-            crate::report::ms(o.dunite.elapsed),
-            crate::report::ms(o.peer.elapsed),
-            crate::report::ms(o.limit.elapsed),
-        )
-        .triple("p50 latency (ms)", o.dunite.latency_ms(0.5), o.peer.latency_ms(0.5), o.limit.latency_ms(0.5))
-        .triple(
-            "p99 latency (ms)",
-            o.dunite.latency_ms(0.99),
-            o.peer.latency_ms(0.99),
-            o.limit.latency_ms(0.99),
-        );
+    o.throughput_figures(r);
+    o.latency_figures(r, &[P50, P99]);
 }
 
 fn registry_target(blob: &Blob) -> Target {

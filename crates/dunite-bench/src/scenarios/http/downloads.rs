@@ -3,7 +3,7 @@
 //! limit). A fresh query string per load makes fresh URLs for both caches.
 
 use super::load::Target;
-use super::measure::{Outcomes, Side, Trio, alternate};
+use super::measure::{Outcomes, P99, Side, Trio, alternate};
 use super::rig::Rig;
 use crate::Result;
 use crate::report::Record;
@@ -48,20 +48,9 @@ fn record(name: &str, o: &Outcomes, clients: usize, files: usize, len: u64) -> R
         .param("files", files as u64)
         .param("clients", clients as u64)
         .param("requests", o.dunite.requests);
-    r.triple("MiB/s", o.dunite.mib_per_s(), o.peer.mib_per_s(), o.limit.mib_per_s())
-        .triple(
-            "wall time (ms)",
-            crate::report::ms(o.dunite.elapsed),
-            crate::report::ms(o.peer.elapsed),
-            crate::report::ms(o.limit.elapsed),
-        )
-        .triple(
-            "p99 latency (ms)",
-            o.dunite.latency_ms(0.99),
-            o.peer.latency_ms(0.99),
-            o.limit.latency_ms(0.99),
-        )
-        .ratio("MiB/s", peer)
+    o.throughput_figures(&mut r);
+    o.latency_figures(&mut r, &[P99]);
+    r.ratio("MiB/s", peer)
         .limit_ratio(limit)
         .target(format!(">= {TARGET}x nginx proxy_cache (got {peer:.2})"), peer >= TARGET);
     r

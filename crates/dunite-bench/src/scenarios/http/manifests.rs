@@ -2,7 +2,7 @@
 //! proxy mode (which asks its upstream about the tag) and nginx serving the manifest's bytes.
 
 use super::load::Target;
-use super::measure::{Side, Trio, alternate};
+use super::measure::{P50, P99, Side, Trio, alternate};
 use super::rig::{REPO, Rig};
 use crate::Result;
 use crate::report::Record;
@@ -31,15 +31,9 @@ pub async fn run(rig: &Rig) -> Result<Record> {
         .param("clients", CLIENTS as u64)
         .param("requests", 2 * requests as u64)
         .param("manifest_bytes", len);
-    r.triple("requests/s", o.dunite.requests_per_s(), o.peer.requests_per_s(), o.limit.requests_per_s())
-        .triple("p50 latency (ms)", o.dunite.latency_ms(0.5), o.peer.latency_ms(0.5), o.limit.latency_ms(0.5))
-        .triple(
-            "p99 latency (ms)",
-            o.dunite.latency_ms(0.99),
-            o.peer.latency_ms(0.99),
-            o.limit.latency_ms(0.99),
-        )
-        .ratio("requests/s", peer)
+    r.triple("requests/s", o.dunite.requests_per_s(), o.peer.requests_per_s(), o.limit.requests_per_s());
+    o.latency_figures(&mut r, &[P50, P99]);
+    r.ratio("requests/s", peer)
         .limit_ratio(limit)
         .target(format!(">= {TARGET}x the proxy mode's requests/s (got {peer:.2})"), peer >= TARGET);
     Ok(r)

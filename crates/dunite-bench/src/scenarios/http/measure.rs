@@ -5,6 +5,12 @@ use std::sync::Arc;
 
 use super::load::{self, Outcome, Target};
 use crate::Result;
+use crate::report::Record;
+
+/// The median latency, as [`Outcomes::latency_figures`] takes it.
+pub const P50: (&str, f64) = ("p50 latency (ms)", 0.5);
+/// The 99th percentile latency.
+pub const P99: (&str, f64) = ("p99 latency (ms)", 0.99);
 
 /// Where one server is asked and what.
 #[derive(Debug, Clone)]
@@ -40,6 +46,23 @@ impl Outcomes {
     pub fn throughput_ratios(&self) -> (f64, f64) {
         let ours = self.dunite.mib_per_s();
         (ours / self.peer.mib_per_s(), ours / self.limit.mib_per_s())
+    }
+
+    /// Add the throughput and the wall time of the three to `r`.
+    pub fn throughput_figures(&self, r: &mut Record) {
+        r.triple("MiB/s", self.dunite.mib_per_s(), self.peer.mib_per_s(), self.limit.mib_per_s()).triple(
+            "wall time (ms)",
+            crate::report::ms(self.dunite.elapsed),
+            crate::report::ms(self.peer.elapsed),
+            crate::report::ms(self.limit.elapsed),
+        );
+    }
+
+    /// Add the latency of the three at each of `quantiles` ([`P50`], [`P99`]) to `r`.
+    pub fn latency_figures(&self, r: &mut Record, quantiles: &[(&'static str, f64)]) {
+        for &(name, q) in quantiles {
+            r.triple(name, self.dunite.latency_ms(q), self.peer.latency_ms(q), self.limit.latency_ms(q));
+        }
     }
 
     /// dunite's requests per second over the peer's and over the limit's.
