@@ -139,6 +139,9 @@ pub struct Database {
     namespace_writers: Arc<std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>>,
     /// Set while the server is unreachable: until when callers fail at once (see `acquire`).
     down_until: Arc<std::sync::Mutex<Option<Instant>>>,
+    /// Callers waiting for a write turn: lets unit tests order a race without sleeping.
+    #[cfg(test)]
+    pub(crate) turn_waiters: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 /// After the pool could not open a connection, how long every caller fails at once instead of
@@ -264,6 +267,8 @@ impl Database {
             latency: options.simulated_latency,
             writer: Arc::default(),
             namespace_writers: Arc::default(),
+            #[cfg(test)]
+            turn_waiters: Arc::default(),
             down_until: Arc::default(),
         })
     }
@@ -372,7 +377,12 @@ impl Database {
                 Arc::clone(turns.entry(namespace.to_owned()).or_default())
             }
         };
-        turn.lock_owned().await
+        #[cfg(test)]
+        self.turn_waiters.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let guard = turn.lock_owned().await;
+        #[cfg(test)]
+        self.turn_waiters.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+        guard
     }
 
     /// Begin a write transaction on `namespace`, holding its write lock until commit or

@@ -401,24 +401,26 @@ mod tests {
             removals
         });
         // The remover runs until it waits for the turn: past its pin check, before its mark.
-        for _ in 0..10 {
-            tokio::task::yield_now().await;
-        }
+        let waiters = |n: usize| {
+            let db = db.clone();
+            async move {
+                let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+                while db.turn_waiters.load(Ordering::SeqCst) < n {
+                    assert!(tokio::time::Instant::now() < deadline, "fewer than {n} waiting for the turn");
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+            }
+        };
+        waiters(1).await;
         let pin = store.pin("k");
         let storer = {
             let store = store.clone();
             tokio::spawn(async move { store.store("k", &[2u8; 2000][..], &Expected::new(), "").await })
         };
-        // The store writes and renames its payload (two files on disk), then takes a
-        // connection and waits for the turn, behind the remover.
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        while payloads(dir.path()) < 2 {
-            assert!(tokio::time::Instant::now() < deadline, "the store never wrote its payload");
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
-        for _ in 0..10 {
-            tokio::task::yield_now().await;
-        }
+        // The store writes and renames its payload, then takes a connection and waits for
+        // the turn, behind the remover.
+        waiters(2).await;
+        assert_eq!(payloads(dir.path()), 2, "the store's payload is in place beside the old one");
         drop(turn);
 
         let removals = remover.await.unwrap().unwrap();
