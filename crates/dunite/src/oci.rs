@@ -611,6 +611,12 @@ fn now_ms() -> i64 {
 
 fn internal(error: dunite_oci::Error) -> SpecError {
     let message = crate::error_chain(&error);
+    // A busy pool is no outage and no fault of ours to log as one (the cache no longer
+    // answers it with a full-file read from disk): the client is asked to come back.
+    if error.as_cache().is_some_and(dunite_core::Error::is_pool_timeout) {
+        tracing::warn!(error = %message, "metadata database busy; answered 503");
+        return SpecError::new(StatusCode::SERVICE_UNAVAILABLE, "UNKNOWN", message);
+    }
     tracing::error!(error = %message, "blob cache error");
     SpecError::new(StatusCode::INTERNAL_SERVER_ERROR, "UNKNOWN", message)
 }
@@ -626,6 +632,22 @@ fn upstream(error: crate::upstream::UpstreamError) -> SpecError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A busy pool reaches a client as a 503 to retry, not a 500: since `BlobCache::open` no
+    /// longer takes it for an outage (issue 16), it would otherwise fail hits outright.
+    #[test]
+    fn a_busy_pool_is_a_503_and_an_outage_is_not() {
+        let busy = dunite_core::Error::Database {
+            op: "acquire a connection",
+            source: std::sync::Arc::new(sqlx::Error::PoolTimedOut),
+        };
+        assert_eq!(core_internal(busy).status, StatusCode::SERVICE_UNAVAILABLE);
+        let refused = dunite_core::Error::Database {
+            op: "look up an entry",
+            source: std::sync::Arc::new(sqlx::Error::RowNotFound),
+        };
+        assert_eq!(core_internal(refused).status, StatusCode::INTERNAL_SERVER_ERROR);
+    }
 
     #[test]
     fn ranges() {
