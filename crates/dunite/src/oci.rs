@@ -639,12 +639,12 @@ mod tests {
     fn a_busy_pool_is_a_503_and_an_outage_is_not() {
         let busy = dunite_core::Error::Database {
             op: "acquire a connection",
-            source: std::sync::Arc::new(sqlx::Error::PoolTimedOut),
+            source: Arc::new(sqlx::Error::PoolTimedOut),
         };
         assert_eq!(core_internal(busy).status, StatusCode::SERVICE_UNAVAILABLE);
         let refused = dunite_core::Error::Database {
             op: "look up an entry",
-            source: std::sync::Arc::new(sqlx::Error::RowNotFound),
+            source: Arc::new(sqlx::Error::RowNotFound),
         };
         assert_eq!(core_internal(refused).status, StatusCode::INTERNAL_SERVER_ERROR);
     }
