@@ -18,6 +18,12 @@ use crate::{Error, EvictionPolicy, Result, StoreOp};
 /// a database far away a bigger chunk frees more per round trip.
 const REMOVE_CHUNK: usize = 256;
 
+/// Fresh selections a pass makes after one from which nothing could be removed (every
+/// candidate changed, was touched, or refused deletion) before it reports
+/// [`PassOutcome::NoProgress`]. Until a pass has removed an entry, only this bound (not the
+/// time budget) ends it, so a pass over the cap never gives up on its first unlucky chunk.
+const FRUITLESS_SELECTIONS: u32 = 3;
+
 /// How many explicit pass requests may wait at once before `evict_now` callers queue on the
 /// channel itself (they are all served by one pass anyway).
 const EXPLICIT_QUEUE: usize = 16;
@@ -107,8 +113,10 @@ pub struct EvictorStats {
     pub passes_removing: u64,
     /// Passes that read a total over the cap and ended without removing anything (every
     /// candidate pinned, changing, or refusing deletion); a pass that failed with an error is
-    /// counted in `errors` instead. A healthy cache keeps this at 0: a pass over the cap always
-    /// attempts a removal before its time budget can stop it.
+    /// counted in `errors` instead. A healthy cache keeps this at 0: the time budget stops a
+    /// pass only after it has removed an entry, and a selection whose candidates all changed
+    /// meanwhile is followed by fresh ones. Only candidates that refuse deletion (the volume
+    /// refuses unlinks) or are all pinned stall a pass.
     pub passes_stalled: u64,
     /// The most recent pass that ran to an outcome.
     pub last_pass: Option<PassReport>,
@@ -461,9 +469,10 @@ async fn tick_opt(tick: Option<&mut tokio::time::Interval>) {
 /// the total is at the low watermark, the time budget is spent, or the handles are gone.
 ///
 /// The time budget bounds removal, not waiting: its clock starts once the pass holds its
-/// connection and has read a total over the cap, and it is checked only after the first
-/// removal attempt. However slow the database or long the pool queue, a pass over the cap
-/// removes at least one chunk.
+/// connection and has read a total over the cap, and it is checked only once the pass has
+/// removed an entry. However slow the database or long the pool queue, a pass over the cap
+/// removes something, unless [`FRUITLESS_SELECTIONS`] fresh selections in a row (or the last
+/// candidate) could not be removed.
 async fn run_pass<S: EvictionStore>(shared: &Shared<S>, pokes: &mpsc::Receiver<()>) -> Result<PassReport> {
     let policy = &shared.policy;
     let started = Instant::now();
@@ -514,9 +523,11 @@ async fn evict_to_watermark<P: EvictionPass>(
     report: &mut PassReport,
 ) -> Result<PassOutcome> {
     let target = policy.low_watermark();
-    // The budget's clock starts here, holding the connection over the cap.
+    // The budget's clock starts here, holding the connection over the cap. It stops a pass
+    // only once the pass has removed an entry: until then, a pass ends when its selections
+    // keep coming back unremovable (`FRUITLESS_SELECTIONS`) or run out.
     let started = Instant::now();
-    let mut attempted = false;
+    let mut fruitless = 0u32;
     while report.total_after > target {
         let victims = pass
             .least_recently_used(policy.batch_size())
@@ -532,10 +543,9 @@ async fn evict_to_watermark<P: EvictionPass>(
             if pokes.is_closed() {
                 return Ok(PassOutcome::ShutDown);
             }
-            if attempted && started.elapsed() >= policy.pass_time_budget() {
+            if report.entries_evicted > 0 && started.elapsed() >= policy.pass_time_budget() {
                 return Ok(PassOutcome::TimeBudgetSpent);
             }
-            attempted = true;
             // Just the victims needed to reach the target (if none is skipped), at most a
             // chunk at a time so the time budget is checked often.
             let mut needed = 0;
@@ -569,9 +579,13 @@ async fn evict_to_watermark<P: EvictionPass>(
             }
         }
         if removed_in_batch == 0 {
-            // Every candidate changed under us; a fresh selection next time may do better,
-            // but never spin on one connection.
-            return Ok(PassOutcome::NoProgress);
+            // Every candidate changed under us or refused deletion. A fresh selection skips
+            // the refusals (they stay marked) and sees the new versions, but never spin on
+            // one connection.
+            fruitless += 1;
+            if fruitless > FRUITLESS_SELECTIONS {
+                return Ok(PassOutcome::NoProgress);
+            }
         }
     }
     Ok(PassOutcome::Evicted)

@@ -1,7 +1,7 @@
 //! Faults a test or a simulation can inject into an [`EntryStore`](crate::EntryStore): the
 //! failures of a far, unreliable database and a shared volume, made to happen on demand.
 
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 /// Faults to inject into one store's next operations, for tests and simulations; none by
 /// default, and each costs one atomic load when none is armed.
@@ -31,6 +31,7 @@ pub struct Faults {
     commit_answers_lost: AtomicU32,
     commits_lost: AtomicU32,
     unlinks_failed: AtomicU32,
+    unlinks_refused: AtomicU64,
 }
 
 impl Faults {
@@ -66,8 +67,18 @@ impl Faults {
         take(&self.commits_lost)
     }
 
+    /// How many payload deletions this has failed so far (armed with
+    /// [`fail_unlinks`](Self::fail_unlinks)); [`clear`](Self::clear) does not reset it.
+    pub fn unlinks_refused(&self) -> u64 {
+        self.unlinks_refused.load(Ordering::SeqCst)
+    }
+
     pub(crate) fn unlink_failed(&self) -> bool {
-        take(&self.unlinks_failed)
+        let failed = take(&self.unlinks_failed);
+        if failed {
+            self.unlinks_refused.fetch_add(1, Ordering::SeqCst);
+        }
+        failed
     }
 }
 

@@ -1,9 +1,13 @@
 //! The evictor's life: one pass at a time, shutdown, failures, retries and the safety tick.
 
-use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
-use dunite_core::{DebouncedEvictor, Error, EvictionPolicy, MemoryStore, PassOutcome};
+use dunite_core::{
+    DebouncedEvictor, Error, EvictionPass, EvictionPolicy, EvictionStore, MemoryStore, PassOutcome, Removal,
+    Victim,
+};
 
 use dunite_testkit::legacy_evict_if_over_cap;
 
@@ -249,4 +253,87 @@ async fn a_pass_turned_away_by_another_process_is_retried_until_it_runs() {
     assert_eq!(store.counters().finished_passes.load(Ordering::SeqCst), 1, "every pass run is finished");
     let report = evictor.evict_now().await.unwrap();
     assert_eq!(report.outcome, PassOutcome::UnderCap);
+}
+
+/// A store whose every selected candidate is replaced (a concurrent store of the same key)
+/// before the pass can remove it, for the first `churned` selections.
+#[derive(Clone)]
+struct Churning {
+    inner: MemoryStore,
+    churned: Arc<AtomicU32>,
+}
+
+struct ChurningPass {
+    pass: dunite_core::MemoryPass,
+    store: Churning,
+}
+
+#[async_trait::async_trait]
+impl EvictionStore for Churning {
+    type Error = dunite_core::MemoryStoreError;
+    type Pass = ChurningPass;
+
+    async fn begin_pass(&self) -> Result<Option<ChurningPass>, Self::Error> {
+        let pass = self.inner.begin_pass().await?.expect("memory passes always begin");
+        Ok(Some(ChurningPass { pass, store: self.clone() }))
+    }
+}
+
+#[async_trait::async_trait]
+impl EvictionPass for ChurningPass {
+    type Error = dunite_core::MemoryStoreError;
+
+    async fn total_size_bytes(&mut self) -> Result<u64, Self::Error> {
+        self.pass.total_size_bytes().await
+    }
+
+    async fn least_recently_used(&mut self, limit: usize) -> Result<Vec<Victim>, Self::Error> {
+        let victims = self.pass.least_recently_used(limit).await?;
+        let churn = self.store.churned.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
+        if churn.is_ok() {
+            for victim in &victims {
+                self.store.inner.insert(victim.key.clone(), victim.bytes);
+            }
+        }
+        Ok(victims)
+    }
+
+    async fn remove(&mut self, victim: &Victim) -> Result<Removal, Self::Error> {
+        self.pass.remove(victim).await
+    }
+}
+
+/// A pass over the cap whose first selections all changed under it selects again and
+/// removes, instead of reporting `NoProgress` and leaving the cache over its cap until the
+/// next poke (which, after the burst's last store, never comes). Fails before the evictor
+/// selected again.
+#[tokio::test]
+async fn a_pass_whose_candidates_all_changed_selects_again_and_removes() {
+    let inner = MemoryStore::new();
+    for i in 0..10 {
+        inner.insert(format!("k{i}"), 100);
+    }
+    let store = Churning { inner: inner.clone(), churned: Arc::new(AtomicU32::new(2)) };
+    let evictor = DebouncedEvictor::spawn(store, EvictionPolicy::new(500).with_batch_size(4)).unwrap();
+    let report = evictor.evict_now().await.unwrap();
+    assert_eq!(report.outcome, PassOutcome::Evicted, "{report:?}");
+    assert!(inner.total_bytes() <= 500, "{report:?}");
+    assert_eq!(report.entries_skipped, 8, "two churned selections of four: {report:?}");
+    assert_eq!(evictor.stats().passes_stalled, 0);
+}
+
+/// Candidates that keep changing do not hold the pass's connection for ever: after a few
+/// fruitless selections it reports `NoProgress` (and counts a stalled pass).
+#[tokio::test]
+async fn a_pass_whose_candidates_keep_changing_gives_up() {
+    let inner = MemoryStore::new();
+    for i in 0..10 {
+        inner.insert(format!("k{i}"), 100);
+    }
+    let store = Churning { inner: inner.clone(), churned: Arc::new(AtomicU32::new(u32::MAX)) };
+    let evictor = DebouncedEvictor::spawn(store, EvictionPolicy::new(500).with_batch_size(4)).unwrap();
+    let report = evictor.evict_now().await.unwrap();
+    assert_eq!(report.outcome, PassOutcome::NoProgress, "{report:?}");
+    assert_eq!(report.entries_evicted, 0);
+    assert_eq!(evictor.stats().passes_stalled, 1);
 }

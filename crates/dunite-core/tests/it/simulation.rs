@@ -6,7 +6,8 @@
 //! - the accounted total is at most the cap;
 //! - the accounted total equals the sum of the live rows, and the bytes of the payload files on
 //!   disk (no orphan file, no temporary file, no row left marked);
-//! - no eviction pass read a total over the cap and removed nothing.
+//! - no eviction pass read a total over the cap and removed nothing, but for passes whose
+//!   candidates refused deletion (at most one such pass per refused unlink).
 //!
 //! Real time, real databases and real files: the simulated latency is a real wait per
 //! statement, so the work per case is bounded by its latency (fewer stores at 200 ms than at
@@ -145,8 +146,15 @@ async fn run(backend: TestBackend, case: Case) -> Result<(), TestCaseError> {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     drop(last);
+    // A pass stalls only on candidates that refused deletion: each stalled pass met at least
+    // one refused unlink (in its removals, or finishing the marked rows of an earlier one).
     let stats = cache.stats().evictor;
-    prop_assert_eq!(stats.passes_stalled, 0, "a pass over the cap removed nothing: {:?}", stats);
+    let refused = faults.unlinks_refused();
+    prop_assert!(
+        stats.passes_stalled <= refused,
+        "{} passes over the cap removed nothing, {refused} unlinks refused: {stats:?}",
+        stats.passes_stalled
+    );
     Ok(())
 }
 
