@@ -17,6 +17,9 @@
 //! - [`EntryStore`] and [`EntryCache`] are the SQL-backed store and the cache built on it that
 //!   every cache kind shares: payload files, rows, the crash-safe store sequence, reads that
 //!   survive eviction, reconciliation. Cache kinds add only their keys and verification.
+//! - [`Fills`] is the one miss path every cache kind shares: a single-flight fill per key,
+//!   streamed to every client as it arrives, verified, and made the entry by rename (one
+//!   disk write per miss).
 //!
 //! [`poke`]: DebouncedEvictor::poke
 //!
@@ -49,6 +52,7 @@
 mod entries;
 mod error;
 mod evictor;
+mod fill;
 mod hash;
 mod memory;
 mod policy;
@@ -61,6 +65,7 @@ pub use entries::{
 };
 pub use error::{BoxError, Error, Result, StoreOp};
 pub use evictor::{DebouncedEvictor, EvictorStats, PassOutcome, PassReport};
+pub use fill::{FillError, FillOptions, Filling, Fills, Finished, Joined, Started};
 pub use hash::{ContentDigest, DigestAlgorithm};
 pub use memory::{MemoryPass, MemoryStore, MemoryStoreError};
 pub use policy::EvictionPolicy;

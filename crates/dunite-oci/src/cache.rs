@@ -1,9 +1,12 @@
 //! `BlobCache`: OCI blobs by digest on the shared entry cache.
 
+use bytes::Bytes;
+use futures_util::Stream;
 use tokio::io::AsyncRead;
 
 use dunite_core::{
-    CacheOptions, CacheStats, EntryCache, EvictionPolicy, Expected, OnConflict, PassReport, Pin, Stored,
+    CacheOptions, CacheStats, EntryCache, EvictionPolicy, Expected, FillError, FillOptions, Fills, Joined,
+    OnConflict, PassReport, Pin, Stored,
 };
 
 use crate::{Digest, Result};
@@ -18,6 +21,8 @@ pub const NAMESPACE: &str = "oci-blobs";
 #[derive(Debug, Clone)]
 pub struct BlobCache {
     cache: EntryCache,
+    /// Upstream fills in flight, by digest: one per blob at a time.
+    fills: Fills<Digest, ()>,
 }
 
 /// An open cached blob. The handle stays valid (and its bytes correct) even if the blob is
@@ -69,7 +74,80 @@ impl BlobCache {
     /// the options are inconsistent.
     pub async fn new(options: CacheOptions) -> Result<Self> {
         let cache = EntryCache::open(options.with_on_conflict(OnConflict::KeepExisting)).await?;
-        Ok(Self { cache })
+        let fills = Fills::new(cache.entries().clone(), FillOptions::new());
+        Ok(Self { cache, fills })
+    }
+
+    /// The same cache with its fills bound by `options` (say, an idle timeout); call before
+    /// the first [`fill`](Self::fill).
+    #[must_use]
+    pub fn with_fill_options(mut self, options: FillOptions) -> Self {
+        self.fills = Fills::new(self.cache.entries().clone(), options);
+        self
+    }
+
+    /// Join the upstream fill of `digest`, or start it with `fetch` if none is in flight: the
+    /// miss path of a pull-through mirror, one upstream transfer per blob however many
+    /// clients ask.
+    ///
+    /// `fetch` asks the upstream and returns the body's announced length and its bytes (or
+    /// [`FillError::Refused`] with the upstream's status). The bytes are spooled in the
+    /// cache's own directory, streamed to every client that joined as they arrive (the last
+    /// one held until the blob's digest is verified), then renamed into place and committed:
+    /// one disk write per miss. See [`dunite_core::Fills`] for what the returned [`Joined`]
+    /// offers and guarantees; look the digest up with [`open`](Self::open) first.
+    ///
+    /// Requires a Tokio runtime; the fill runs on a task of its own, so a client going away
+    /// does not cancel it.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// use dunite_core::EvictionPolicy;
+    /// use dunite_oci::{BlobCache, Digest};
+    /// use futures_util::StreamExt as _;
+    ///
+    /// let dir = tempfile::tempdir()?;
+    /// let cache = BlobCache::new(BlobCache::options(dir.path(), EvictionPolicy::new(1 << 20))).await?;
+    /// let blob = b"layer bytes";
+    /// let digest = Digest::sha256_of(blob);
+    /// let mut joined = cache.fill(&digest, || async {
+    ///     // An HTTP client's response would go here.
+    ///     let body = futures_util::stream::iter([Ok::<_, std::io::Error>(bytes::Bytes::from_static(blob))]);
+    ///     Ok((Some(blob.len() as u64), body))
+    /// })?;
+    /// assert_eq!(joined.started().await?.total(), Some(11));
+    /// let served: Vec<u8> = joined.body(0, None).map(|chunk| chunk.unwrap().to_vec()).concat().await;
+    /// assert_eq!(served, blob);
+    /// # Ok(())
+    /// # }
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Cache`](crate::Error::Cache) outside a Tokio runtime. The fill's own failures
+    /// reach its clients through [`Joined`].
+    pub fn fill<F, Fut, S, E>(&self, digest: &Digest, fetch: F) -> Result<Joined<()>>
+    where
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: Future<Output = std::result::Result<(Option<u64>, S), FillError>> + Send,
+        S: Stream<Item = std::result::Result<Bytes, E>> + Send,
+        E: std::error::Error + Send + Sync + 'static,
+    {
+        let key = digest.to_string();
+        let expected = Expected::new().with_digest(digest.content_digest().clone());
+        Ok(self.fills.join(digest.clone(), expected, move |filling| async move {
+            let (total, body) = fetch().await?;
+            filling.fill(&key, ((), total), body, |_| String::new()).await
+        })?)
+    }
+
+    /// Blob fills in flight now.
+    #[must_use]
+    pub fn fills_in_flight(&self) -> usize {
+        self.fills.in_flight()
     }
 
     /// Store a blob of unknown size, verifying it against `digest`. See

@@ -16,6 +16,7 @@ pub use cache::{CacheOptions, CacheStats, EntryCache};
 pub use database::{Backend, Database, DatabaseOptions};
 pub use faults::Faults;
 pub use layout::Expected;
+pub(crate) use layout::{Written, blocking};
 pub use reconcile::ReconcileReport;
 pub use store::{
     EntryInfo, EntryPass, EntryStats, EntryStore, KeyDisplay, OnConflict, OpenEntry, Pin, StoreOutcome,

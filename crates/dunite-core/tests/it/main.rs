@@ -5,6 +5,7 @@
 mod burst;
 mod convergence;
 mod faults;
+mod fill;
 mod lifecycle;
 mod reads;
 mod simulation;

@@ -260,6 +260,17 @@ impl EntryStore {
         self.inner.max_bytes
     }
 
+    /// Where this store writes payloads before they are moved into place (fill spools too):
+    /// on the payloads' file system.
+    pub(crate) fn tmp_dir(&self) -> &std::path::Path {
+        self.inner.layout.tmp_dir()
+    }
+
+    /// `key` as logs and errors show it.
+    pub(crate) fn shown(&self, key: &str) -> String {
+        self.inner.shown(key)
+    }
+
     /// The accounted total of payload bytes: one row read, whatever the cache holds.
     ///
     /// # Errors

@@ -106,7 +106,7 @@ impl EntryStore {
     /// own: a caller that stops waiting (a cancelled request) neither rolls back a commit the
     /// server may already have applied nor leaves the payload without a row. The commit finishes, is cleaned up or
     /// left to settle, and calls the commit hook, whatever the caller does.
-    async fn commit_written<M>(&self, key: &str, written: Written, meta: M) -> Result<Stored>
+    pub(crate) async fn commit_written<M>(&self, key: &str, written: Written, meta: M) -> Result<Stored>
     where
         M: FnOnce(&ContentDigest) -> String + Send,
     {
