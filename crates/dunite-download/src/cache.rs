@@ -1,21 +1,18 @@
 //! `DownloadCache`: files fetched from URLs, on the shared entry cache.
 
-use std::collections::HashMap;
 use std::fmt;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use futures_util::FutureExt as _;
-use futures_util::future::{BoxFuture, Shared};
 use serde::{Deserialize, Serialize};
 
 use dunite_core::{
     CacheOptions, CacheStats, ContentDigest, DigestAlgorithm, EntryCache, EntryInfo, EvictionPolicy,
-    Expected, OnConflict, PassReport, Pin, Stored,
+    FillOptions, Fills, OnConflict, PassReport, Pin,
 };
 
-use crate::{Error, FetchRequest, Fetched, Fetcher, ResponseMeta, Result, UrlKey, Validators};
+use crate::{DownloadHead, Error, Fetcher, Result, UrlKey, Validators};
 
 /// The namespace of download rows in the metadata database.
 pub const NAMESPACE: &str = "downloads";
@@ -162,7 +159,7 @@ impl DownloadInfo {
 
     /// The recorded metadata of a row; `None` if it is not a complete download record (an
     /// entry whose digest is not recorded yet, or foreign metadata).
-    fn from_entry(info: &EntryInfo) -> Option<Self> {
+    pub(crate) fn from_entry(info: &EntryInfo) -> Option<Self> {
         let meta: Meta = serde_json::from_str(&info.meta).ok()?;
         let bytes = hex::decode(meta.sha256?).ok()?;
         let sha256 = ContentDigest::from_bytes(DigestAlgorithm::Sha256, bytes)?;
@@ -183,7 +180,12 @@ impl DownloadInfo {
         })
     }
 
-    fn satisfies(&self, request: &DownloadRequest) -> bool {
+    /// The row's metadata as read (a refresh applies only if it is unchanged).
+    pub(crate) fn meta(&self) -> &str {
+        &self.meta
+    }
+
+    pub(crate) fn satisfies(&self, request: &DownloadRequest) -> bool {
         request.sha256().is_none_or(|want| *want == self.sha256)
     }
 }
@@ -191,11 +193,11 @@ impl DownloadInfo {
 /// The download-specific metadata of an entry, as JSON in the core's `meta` column. Size and
 /// times are the core row's.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
-struct Meta {
+pub(crate) struct Meta {
     /// Lower-case hex, set in the store's own commit (`store_with_meta`); a record without it
     /// (never written by this crate) is treated as a miss.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    sha256: Option<String>,
+    pub(crate) sha256: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     content_type: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -205,7 +207,11 @@ struct Meta {
 }
 
 impl Meta {
-    fn new(sha256: Option<&ContentDigest>, content_type: Option<&str>, validators: &Validators) -> Self {
+    pub(crate) fn new(
+        sha256: Option<&ContentDigest>,
+        content_type: Option<&str>,
+        validators: &Validators,
+    ) -> Self {
         Self {
             sha256: sha256.map(ContentDigest::hex),
             content_type: content_type.map(str::to_owned),
@@ -214,7 +220,7 @@ impl Meta {
         }
     }
 
-    fn to_json(&self) -> Result<String> {
+    pub(crate) fn to_json(&self) -> Result<String> {
         serde_json::to_string(self).map_err(|e| Error::Metadata(Arc::new(e)))
     }
 }
@@ -272,21 +278,17 @@ pub struct DownloadStats {
 }
 
 #[derive(Default)]
-struct Counters {
-    hits: AtomicU64,
-    fetches: AtomicU64,
-    conditional: AtomicU64,
-    not_modified: AtomicU64,
-    coalesced: AtomicU64,
-    failed: AtomicU64,
+pub(crate) struct Counters {
+    pub(crate) hits: AtomicU64,
+    pub(crate) fetches: AtomicU64,
+    pub(crate) conditional: AtomicU64,
+    pub(crate) not_modified: AtomicU64,
+    pub(crate) coalesced: AtomicU64,
+    pub(crate) failed: AtomicU64,
 }
 
-fn bump(counter: &AtomicU64) {
+pub(crate) fn bump(counter: &AtomicU64) {
     counter.fetch_add(1, Ordering::Relaxed);
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 fn now_ms() -> i64 {
@@ -295,32 +297,13 @@ fn now_ms() -> i64 {
         .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
-/// A fill that succeeded. It holds the pin, so the entry is not evicted before every caller
-/// waiting on the fill has opened it.
-struct Filled {
-    source: Source,
-    /// What the fill stored (none for a revalidation), so its callers open it without a
-    /// second lookup.
-    stored: Option<Stored>,
-    _pin: Pin,
-}
-
-type SharedFill = Shared<BoxFuture<'static, Result<Arc<Filled>>>>;
-
-/// A fill in flight: its id (so only it removes itself), what its leader expects, and the
-/// shared answer.
-struct InFlight {
-    id: u64,
-    expected: Option<ContentDigest>,
-    fill: SharedFill,
-}
-
-struct Inner {
-    cache: EntryCache,
-    freshness: Duration,
-    in_flight: Mutex<HashMap<String, InFlight>>,
-    next_id: AtomicU64,
-    counters: Counters,
+pub(crate) struct Inner {
+    pub(crate) cache: EntryCache,
+    pub(crate) freshness: Duration,
+    /// Fills in flight, by pin and URL: one table, for streaming clients and
+    /// `get_or_fetch` alike.
+    pub(crate) fills: Fills<String, DownloadHead>,
+    pub(crate) counters: Counters,
 }
 
 /// A byte-capped cache of files fetched from URLs, keyed by their canonical [`UrlKey`].
@@ -333,7 +316,7 @@ struct Inner {
 /// See the [crate documentation](crate) for an example.
 #[derive(Clone)]
 pub struct DownloadCache {
-    inner: Arc<Inner>,
+    pub(crate) inner: Arc<Inner>,
 }
 
 impl fmt::Debug for DownloadCache {
@@ -341,7 +324,7 @@ impl fmt::Debug for DownloadCache {
         f.debug_struct("DownloadCache")
             .field("cache", &self.inner.cache)
             .field("freshness", &self.inner.freshness)
-            .field("in_flight", &lock(&self.inner.in_flight).len())
+            .field("fills", &self.inner.fills)
             .finish_non_exhaustive()
     }
 }
@@ -373,15 +356,8 @@ impl DownloadCache {
     /// inconsistent.
     pub async fn new(options: CacheOptions, freshness: Duration) -> Result<Self> {
         let cache = EntryCache::open(options.with_on_conflict(OnConflict::Replace)).await?;
-        Ok(Self {
-            inner: Arc::new(Inner {
-                cache,
-                freshness,
-                in_flight: Mutex::default(),
-                next_id: AtomicU64::new(0),
-                counters: Counters::default(),
-            }),
-        })
+        let fills = Fills::new(cache.entries().clone(), FillOptions::new());
+        Ok(Self { inner: Arc::new(Inner { cache, freshness, fills, counters: Counters::default() }) })
     }
 
     /// How long an entry is served without revalidation.
@@ -396,12 +372,12 @@ impl DownloadCache {
     ///
     /// - A cached entry whose SHA-256 differs from the request's expected one is a miss: the
     ///   URL is fetched again and verified.
-    /// - Concurrent calls for one URL share one fetch (single flight): one upstream request,
-    ///   and every caller gets the content or the same error. After an error the next call
-    ///   fetches again. A caller that expects a different SHA-256 than the one that started
-    ///   the fetch waits for it, then makes its own attempt.
-    /// - The entry is pinned (kept from eviction) while its fill is in flight, and until every
-    ///   caller waiting on it has opened it.
+    /// - Concurrent calls for one URL and pin share one fill ([`fill`](Self::fill), the one
+    ///   in-flight table the streaming path uses too): one upstream request, and every caller
+    ///   gets the content or the same error. After an error the next call fetches again. A
+    ///   caller that expects a different SHA-256 is another fill, verified against its own.
+    /// - The entry is pinned (kept from eviction) while its fill is in flight; a caller that
+    ///   finds it evicted before it could open it tries again.
     /// - A `Content-Length` reported by the fetcher is enforced, as is the expected SHA-256:
     ///   a mismatch, a short or long body, or a body that fails mid-stream is a typed error and
     ///   stores nothing (a stale entry being replaced is kept).
@@ -433,31 +409,19 @@ impl DownloadCache {
         {
             return Err(Error::UnsupportedDigest { algorithm: digest.algorithm().name() });
         }
-        let key = request.url().as_str();
         for _ in 0..MAX_ATTEMPTS {
-            // 1. A fresh entry that satisfies the request is a hit; a stale one is revalidated.
-            let mut stale = None;
-            if let Some(entry) = self.inner.cache.open_entry(key).await?
-                && let Some(info) = DownloadInfo::from_entry(&entry.info)
-                && info.satisfies(request)
-            {
-                if !info.is_stale(self.inner.freshness) {
-                    bump(&self.inner.counters.hits);
-                    return Ok(Download { file: entry.file, info, source: Source::Hit });
-                }
-                stale = Some(info);
+            // 1. A fresh entry that satisfies the request is a hit.
+            if let Lookup::Fresh(download) = self.lookup(request).await? {
+                return Ok(*download);
             }
-            // 2. Join the fill in flight for this URL, or start one.
-            let (fill, shared_expectation) = self.join_or_start(request, stale, fetcher)?;
-            let filled = fill.await;
-            if !shared_expectation {
-                // The fill answered someone else's question; ask ours again.
-                continue;
-            }
-            let filled = filled?;
+            // 2. Join the fill of this URL and pin, or start one (it revalidates a stale entry).
+            let mut joined = self.fill(request, fetcher)?;
+            let finished = joined.finished().await.map_err(|e| Error::from_fill(request.url(), e))?;
+            let source = joined.started().await.map_or(Source::Fetched, |started| started.head().source());
             // 3. Open what the fill stored. A fill's answer is served even if already stale
             //    (with a freshness of zero it always is).
-            let entry = match &filled.stored {
+            let key = request.url().as_str();
+            let entry = match finished.stored() {
                 Some(stored) => self.inner.cache.open_stored(key, stored).await?,
                 None => self.inner.cache.open_entry(key).await?,
             };
@@ -465,41 +429,11 @@ impl DownloadCache {
                 && let Some(info) = DownloadInfo::from_entry(&entry.info)
                 && info.satisfies(request)
             {
-                return Ok(Download { file: entry.file, info, source: filled.source });
+                return Ok(Download { file: entry.file, info, source });
             }
             // Removed (or replaced by content we cannot serve) meanwhile: try again.
         }
         Err(Error::Vanished { url: request.url().redacted() })
-    }
-
-    /// Returns the fill for `request`'s URL and whether it answers the same question (the
-    /// same expected digest) as `request`.
-    fn join_or_start<F>(
-        &self,
-        request: &DownloadRequest,
-        stale: Option<DownloadInfo>,
-        fetcher: &F,
-    ) -> Result<(SharedFill, bool)>
-    where
-        F: Fetcher + Clone + 'static,
-    {
-        let runtime = tokio::runtime::Handle::try_current().map_err(|_| dunite_core::Error::NoRuntime)?;
-        let key = request.url().as_str();
-        let mut in_flight = lock(&self.inner.in_flight);
-        if let Some(flight) = in_flight.get(key) {
-            bump(&self.inner.counters.coalesced);
-            return Ok((flight.fill.clone(), flight.expected.as_ref() == request.sha256()));
-        }
-        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
-        // The task removes its table entry when it ends, which needs the lock held here: so
-        // it cannot do so before the entry is inserted below.
-        let task = runtime.spawn(Arc::clone(&self.inner).fill(id, request.clone(), stale, fetcher.clone()));
-        let url = request.url().redacted();
-        let fill =
-            async move { task.await.unwrap_or_else(|_| Err(Error::FetchAborted { url })) }.boxed().shared();
-        in_flight
-            .insert(key.to_owned(), InFlight { id, expected: request.sha256().cloned(), fill: fill.clone() });
-        Ok((fill, true))
     }
 
     /// One metadata read for `request`: a fresh entry that satisfies it, opened (the hit
@@ -647,115 +581,5 @@ impl DownloadCache {
     #[must_use]
     pub fn entries(&self) -> &EntryCache {
         &self.inner.cache
-    }
-}
-
-/// Removes a fill's table entry when its task ends, however it ends.
-struct Landed {
-    inner: Arc<Inner>,
-    key: String,
-    id: u64,
-}
-
-impl Drop for Landed {
-    fn drop(&mut self) {
-        let mut in_flight = lock(&self.inner.in_flight);
-        if in_flight.get(&self.key).is_some_and(|flight| flight.id == self.id) {
-            in_flight.remove(&self.key);
-        }
-    }
-}
-
-impl Inner {
-    /// The spawned task of one fill.
-    async fn fill<F: Fetcher>(
-        self: Arc<Self>,
-        id: u64,
-        request: DownloadRequest,
-        stale: Option<DownloadInfo>,
-        fetcher: F,
-    ) -> Result<Arc<Filled>> {
-        let key = request.url().as_str();
-        let _landed = Landed { inner: Arc::clone(&self), key: key.to_owned(), id };
-        let pin = self.cache.pin(key);
-        match self.fetch_and_store(&request, stale, &fetcher).await {
-            Ok((source, stored)) => Ok(Arc::new(Filled { source, stored, _pin: pin })),
-            Err(error) => {
-                bump(&self.counters.failed);
-                tracing::debug!(url = request.url().redacted(), %error, "fetch-through failed");
-                Err(error)
-            }
-        }
-    }
-
-    async fn fetch_and_store<F: Fetcher>(
-        &self,
-        request: &DownloadRequest,
-        mut stale: Option<DownloadInfo>,
-        fetcher: &F,
-    ) -> Result<(Source, Option<Stored>)> {
-        let url = request.url();
-        let key = url.as_str();
-        loop {
-            let validators = stale.as_ref().map(|info| info.validators.clone()).filter(|v| !v.is_empty());
-            bump(&self.counters.fetches);
-            if validators.is_some() {
-                bump(&self.counters.conditional);
-            }
-            let conditional = validators.is_some();
-            let answer = fetcher
-                .fetch(FetchRequest::new(url.clone(), validators))
-                .await
-                .map_err(|e| Error::fetch(url, e))?;
-            match answer {
-                Fetched::Body { body, meta } => {
-                    let stored = self.store(request, body, &meta).await?;
-                    return Ok((Source::Fetched, Some(stored)));
-                }
-                Fetched::NotModified { meta } => {
-                    let Some(info) = stale.take().filter(|_| conditional) else {
-                        return Err(Error::UnexpectedNotModified { url: url.redacted() });
-                    };
-                    let mut validators = info.validators.clone();
-                    if !meta.validators().is_empty() {
-                        validators = meta.validators().clone();
-                    }
-                    let record = Meta::new(Some(&info.sha256), info.content_type(), &validators);
-                    if self.cache.refresh(key, &info.meta, &record.to_json()?).await? {
-                        bump(&self.counters.not_modified);
-                        return Ok((Source::Revalidated, None));
-                    }
-                    // Removed or replaced since we looked: fetch the content whole (`stale`
-                    // is now None).
-                }
-            }
-        }
-    }
-
-    async fn store(
-        &self,
-        request: &DownloadRequest,
-        body: crate::Body,
-        meta: &ResponseMeta,
-    ) -> Result<Stored> {
-        let key = request.url().as_str();
-        let mut expected = Expected::new();
-        if let Some(length) = meta.content_length() {
-            expected = expected.with_size(length);
-        }
-        if let Some(digest) = request.sha256() {
-            expected = expected.with_digest(digest.clone());
-        }
-        let mut record = Meta::new(request.sha256(), meta.content_type(), meta.validators());
-        // Fail on an unencodable record before any byte is stored, then fill in the digest
-        // the core computes while streaming; the record is complete in the store's own commit.
-        record.to_json()?;
-        Ok(self
-            .cache
-            .store_with_meta(key, body, &expected, move |digest| {
-                record.sha256 = Some(digest.hex());
-                record.to_json().unwrap_or_default()
-            })
-            .await?)
     }
 }

@@ -85,6 +85,7 @@
 mod cache;
 mod error;
 mod fetch;
+mod fill;
 mod key;
 
 pub use cache::{
@@ -94,4 +95,5 @@ pub use error::{Error, Result};
 pub use fetch::{
     Body, FetchError, FetchFn, FetchRequest, Fetched, Fetcher, ResponseMeta, Validators, fetch_fn,
 };
+pub use fill::DownloadHead;
 pub use key::{UrlError, UrlKey};

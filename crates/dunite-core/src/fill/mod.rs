@@ -78,12 +78,21 @@ pub enum FillError {
     /// shut down).
     #[error("the fill ended without an outcome")]
     Ended,
+    /// The cache kind running the fill failed it with an error of its own (downcast the
+    /// source to read it).
+    #[error(transparent)]
+    Other(BoxError),
 }
 
 impl FillError {
     /// An upstream failure from any error type, after `received` bytes of the body.
     pub fn upstream(received: u64, source: impl std::error::Error + Send + Sync + 'static) -> Self {
         Self::Upstream { received, source: Arc::new(source) }
+    }
+
+    /// A failure of the cache kind's own, carried to every client as it is.
+    pub fn other(source: impl std::error::Error + Send + Sync + 'static) -> Self {
+        Self::Other(Arc::new(source))
     }
 
     /// Whether the upstream answered `404 Not Found`.

@@ -147,6 +147,8 @@ impl<H: Send + Sync + 'static> Filling<H> {
         E: std::error::Error + Send + Sync + 'static,
     {
         let max_bytes = self.store.max_bytes();
+        // The expected size, or else the announced one: past it, the body is too long.
+        let declared = self.expected.size().or_else(|| self.source.as_ref().and_then(|source| source.total));
         let mut body = std::pin::pin!(body);
         let mut batch: Vec<Bytes> = Vec::new();
         let mut batched = 0usize;
@@ -168,7 +170,7 @@ impl<H: Send + Sync + 'static> Filling<H> {
             if received > max_bytes {
                 return Err(invalid(Error::TooLarge { size: received, max_bytes }));
             }
-            if let Some(expected) = self.expected.size()
+            if let Some(expected) = declared
                 && received > expected
             {
                 return Err(invalid(Error::TooLong { expected }));
