@@ -45,13 +45,16 @@ pub fn tool(name: &str, package: &str) -> Result<PathBuf> {
         .ok_or_else(|| PeerError::NotInstalled { program: name.to_owned(), package: package.to_owned() })
 }
 
-/// CPU time and memory of a process and its children (nginx's workers).
+/// CPU time, memory and disk writes of a process and its children (nginx's workers).
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct ProcessUsage {
     /// User plus system CPU seconds so far.
     pub cpu_seconds: f64,
     /// The sum of the processes' peak resident set sizes (`VmHWM`), in bytes.
     pub peak_rss_bytes: u64,
+    /// Bytes the processes caused to be written to storage so far (`write_bytes` of
+    /// `/proc/<pid>/io`, counted when pages are dirtied; 0 where unreadable).
+    pub disk_write_bytes: u64,
 }
 
 /// A running peer process, stopped when dropped.
@@ -136,6 +139,7 @@ impl Process {
             let Some((cpu, rss)) = proc_usage(pid) else { continue };
             usage.cpu_seconds += cpu;
             usage.peak_rss_bytes += rss;
+            usage.disk_write_bytes += disk_write_bytes(pid).unwrap_or(0);
         }
         Ok(usage)
     }
@@ -174,6 +178,12 @@ fn stat_fields(pid: u32) -> Option<Vec<String>> {
     // The command name is in parentheses and may hold spaces: split after its last `)`.
     let rest = &stat[stat.rfind(')')? + 1..];
     Some(rest.split_whitespace().map(str::to_owned).collect())
+}
+
+/// `write_bytes` of one process's `/proc/<pid>/io`.
+fn disk_write_bytes(pid: u32) -> Option<u64> {
+    let io = std::fs::read_to_string(format!("/proc/{pid}/io")).ok()?;
+    io.lines().find_map(|line| line.strip_prefix("write_bytes:")).and_then(|v| v.trim().parse().ok())
 }
 
 /// (CPU seconds, `VmHWM` bytes) of one process.
