@@ -360,6 +360,28 @@ impl DownloadCache {
         Ok(Self { inner: Arc::new(Inner { cache, freshness, fills, counters: Counters::default() }) })
     }
 
+    /// The same cache with its fills bound by `options` (say, an idle timeout); call before
+    /// the first fill.
+    #[must_use]
+    pub fn with_fill_options(self, options: FillOptions) -> Self {
+        let inner = Arc::try_unwrap(self.inner).map_or_else(
+            |shared| {
+                // Already shared: the clones keep their table; this one gets its own.
+                Inner {
+                    cache: shared.cache.clone(),
+                    freshness: shared.freshness,
+                    fills: Fills::new(shared.cache.entries().clone(), options.clone()),
+                    counters: Counters::default(),
+                }
+            },
+            |mut inner| {
+                inner.fills = Fills::new(inner.cache.entries().clone(), options.clone());
+                inner
+            },
+        );
+        Self { inner: Arc::new(inner) }
+    }
+
     /// How long an entry is served without revalidation.
     #[must_use]
     pub fn freshness(&self) -> Duration {
