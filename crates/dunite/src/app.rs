@@ -13,11 +13,12 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get};
 use axum::serve::ListenerExt as _;
 
-use dunite_core::{CacheOptions, Database, DatabaseOptions, EntryCache, EvictionPolicy, OnConflict};
+use dunite_core::{
+    CacheOptions, Database, DatabaseOptions, EntryCache, EvictionPolicy, FillOptions, OnConflict,
+};
 use dunite_oci::BlobCache;
 
 use crate::config::Config;
-use crate::fill::Fills;
 use crate::metrics::{CacheGauges, Metrics};
 use crate::oci;
 use crate::upstream::Registries;
@@ -50,12 +51,6 @@ pub struct App {
     pub(crate) fetcher: crate::dl::HttpFetcher,
     /// Upstream registries.
     pub(crate) registries: Registries,
-    /// In-flight blob fills, by digest.
-    pub(crate) fills: Fills<dunite_oci::Digest>,
-    /// In-flight download fills, by pin and URL.
-    pub(crate) dl_fills: Fills<String>,
-    /// Where fills spool.
-    pub(crate) spool_dir: PathBuf,
     /// Counters.
     pub(crate) metrics: Metrics,
 }
@@ -99,8 +94,6 @@ impl App {
             move |source| StartError::Io { path, source }
         };
         tokio::fs::create_dir_all(dir).await.map_err(io(dir))?;
-        let spool_dir = dir.join("spool");
-        tokio::fs::create_dir_all(&spool_dir).await.map_err(io(&spool_dir))?;
         // A short acquire timeout: during a database outage the first caller waits it out
         // before the pool fails fast (see `Database`).
         let options =
@@ -109,14 +102,17 @@ impl App {
             Some(url) => Database::connect(url, &options).await?,
             None => Database::open_sqlite(&dir.join("metadata.db"), &options).await?,
         };
-        // Spools of fills interrupted by a crash are worthless; with a shared database, young
-        // ones may be another instance's fills in flight.
-        remove_stale_spools(&spool_dir, database.orphan_grace()).await;
+        // Fills spool in each cache's own `tmp/` (cleaned at start-up like any unfinished
+        // store); `spool/` is where older versions spooled: what is left there is worthless,
+        // but with a shared database, young files may be an older instance's fills in flight.
+        remove_stale_spools(&dir.join("spool"), database.orphan_grace()).await;
+        let fills = FillOptions::new().with_idle_timeout(config.upstream_timeout);
         let blobs = BlobCache::new(
             BlobCache::options(dir.join("blobs"), EvictionPolicy::new(config.oci_max_bytes))
                 .with_database(database.clone()),
         )
-        .await?;
+        .await?
+        .with_fill_options(fills.clone());
         let manifest_cap = (config.oci_max_bytes / 16).max(64 << 20);
         let manifests = EntryCache::open(
             CacheOptions::new(dir.join("manifests"), "oci-manifests", EvictionPolicy::new(manifest_cap))
@@ -138,7 +134,8 @@ impl App {
             .with_database(database.clone()),
             config.dl_freshness,
         )
-        .await?;
+        .await?
+        .with_fill_options(fills);
         let private = if config.dl_allow_private_networks {
             crate::dl::PrivateNetworks::Allowed
         } else {
@@ -156,9 +153,6 @@ impl App {
             downloads,
             fetcher,
             registries,
-            fills: Fills::default(),
-            dl_fills: Fills::default(),
-            spool_dir,
             metrics: Metrics::default(),
         }))
     }

@@ -22,7 +22,6 @@ use dunite_download::{
 };
 
 use crate::app::{App, CacheOutcome};
-use crate::fill::{FillState, fill_from_upstream};
 
 /// An upstream answer that is not a body: relayed to the client with its status.
 #[derive(Debug, thiserror::Error)]
@@ -209,22 +208,6 @@ impl Fetcher for HttpFetcher {
     }
 }
 
-/// Hands a fill's spool to the download cache as if it were the upstream's answer, so the
-/// cache verifies and stores it the one way it stores anything.
-#[derive(Debug, Clone)]
-struct SpoolFetcher {
-    spool: std::path::PathBuf,
-    meta: ResponseMeta,
-}
-
-#[async_trait]
-impl Fetcher for SpoolFetcher {
-    async fn fetch(&self, _: FetchRequest) -> Result<Fetched, FetchError> {
-        let file = tokio::fs::File::open(&self.spool).await?;
-        Ok(Fetched::body(file, self.meta.clone()))
-    }
-}
-
 fn refuse(status: StatusCode, message: &str) -> Response {
     (status, [("content-type", "text/plain")], format!("{message}\n")).into_response()
 }
@@ -289,126 +272,101 @@ pub(crate) async fn download(State(app): State<Arc<App>>, uri: Uri, RawQuery(que
     if let Some(pin) = pin {
         request = request.with_sha256(pin);
     }
-    // One metadata read: a fresh hit is served at once, a miss streams from the upstream.
-    let fresh = match app.downloads.lookup(&request).await {
-        Ok(Lookup::Fresh(download)) => Some(*download),
-        Ok(Lookup::Missing) => return stream_miss(&app, request).await,
-        Ok(_) => None,
-        Err(error) => {
-            app.metrics.errors.fetch_add(1, Ordering::Relaxed);
-            return refuse(StatusCode::INTERNAL_SERVER_ERROR, &crate::error_chain(&error));
-        }
+    // One metadata read: a fresh hit is served at once; anything else is a fill (which
+    // revalidates a stale entry, or fetches), streamed.
+    match app.downloads.lookup(&request).await {
+        Ok(Lookup::Fresh(download)) => serve_hit(&app, *download).await,
+        Ok(_) => stream_fill(&app, &request).await,
+        Err(error) => failed(&app, &error),
+    }
+}
+
+/// A fresh cached download.
+async fn serve_hit(app: &App, download: dunite_download::Download) -> Response {
+    app.metrics.download_hits.fetch_add(1, Ordering::Relaxed);
+    let info = download.info().clone();
+    let file = download.into_file().into_std().await;
+    let mut response = Response::new(crate::body::file_body(file, 0, info.size(), &app.metrics.bytes_served));
+    let headers = response.headers_mut();
+    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(info.size()));
+    put_headers(headers, info.content_type(), info.validators(), Some(info.sha256()));
+    response.extensions_mut().insert(CacheOutcome::Hit);
+    response
+}
+
+/// A download with no fresh entry: one fill per URL and pin (revalidating a stale entry, or
+/// fetching), streamed to every client as it arrives, verified against the pin before the
+/// last byte. A failure ends every client's stream with an error; nothing is cached.
+async fn stream_fill(app: &Arc<App>, request: &DownloadRequest) -> Response {
+    let mut joined = match app.downloads.fill(request, &app.fetcher) {
+        Ok(joined) => joined,
+        Err(error) => return failed(app, &error),
     };
-    // Cached but stale or pinned differently: the cache revalidates or refetches.
-    let fetched = match fresh {
-        Some(download) => Ok(download),
-        None => app.downloads.get_or_fetch(&request, &app.fetcher).await,
+    let started = match joined.started().await {
+        Ok(started) => started,
+        Err(error) => return failed(app, &dunite_download::Error::from_fill(request.url(), error)),
     };
-    let download = match fetched {
-        Ok(download) => download,
-        Err(error) => {
-            let upstream = match &error {
-                dunite_download::Error::Fetch { source, .. } => source.downcast_ref::<UpstreamStatus>(),
-                _ => None,
-            };
-            let status = upstream.map(|s| {
-                if s.0 == StatusCode::NOT_FOUND { StatusCode::NOT_FOUND } else { StatusCode::BAD_GATEWAY }
-            });
-            let status = status.unwrap_or(match &error {
-                dunite_download::Error::Cache(dunite_core::Error::DigestMismatch { .. }) => {
-                    StatusCode::BAD_GATEWAY
-                }
-                dunite_download::Error::Cache(dunite_core::Error::TooLarge { .. }) => {
-                    StatusCode::PAYLOAD_TOO_LARGE
-                }
-                dunite_download::Error::Cache(_) => StatusCode::INTERNAL_SERVER_ERROR,
-                _ => StatusCode::BAD_GATEWAY,
-            });
-            if status.is_server_error() {
-                app.metrics.errors.fetch_add(1, Ordering::Relaxed);
-            }
-            tracing::warn!(%error, "download failed");
-            return refuse(status, &error.to_string());
-        }
-    };
-    let outcome = match download.source() {
+    let head = started.head();
+    let outcome = match head.source() {
         Source::Hit => CacheOutcome::Hit,
         _ => CacheOutcome::Miss,
     };
     let counter =
         if outcome == CacheOutcome::Hit { &app.metrics.download_hits } else { &app.metrics.download_misses };
     counter.fetch_add(1, Ordering::Relaxed);
-    let info = download.info().clone();
-    let file = download.into_file().into_std().await;
-    let mut response = Response::new(crate::body::file_body(file, 0, info.size(), &app.metrics.bytes_served));
+    let mut response = Response::new(Body::empty());
     let headers = response.headers_mut();
-    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(info.size()));
-    let put = |headers: &mut axum::http::HeaderMap, name: header::HeaderName, value: Option<&str>| {
-        if let Some(value) = value.and_then(|v| HeaderValue::from_str(v).ok()) {
-            headers.insert(name, value);
-        }
-    };
-    put(headers, header::CONTENT_TYPE, info.content_type().or(Some("application/octet-stream")));
-    put(headers, header::ETAG, info.etag());
-    put(headers, header::LAST_MODIFIED, info.last_modified());
-    put(headers, header::HeaderName::from_static("x-content-sha256"), Some(&info.sha256().hex()));
+    if let Some(total) = started.total() {
+        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(total));
+    }
+    put_headers(headers, head.content_type(), head.validators(), head.sha256());
+    *response.body_mut() =
+        Body::from_stream(crate::metrics::metered(joined.body(0, None), &app.metrics.bytes_served));
     response.extensions_mut().insert(outcome);
     response
 }
 
-/// A download with no cached entry: one upstream transfer per URL (and pin), streamed to every
-/// client as it arrives, stored (and verified against the pin) when complete. A failure ends
-/// every client's stream with an error; nothing is cached.
-async fn stream_miss(app: &Arc<App>, request: DownloadRequest) -> Response {
-    app.metrics.download_misses.fetch_add(1, Ordering::Relaxed);
-    let key = format!("{}|{}", request.sha256().map(ContentDigest::hex).unwrap_or_default(), request.url());
-    let fill_app = Arc::clone(app);
-    let joined = app.dl_fills.join(&key, &app.spool_dir, move |spool, state| async move {
-        let app = fill_app;
-        let answer = app.fetcher.get(request.url(), None).await;
-        let downloads = app.downloads.clone();
-        let upstream_bytes = Arc::clone(&app.metrics.upstream_bytes);
-        let limit = downloads.entries().entries().max_bytes();
-        fill_from_upstream(answer, (spool, state, limit), upstream_bytes, |response| {
-            let meta = meta_of(response);
-            let content_type = meta.content_type().map(Arc::from);
-            let store = |spool, _written| async move {
-                let fetcher = SpoolFetcher { spool, meta };
-                downloads.get_or_fetch(&request, &fetcher).await.map(drop).map_err(|e| crate::error_chain(&e))
-            };
-            (content_type, store)
-        })
-        .await;
-    });
-    let mut subscription = match joined {
-        Ok(subscription) => subscription,
-        Err(e) => {
-            app.metrics.errors.fetch_add(1, Ordering::Relaxed);
-            return refuse(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string());
+/// The headers a download is served with.
+fn put_headers(
+    headers: &mut axum::http::HeaderMap,
+    content_type: Option<&str>,
+    validators: &dunite_download::Validators,
+    sha256: Option<&ContentDigest>,
+) {
+    let mut put = |name: header::HeaderName, value: Option<&str>| {
+        if let Some(value) = value.and_then(|v| HeaderValue::from_str(v).ok()) {
+            headers.insert(name, value);
         }
     };
-    let (total, content_type) = match subscription.started().await {
-        FillState::Failed { status: Some(404), .. } => {
-            return refuse(StatusCode::NOT_FOUND, "upstream answered 404");
-        }
-        FillState::Failed { message, .. } => return refuse(StatusCode::BAD_GATEWAY, &message),
-        FillState::Streaming { total, content_type, .. } => (total, content_type),
-        FillState::Done { written } => (Some(written), None),
-        FillState::Connecting => (None, None),
+    put(header::CONTENT_TYPE, content_type.or(Some("application/octet-stream")));
+    put(header::ETAG, validators.etag());
+    put(header::LAST_MODIFIED, validators.last_modified());
+    put(header::HeaderName::from_static("x-content-sha256"), sha256.map(ContentDigest::hex).as_deref());
+}
+
+/// A download that failed, as the client sees it: the one mapping of download errors to HTTP.
+fn failed(app: &App, error: &dunite_download::Error) -> Response {
+    use dunite_core::Error as Core;
+    use dunite_download::Error as Dl;
+    let status = match error {
+        Dl::Fetch { source, .. } => match source.downcast_ref::<UpstreamStatus>() {
+            Some(UpstreamStatus(StatusCode::NOT_FOUND)) => StatusCode::NOT_FOUND,
+            _ => StatusCode::BAD_GATEWAY,
+        },
+        Dl::Cache(Core::TooLarge { .. }) => StatusCode::PAYLOAD_TOO_LARGE,
+        Dl::Cache(
+            Core::DigestMismatch { .. } | Core::Truncated { .. } | Core::TooLong { .. } | Core::Source { .. },
+        ) => StatusCode::BAD_GATEWAY,
+        Dl::Cache(e) if e.is_pool_timeout() => StatusCode::SERVICE_UNAVAILABLE,
+        Dl::Cache(_) | Dl::Metadata(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        Dl::UnsupportedDigest { .. } | Dl::InvalidUrl(_) => StatusCode::BAD_REQUEST,
+        _ => StatusCode::BAD_GATEWAY,
     };
-    let stream = crate::metrics::metered(subscription.into_stream(), &app.metrics.bytes_served);
-    let mut response = Response::new(Body::from_stream(stream));
-    let headers = response.headers_mut();
-    if let Some(total) = total {
-        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(total));
+    if status.is_server_error() {
+        app.metrics.errors.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(error = %crate::error_chain(error), "download failed");
     }
-    let content_type = content_type.as_deref().and_then(|v| HeaderValue::from_str(v).ok());
-    headers.insert(
-        header::CONTENT_TYPE,
-        content_type.unwrap_or(HeaderValue::from_static("application/octet-stream")),
-    );
-    response.extensions_mut().insert(CacheOutcome::Miss);
-    response
+    refuse(status, &crate::error_chain(error))
 }
 
 #[cfg(test)]

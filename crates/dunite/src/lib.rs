@@ -31,7 +31,6 @@ mod app;
 mod body;
 pub mod config;
 mod dl;
-mod fill;
 #[cfg(feature = "fuzzing")]
 pub mod fuzzing;
 mod metrics;

@@ -12,11 +12,10 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use tokio::io::AsyncReadExt as _;
 
-use dunite_core::{ContentDigest, DigestAlgorithm, Expected};
+use dunite_core::{ContentDigest, DigestAlgorithm, Expected, FillError};
 use dunite_oci::Digest;
 
 use crate::app::{App, CacheOutcome};
-use crate::fill::{FillState, fill_from_upstream};
 use crate::spec::{Reference, SpecError, is_valid_name};
 
 /// Manifests larger than this are refused (the spec suggests registries cap them at 4 MiB).
@@ -136,59 +135,87 @@ async fn blob(
             s => Err(SpecError::upstream(format!("upstream answered {s}"))),
         };
     }
-    let fill_app = Arc::clone(app);
-    let fill_digest = digest.clone();
-    let fill_host = host.to_owned();
-    let mut subscription = app
-        .fills
-        .join(digest, &app.spool_dir, move |spool, state| async move {
-            let app = fill_app;
-            let answer = app.registries.send(&fill_host, &upstream_name, Method::GET, &path, None).await;
-            let (cache, digest) = (app.blobs.clone(), fill_digest);
-            let upstream_bytes = Arc::clone(&app.metrics.upstream_bytes);
-            let limit = cache.entries().entries().max_bytes();
-            fill_from_upstream(answer, (spool, state, limit), upstream_bytes, |_| {
-                let store = |spool, written| async move {
-                    let reader = tokio::fs::File::open(spool).await.map_err(|e| e.to_string())?;
-                    match cache.store_with_size(&digest, written, reader).await {
-                        Ok(_) => Ok(()),
-                        // Verified, but not recorded: serve it, cache it next time.
-                        Err(e) if is_database(&e) => {
-                            tracing::warn!(error = %e, %digest, "database unavailable; blob served uncached");
-                            Ok(())
-                        }
-                        Err(e) => Err(crate::error_chain(&e)),
-                    }
-                };
-                (None, store)
-            })
-            .await;
+    let (fill_app, fill_host) = (Arc::clone(app), host.to_owned());
+    let upstream_bytes = Arc::clone(&app.metrics.upstream_bytes);
+    let mut joined = app
+        .blobs
+        .fill(digest, move || async move {
+            let answer = fill_app
+                .registries
+                .send(&fill_host, &upstream_name, Method::GET, &path, None)
+                .await
+                .map_err(FillError::other)?;
+            if !answer.status().is_success() {
+                return Err(FillError::Refused { status: answer.status().as_u16() });
+            }
+            Ok((answer.content_length(), upstream_body(answer, upstream_bytes)))
         })
-        .map_err(|e| internal(dunite_oci::Error::Cache(dunite_core::Error::InvalidConfig(e.to_string()))))?;
-    match subscription.started().await {
-        FillState::Failed { status: Some(404), .. } => return Err(SpecError::blob_unknown()),
-        FillState::Failed { message, .. } => return Err(SpecError::upstream(message)),
-        _ => {}
-    }
-    // A `Range` on a miss is answered with the whole blob (200), streamed as it arrives: HTTP
-    // lets a server ignore `Range`, clients then take the full body, and it needs nothing from
-    // the cache (which a database outage, or an eviction right after the fill, could take
-    // away before a range could be cut from it).
-    let total = match subscription.state.borrow().clone() {
-        FillState::Streaming { total, .. } => total,
-        FillState::Done { written } => Some(written),
-        _ => None,
+        .map_err(internal)?;
+    let total = match joined.started().await {
+        Ok(started) => started.total(),
+        Err(error) => return Err(fill_failed(&error)),
     };
-    let stream = crate::metrics::metered(subscription.into_stream(), &app.metrics.bytes_served);
+    // A `Range` on a miss is cut from the growing spool as soon as its bytes have arrived
+    // (lazy-pulling clients ask for a few ranges of a layer). Without an announced length, or
+    // with a range that cannot be satisfied, the whole blob is streamed (200): HTTP lets a
+    // server ignore `Range`.
+    let range = headers
+        .get(header::RANGE)
+        .zip(total)
+        .and_then(|(range, total)| Some((parse_range(range, total)?, total)));
+    let (status, start, end) = match range {
+        Some(((first, last), _)) => (StatusCode::PARTIAL_CONTENT, first, Some(last + 1)),
+        None => (StatusCode::OK, 0, None),
+    };
+    let stream = crate::metrics::metered(joined.body(start, end), &app.metrics.bytes_served);
     let mut response = Response::new(Body::from_stream(stream));
+    *response.status_mut() = status;
     let headers = response.headers_mut();
     headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
-    if let Some(total) = total {
-        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(total));
+    match (range, total) {
+        (Some(((first, last), total)), _) => {
+            headers.insert(header::CONTENT_LENGTH, HeaderValue::from(last + 1 - first));
+            headers.insert(header::CONTENT_RANGE, header_value(&format!("bytes {first}-{last}/{total}")));
+        }
+        (None, Some(total)) => {
+            headers.insert(header::CONTENT_LENGTH, HeaderValue::from(total));
+        }
+        (None, None) => {}
+    }
+    if total.is_some() {
+        headers.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
     }
     set_digest(headers, digest);
     response.extensions_mut().insert(CacheOutcome::Miss);
     Ok(response)
+}
+
+/// An upstream's body as the fill reads it: its URL redacted from errors, its bytes counted.
+fn upstream_body(
+    answer: reqwest::Response,
+    counter: Arc<std::sync::atomic::AtomicU64>,
+) -> impl futures_util::Stream<Item = Result<Bytes, reqwest::Error>> + Send {
+    use futures_util::StreamExt as _;
+    answer.bytes_stream().map(move |chunk| {
+        let chunk = chunk.map_err(crate::upstream::redact)?;
+        counter.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+        Ok(chunk)
+    })
+}
+
+/// A failed blob fill, as the client sees it.
+fn fill_failed(error: &FillError) -> SpecError {
+    match error {
+        FillError::Refused { status: 404 } => SpecError::blob_unknown(),
+        FillError::Local(_) => {
+            tracing::warn!(error = %crate::error_chain(error), "a blob fill failed locally");
+            SpecError::new(StatusCode::INTERNAL_SERVER_ERROR, "UNKNOWN", crate::error_chain(error))
+        }
+        FillError::TimedOut { .. } => {
+            SpecError::new(StatusCode::GATEWAY_TIMEOUT, "UNKNOWN", crate::error_chain(error))
+        }
+        _ => SpecError::upstream(crate::error_chain(error)),
+    }
 }
 
 /// Serve a cached blob, whole or one `Range`.
@@ -495,12 +522,6 @@ pub(crate) fn declared_media_type(manifest: &[u8]) -> String {
 /// Whether `text` is a non-empty header value.
 pub(crate) fn is_header_text(text: &str) -> bool {
     !text.is_empty() && HeaderValue::from_str(text).is_ok()
-}
-
-/// Whether a cache error is the metadata database failing: the bytes were verified (a store
-/// verifies before it commits) but could not be recorded.
-fn is_database(error: &dunite_oci::Error) -> bool {
-    error.as_cache().is_some_and(dunite_core::Error::is_database)
 }
 
 /// Keep a verified entry if the database lets us; without it, serve uncached.
