@@ -10,4 +10,5 @@ mod hostile_upstream;
 mod instances;
 pub(crate) mod origin;
 mod pg_restart;
+mod pinned_race;
 mod pulls;
