@@ -47,14 +47,15 @@ impl Drop for Tmpfs {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_disk_fails_the_pull_cleanly_and_the_cache_recovers_when_space_returns() {
     let dir = tempfile::tempdir().unwrap();
-    let Some(fs) = Tmpfs::mount(&dir.path().join("fs"), "2m") else {
+    let Some(fs) = Tmpfs::mount(&dir.path().join("fs"), "1m") else {
         #[allow(clippy::print_stderr, reason = "say why the test did not run")]
         {
             eprintln!("disk_full: cannot mount a tmpfs here (not root?); not run");
         }
         return;
     };
-    // One image of 3 layers of 600 kB: spooled and stored, more than 2 MiB.
+    // One image of 3 layers of 600 kB: more than 1 MiB however the fill writes them (once,
+    // since the spool became the payload; twice before).
     let upstream = Upstream::start(41, 1, 3, 600_000).await;
     let repo = "chaos/img0";
     let size = upstream.blob_bytes();

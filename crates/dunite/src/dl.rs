@@ -353,9 +353,13 @@ fn failed(app: &App, error: &dunite_download::Error) -> Response {
             Some(UpstreamStatus(StatusCode::NOT_FOUND)) => StatusCode::NOT_FOUND,
             _ => StatusCode::BAD_GATEWAY,
         },
-        Dl::Cache(Core::TooLarge { .. }) => StatusCode::PAYLOAD_TOO_LARGE,
+        // What the upstream sent cannot be passed on: over the cap, cut, or not the pin.
         Dl::Cache(
-            Core::DigestMismatch { .. } | Core::Truncated { .. } | Core::TooLong { .. } | Core::Source { .. },
+            Core::TooLarge { .. }
+            | Core::DigestMismatch { .. }
+            | Core::Truncated { .. }
+            | Core::TooLong { .. }
+            | Core::Source { .. },
         ) => StatusCode::BAD_GATEWAY,
         Dl::Cache(e) if e.is_pool_timeout() => StatusCode::SERVICE_UNAVAILABLE,
         Dl::Cache(_) | Dl::Metadata(_) => StatusCode::INTERNAL_SERVER_ERROR,

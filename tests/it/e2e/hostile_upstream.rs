@@ -104,8 +104,18 @@ async fn answer(
 
 /// Poll until `data`'s spool directory is empty, failing after 10 s.
 async fn until_no_spool(data: &std::path::Path) {
-    let spool = data.join("spool");
-    let empty = async || std::fs::read_dir(&spool).map_or(0, Iterator::count) == 0;
+    // Fills spool in each cache's `tmp/`.
+    let spools = || {
+        ["blobs", "manifests", "tags", "downloads"]
+            .iter()
+            .filter_map(|cache| std::fs::read_dir(data.join(cache).join("tmp")).ok())
+            .flatten()
+            .filter(|entry| {
+                entry.as_ref().is_ok_and(|e| e.file_name().to_string_lossy().starts_with("fill-"))
+            })
+            .count()
+    };
+    let empty = async || spools() == 0;
     dunite_testkit::poll_until(Duration::from_secs(10), "no spool file left", empty).await;
 }
 

@@ -306,6 +306,11 @@ struct Landed<K: Eq + Hash, H> {
 impl<K: Eq + Hash, H> Landed<K, H> {
     fn end(self, error: Option<FillError>) {
         if let Some(error) = error {
+            match &error {
+                // The upstream does not have it: the client's answer, not a fault.
+                FillError::Refused { .. } => tracing::debug!(%error, "fill refused; nothing cached"),
+                _ => tracing::warn!(error = %ErrorChain(&error), "fill failed; nothing cached"),
+            }
             self.state.send_if_modified(|state| {
                 // A fill whose bytes were verified already gave its clients their bytes; a
                 // later failure (say, recording it) is the fill's to log, not theirs.
@@ -333,5 +338,20 @@ impl<K: Eq + Hash, H> Drop for Landed<K, H> {
             }
             open
         });
+    }
+}
+
+/// An error and its sources, on one line.
+struct ErrorChain<'a>(&'a (dyn std::error::Error + 'static));
+
+impl fmt::Display for ErrorChain<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut source = self.0.source();
+        while let Some(cause) = source {
+            write!(f, ": {cause}")?;
+            source = cause.source();
+        }
+        Ok(())
     }
 }
