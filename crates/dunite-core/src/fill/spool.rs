@@ -123,8 +123,8 @@ impl<H: Send + Sync + 'static> Filling<H> {
     }
 
     /// Stream `body` into the spool, hashing it and publishing progress, then check the bytes
-    /// against the expected size and digest and the cache's cap. Once this returns `Ok`,
-    /// clients have every byte (the last one included).
+    /// against the expected size and digest and the cache's cap, let clients have the last
+    /// byte, and sync the spool (no client waits for that).
     ///
     /// # Cancel safety
     ///
@@ -252,13 +252,16 @@ impl<H: Send + Sync + 'static> Filling<H> {
                 actual: digest.to_string(),
             }));
         }
+        // The bytes are right: clients may have the last one now. Durability is the cache's
+        // concern, not theirs: the spool is synced before it is moved into place and
+        // committed, but no client waits for the disk.
+        let source = Arc::clone(self.source.as_ref().expect("respond set the source"));
+        self.state.send_replace(State::Verified { source, written: self.written });
         let path = self.spool_path();
         blocking(move || file.sync_all())
             .await
             .map_err(|e| FillError::Local(Arc::new(Error::io("sync", path)(e))))?;
         self.digest = Some(digest);
-        let source = Arc::clone(self.source.as_ref().expect("respond set the source"));
-        self.state.send_replace(State::Verified { source, written: self.written });
         Ok(())
     }
 
