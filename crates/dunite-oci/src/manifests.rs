@@ -64,6 +64,12 @@ pub struct Manifest {
 }
 
 impl Manifest {
+    /// A manifest of `bytes`, served as `media_type` (say, one just fetched and stored).
+    #[must_use]
+    pub fn new(bytes: Vec<u8>, media_type: String) -> Self {
+        Self { bytes, media_type }
+    }
+
     /// The manifest's bytes, which hash to its digest.
     #[must_use]
     pub fn bytes(&self) -> &[u8] {

@@ -1,0 +1,182 @@
+//! `GET|HEAD /v2/<name>/blobs/<digest>`: a hit streams the cached file (with `Range`); a miss
+//! joins the one upstream fill of the digest and streams it as it arrives.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use axum::body::Body;
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+
+use dunite_oci::Digest;
+
+use super::{Error, Mirror, header_value, set_digest};
+use crate::fill::{FillState, fill_from_upstream};
+use crate::metrics::CacheOutcome;
+
+pub(super) async fn blob(
+    mirror: &Arc<Mirror>,
+    method: &Method,
+    host: &str,
+    name: &str,
+    digest: &Digest,
+    headers: &HeaderMap,
+) -> Result<Response, Error> {
+    if let Some(blob) = mirror.blobs.open(digest).await? {
+        mirror.metrics.blob_hits.fetch_add(1, Ordering::Relaxed);
+        return Ok(serve_file(mirror, method, blob, digest, headers.get(header::RANGE)).await);
+    }
+    mirror.metrics.blob_misses.fetch_add(1, Ordering::Relaxed);
+    let upstream_name = mirror.registries.upstream_name(host, name);
+    let path = format!("{upstream_name}/blobs/{digest}");
+    if *method == Method::HEAD {
+        let answer = mirror.registries.send(host, &upstream_name, Method::HEAD, &path, None).await?;
+        return match answer.status() {
+            s if s.is_success() => {
+                let mut response = StatusCode::OK.into_response();
+                copy_header(answer.headers(), response.headers_mut(), header::CONTENT_LENGTH);
+                set_digest(response.headers_mut(), digest);
+                response.extensions_mut().insert(CacheOutcome::Miss);
+                Ok(response)
+            }
+            StatusCode::NOT_FOUND => Err(Error::BlobUnknown),
+            s => Err(Error::UpstreamStatus(s)),
+        };
+    }
+    let fill_mirror = Arc::clone(mirror);
+    let fill_digest = digest.clone();
+    let fill_host = host.to_owned();
+    let mut subscription = mirror
+        .fills
+        .join(digest, &mirror.spool_dir, move |spool, state| async move {
+            let mirror = fill_mirror;
+            let answer = mirror.registries.send(&fill_host, &upstream_name, Method::GET, &path, None).await;
+            let (cache, digest) = (mirror.blobs.clone(), fill_digest);
+            let upstream_bytes = Arc::clone(&mirror.metrics.upstream_bytes);
+            let limit = cache.entries().entries().max_bytes();
+            fill_from_upstream(answer, (spool, state, limit), upstream_bytes, |_| {
+                let store = |spool, written| async move {
+                    let reader = tokio::fs::File::open(spool).await.map_err(|e| e.to_string())?;
+                    match cache.store_with_size(&digest, written, reader).await {
+                        Ok(_) => Ok(()),
+                        // Verified, but not recorded: serve it, cache it next time.
+                        Err(e) if e.is_database() => {
+                            tracing::warn!(error = %e, %digest, "database unavailable; blob served uncached");
+                            Ok(())
+                        }
+                        Err(e) => Err(crate::error_chain(&e)),
+                    }
+                };
+                (None, store)
+            })
+            .await;
+        })
+        .map_err(Error::Spool)?;
+    match subscription.started().await {
+        FillState::Failed { status: Some(404), .. } => return Err(Error::BlobUnknown),
+        FillState::Failed { message, .. } => return Err(Error::Fill(message)),
+        _ => {}
+    }
+    // A `Range` on a miss is answered with the whole blob (200), streamed as it arrives: HTTP
+    // lets a server ignore `Range`, clients then take the full body, and it needs nothing from
+    // the cache (which a database outage, or an eviction right after the fill, could take
+    // away before a range could be cut from it).
+    let total = match subscription.state.borrow().clone() {
+        FillState::Streaming { total, .. } => total,
+        FillState::Done { written } => Some(written),
+        _ => None,
+    };
+    let stream = crate::metrics::metered(subscription.into_stream(), &mirror.metrics.bytes_served);
+    let mut response = Response::new(Body::from_stream(stream));
+    let headers = response.headers_mut();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
+    if let Some(total) = total {
+        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(total));
+    }
+    set_digest(headers, digest);
+    response.extensions_mut().insert(CacheOutcome::Miss);
+    Ok(response)
+}
+
+/// Serve a cached blob, whole or one `Range`.
+async fn serve_file(
+    mirror: &Mirror,
+    method: &Method,
+    blob: dunite_oci::Blob,
+    digest: &Digest,
+    range: Option<&HeaderValue>,
+) -> Response {
+    let size = blob.size();
+    let file = blob.into_file();
+    let (status, start, len) = match range.map(|r| parse_range(r, size)) {
+        None => (StatusCode::OK, 0, size),
+        Some(Some((start, end))) => (StatusCode::PARTIAL_CONTENT, start, end - start + 1),
+        Some(None) => {
+            let mut response = StatusCode::RANGE_NOT_SATISFIABLE.into_response();
+            response.headers_mut().insert(header::CONTENT_RANGE, header_value(&format!("bytes */{size}")));
+            return response;
+        }
+    };
+    let body = if *method == Method::HEAD {
+        Body::empty()
+    } else {
+        crate::body::file_body(file.into_std().await, start, len, &mirror.metrics.bytes_served)
+    };
+    let mut response = Response::new(body);
+    *response.status_mut() = status;
+    let headers = response.headers_mut();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
+    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    headers.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    if status == StatusCode::PARTIAL_CONTENT {
+        headers.insert(
+            header::CONTENT_RANGE,
+            header_value(&format!("bytes {start}-{}/{size}", start + len - 1)),
+        );
+    }
+    set_digest(headers, digest);
+    response.extensions_mut().insert(CacheOutcome::Hit);
+    response
+}
+
+/// One `bytes=a-b`, `bytes=a-` or `bytes=-n` range within `size`, as inclusive bounds.
+pub(crate) fn parse_range(value: &HeaderValue, size: u64) -> Option<(u64, u64)> {
+    let spec = value.to_str().ok()?.trim().strip_prefix("bytes=")?;
+    if spec.contains(',') || size == 0 {
+        return None;
+    }
+    let (a, b) = spec.split_once('-')?;
+    let (start, end) = match (a.trim(), b.trim()) {
+        ("", n) => {
+            let n: u64 = n.parse().ok()?;
+            (size.saturating_sub(n), size - 1)
+        }
+        (a, "") => (a.parse().ok()?, size - 1),
+        (a, b) => (a.parse().ok()?, b.parse::<u64>().ok()?.min(size - 1)),
+    };
+    (start <= end && start < size).then_some((start, end))
+}
+
+fn copy_header(from: &HeaderMap, to: &mut HeaderMap, name: header::HeaderName) {
+    if let Some(value) = from.get(&name).and_then(|v| HeaderValue::from_bytes(v.as_bytes()).ok()) {
+        to.insert(name, value);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges() {
+        let r = |s: &'static str| parse_range(&HeaderValue::from_static(s), 100);
+        assert_eq!(r("bytes=0-9"), Some((0, 9)));
+        assert_eq!(r("bytes=90-"), Some((90, 99)));
+        assert_eq!(r("bytes=-10"), Some((90, 99)));
+        assert_eq!(r("bytes=50-500"), Some((50, 99)));
+        assert_eq!(r("bytes=100-"), None);
+        assert_eq!(r("bytes=9-0"), None);
+        assert_eq!(r("bytes=0-1,5-6"), None);
+        assert_eq!(r("items=0-1"), None);
+    }
+}
