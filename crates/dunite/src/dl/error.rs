@@ -127,4 +127,9 @@ mod tests {
         );
         assert_eq!(Error::Fill("cut".into()).status(), StatusCode::BAD_GATEWAY);
     }
+
+    #[tokio::test]
+    async fn an_upstream_timeout_is_a_504() {
+        assert_eq!(fetch(crate::upstream::timed_out().await).status(), StatusCode::GATEWAY_TIMEOUT);
+    }
 }

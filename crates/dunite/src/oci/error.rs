@@ -194,4 +194,13 @@ mod tests {
         );
         assert!(!Error::ManifestUnknown.is_upstream_fault(), "a 404 is an answer, not a fault");
     }
+
+    #[tokio::test]
+    async fn an_upstream_timeout_is_a_504_and_still_an_upstream_fault() {
+        let timeout = crate::upstream::timed_out().await;
+        assert!(timeout.is_timeout(), "{timeout}");
+        let error = Error::Upstream(UpstreamError::Http(timeout));
+        assert_eq!(error.status(), StatusCode::GATEWAY_TIMEOUT);
+        assert!(error.is_upstream_fault(), "a stale tag may stand in for a timed-out upstream");
+    }
 }
