@@ -72,7 +72,7 @@ pub fn name(data: &[u8]) {
 
 /// Tags and manifest references: an accepted tag is one segment (no `/`, `%`, `\`, NUL; at
 /// most 128 characters; no leading `.` or `-`), and `Reference::parse` gives back the tag
-/// unchanged or a digest that prints as the input, or refuses with a 4xx.
+/// unchanged or a digest that prints as the input, or refuses it (a 400 at the server).
 pub fn reference(data: &[u8]) {
     let Some(text) = text(data) else { return };
     let tag = is_valid_tag(text);
@@ -85,7 +85,7 @@ pub fn reference(data: &[u8]) {
     match Reference::parse(text) {
         Ok(Reference::Tag(t)) => assert!(tag && t == text, "tag {text:?} became {t:?}"),
         Ok(Reference::Digest(d)) => assert_eq!(d.to_string(), text),
-        Err(e) => assert!(e.status.is_client_error() && !tag, "{text:?}: {e:?}"),
+        Err(e) => assert!(!tag, "{text:?}: {e:?}"),
     }
 }
 

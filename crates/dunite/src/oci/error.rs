@@ -6,7 +6,7 @@ use axum::response::{IntoResponse, Response};
 
 use dunite_oci::{Digest, DigestError};
 
-use crate::spec::SpecError;
+use crate::spec::{ReferenceError, SpecError};
 use crate::upstream::UpstreamError;
 
 /// Why a `/v2/` request failed. Answered with the spec's JSON error body
@@ -29,8 +29,8 @@ pub(crate) enum Error {
     #[error("invalid digest: {0}")]
     DigestInvalid(#[source] DigestError),
     /// A manifest reference that is neither a tag nor a digest.
-    #[error("{}", .0.message)]
-    InvalidReference(SpecError),
+    #[error(transparent)]
+    InvalidReference(#[from] ReferenceError),
     /// No upstream is configured for the registry asked for.
     #[error("no upstream for registry {0:?}")]
     UnknownRegistry(String),
@@ -87,8 +87,7 @@ impl Error {
     pub(crate) fn status(&self) -> StatusCode {
         match self {
             Self::NotAPull => StatusCode::METHOD_NOT_ALLOWED,
-            Self::NameInvalid | Self::DigestInvalid(_) => StatusCode::BAD_REQUEST,
-            Self::InvalidReference(spec) => spec.status,
+            Self::NameInvalid | Self::DigestInvalid(_) | Self::InvalidReference(_) => StatusCode::BAD_REQUEST,
             Self::UnknownEndpoint | Self::UnknownRegistry(_) | Self::BlobUnknown | Self::ManifestUnknown => {
                 StatusCode::NOT_FOUND
             }
@@ -120,7 +119,7 @@ impl Error {
             Self::NotAPull | Self::UnknownEndpoint => "UNSUPPORTED",
             Self::NameInvalid => "NAME_INVALID",
             Self::DigestInvalid(_) => "DIGEST_INVALID",
-            Self::InvalidReference(spec) => spec.code,
+            Self::InvalidReference(error) => error.code(),
             Self::UnknownRegistry(_) => "NAME_UNKNOWN",
             Self::BlobUnknown => "BLOB_UNKNOWN",
             Self::ManifestUnknown => "MANIFEST_UNKNOWN",

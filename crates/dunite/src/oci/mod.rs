@@ -180,7 +180,7 @@ async fn route(
             blobs::blob(mirror, method, &host, name, &digest, headers).await
         }
         "manifests" => {
-            let reference = Reference::parse(reference).map_err(Error::InvalidReference)?;
+            let reference = Reference::parse(reference)?;
             manifests::manifest(mirror, method, &host, name, reference, headers).await
         }
         _ => Err(Error::UnknownEndpoint),
