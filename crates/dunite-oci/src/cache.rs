@@ -9,6 +9,7 @@ use dunite_core::{
     OnConflict, PassReport, Pin, Stored,
 };
 
+use crate::content::{Found, open_verified};
 use crate::{Digest, Result};
 
 /// The namespace of blob rows in the metadata database.
@@ -232,16 +233,10 @@ impl BlobCache {
     /// [`Error::Cache`](crate::Error::Cache) if the payload cannot be opened, or the metadata
     /// cannot be read and the directory cannot be searched either.
     pub async fn open(&self, digest: &Digest) -> Result<Option<Blob>> {
-        let key = digest.to_string();
-        match self.cache.open_entry(&key).await {
-            Ok(entry) => Ok(entry.map(|entry| Blob { size: entry.info.size, file: entry.file })),
-            Err(error) if error.is_database_unavailable() => {
-                tracing::warn!(%error, %digest, "metadata database unavailable; looking for the blob on disk");
-                let found = self.cache.open_unindexed(&key, digest.content_digest()).await?;
-                Ok(found.map(|(file, size)| Blob { size, file }))
-            }
-            Err(error) => Err(error.into()),
-        }
+        Ok(open_verified(&self.cache, digest, "blob").await?.map(|found| match found {
+            Found::Indexed { file, info } => Blob { size: info.size, file },
+            Found::OnDisk { file, size } => Blob { size, file },
+        }))
     }
 
     /// Whether the blob is cached (no access recorded).

@@ -1,4 +1,4 @@
-//! A digest-addressed, byte-capped OCI blob cache.
+//! Digest-addressed, byte-capped OCI caches: blobs, manifests and tags.
 //!
 //! [`BlobCache`] stores container image blobs under their OCI [`Digest`], verifies every byte
 //! against it, and stays under a byte cap through `dunite-core`'s [`DebouncedEvictor`]: a
@@ -11,6 +11,17 @@
 //! content-addressed stores (the same digest is the same bytes, so a second store is a
 //! no-op), and reads that survive a database outage (a blob found on disk is verified
 //! against its digest before it is handed out).
+//!
+//! A pull-through mirror needs two more caches, on the same machinery:
+//! [`ManifestCache`] (manifests by digest with their media type, content-addressed and
+//! outage-tolerant like blobs: both read through one fallback) and [`TagCache`] (tag ->
+//! digest records, one per set of [`AcceptedTypes`], fresh for a TTL, and a stale fallback
+//! for when the upstream is down). This crate knows nothing of HTTP: reading an `Accept`
+//! header, asking an upstream and answering clients are the server's.
+//!
+//! Every cache requires a Tokio runtime (each spawns its evictor). Their async methods are
+//! cancel safe: a cancelled store leaves no visible partial entry and no counted bytes; see
+//! each method's `# Cancel safety`.
 //!
 //! [`DebouncedEvictor`]: dunite_core::DebouncedEvictor
 //! [`EntryCache`]: dunite_core::EntryCache
@@ -49,9 +60,14 @@
 #![warn(missing_docs, missing_debug_implementations, unreachable_pub)]
 
 mod cache;
+mod content;
 mod digest;
 mod error;
+mod manifests;
+mod tags;
 
 pub use cache::{Blob, BlobCache, NAMESPACE};
 pub use digest::{Digest, DigestError};
 pub use error::{Error, Result};
+pub use manifests::{MANIFEST_NAMESPACE, Manifest, ManifestCache, declared_media_type, is_header_text};
+pub use tags::{AcceptedTypes, MANIFEST_TYPES, TAG_NAMESPACE, TagCache, TagKey, TagRecord};

@@ -1,6 +1,7 @@
-//! The server: shared state, routes, request logging and graceful shutdown.
+//! The server: the features' routes merged, request logging, `/metrics`, `/healthz` and
+//! graceful shutdown. Each feature (`oci::Mirror`, `dl::Proxy`) owns its state; this file
+//! only opens them on one database and serves them.
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -10,74 +11,28 @@ use axum::extract::{Request, State};
 use axum::http::StatusCode;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{any, get};
+use axum::routing::get;
 use axum::serve::ListenerExt as _;
 
-use dunite_core::{
-    CacheOptions, Database, DatabaseOptions, EntryCache, EvictionPolicy, FillOptions, OnConflict,
-};
-use dunite_oci::BlobCache;
+use dunite_core::{Database, DatabaseOptions};
 
 use crate::config::Config;
-use crate::metrics::{CacheGauges, Metrics};
-use crate::oci;
-use crate::upstream::Registries;
+use crate::dl::Proxy;
+use crate::metrics::{CacheGauges, CacheOutcome, Metrics};
+use crate::oci::Mirror;
+use crate::start::StartError;
 
-/// How a request was answered, recorded by handlers for the request log.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CacheOutcome {
-    /// From the cache.
-    Hit,
-    /// From the upstream (and cached).
-    Miss,
-    /// From the cache, stale, because the upstream was down.
-    Stale,
-}
-
-/// Everything the handlers share.
+/// The server: each feature with its own state, and what they share.
 #[derive(Debug)]
 pub struct App {
     /// The resolved configuration.
     pub config: Config,
-    /// OCI blobs by digest.
-    pub(crate) blobs: BlobCache,
-    /// OCI manifests by digest (meta: media type).
-    pub(crate) manifests: EntryCache,
-    /// Tag -> digest records (empty payloads; meta: JSON).
-    pub(crate) tags: EntryCache,
-    /// Downloads by canonical URL.
-    pub(crate) downloads: dunite_download::DownloadCache,
-    /// How downloads are fetched.
-    pub(crate) fetcher: crate::dl::HttpFetcher,
-    /// Upstream registries.
-    pub(crate) registries: Registries,
-    /// Counters.
-    pub(crate) metrics: Metrics,
-}
-
-/// Why the server could not start.
-#[derive(Debug, thiserror::Error)]
-pub enum StartError {
-    /// A cache could not be opened.
-    #[error("cannot open the cache: {0}")]
-    Cache(#[from] dunite_core::Error),
-    /// The blob cache could not be opened.
-    #[error("cannot open the blob cache: {0}")]
-    Blobs(#[from] dunite_oci::Error),
-    /// The download cache could not be opened.
-    #[error("cannot open the download cache: {0}")]
-    Downloads(#[from] dunite_download::Error),
-    /// The upstream client could not be built.
-    #[error("cannot set up upstream access: {0}")]
-    Upstream(#[from] crate::upstream::UpstreamError),
-    /// A directory could not be prepared.
-    #[error("cannot prepare {path}: {source}")]
-    Io {
-        /// The directory.
-        path: PathBuf,
-        /// The cause.
-        source: std::io::Error,
-    },
+    /// The OCI pull-through mirror (`/v2/`).
+    mirror: Arc<Mirror>,
+    /// The download proxy (`/dl/`).
+    proxy: Arc<Proxy>,
+    /// Counters, shared with the features.
+    metrics: Arc<Metrics>,
 }
 
 impl App {
@@ -106,70 +61,22 @@ impl App {
         // store); `spool/` is where older versions spooled: what is left there is worthless,
         // but with a shared database, young files may be an older instance's fills in flight.
         remove_stale_spools(&dir.join("spool"), database.orphan_grace()).await;
-        let fills = FillOptions::new().with_idle_timeout(config.upstream_timeout);
-        let blobs = BlobCache::new(
-            BlobCache::options(dir.join("blobs"), EvictionPolicy::new(config.oci_max_bytes))
-                .with_database(database.clone()),
-        )
-        .await?
-        .with_fill_options(fills.clone());
-        let manifest_cap = (config.oci_max_bytes / 16).max(64 << 20);
-        let manifests = EntryCache::open(
-            CacheOptions::new(dir.join("manifests"), "oci-manifests", EvictionPolicy::new(manifest_cap))
-                .with_database(database.clone())
-                .with_on_conflict(OnConflict::KeepExisting),
-        )
-        .await?;
-        let tags = EntryCache::open(
-            CacheOptions::new(dir.join("tags"), "oci-tags", EvictionPolicy::new(config.tag_max_bytes))
-                .with_database(database.clone())
-                .with_on_conflict(OnConflict::Replace),
-        )
-        .await?;
-        let downloads = dunite_download::DownloadCache::new(
-            dunite_download::DownloadCache::options(
-                dir.join("downloads"),
-                EvictionPolicy::new(config.dl_max_bytes),
-            )
-            .with_database(database.clone()),
-            config.dl_freshness,
-        )
-        .await?
-        .with_fill_options(fills);
-        let private = if config.dl_allow_private_networks {
-            crate::dl::PrivateNetworks::Allowed
-        } else {
-            crate::dl::PrivateNetworks::Refused
-        };
-        let fetcher = crate::dl::HttpFetcher::new(config.dl_allow.clone(), private, config.upstream_timeout)
-            .map_err(|e| StartError::Upstream(crate::upstream::UpstreamError::Http(e)))?;
-        let registries =
-            Registries::new(config.upstreams.clone(), config.credentials.clone(), config.upstream_timeout)?;
-        Ok(Arc::new(Self {
-            config,
-            blobs,
-            manifests,
-            tags,
-            downloads,
-            fetcher,
-            registries,
-            metrics: Metrics::default(),
-        }))
+        let metrics = Arc::new(Metrics::default());
+        let mirror = Mirror::open(&config, &database, Arc::clone(&metrics)).await?;
+        let proxy = Proxy::open(&config, &database, Arc::clone(&metrics)).await?;
+        Ok(Arc::new(Self { config, mirror: Arc::new(mirror), proxy: Arc::new(proxy), metrics }))
     }
 
-    /// The routes.
+    /// The routes: each feature's, `/metrics` and `/healthz`, all behind the request log.
     pub fn router(self: &Arc<Self>) -> Router {
         Router::new()
-            .route("/v2/", get(oci::root))
-            .route("/v2", get(oci::root))
-            // Every method reaches the dispatcher, which answers non-pulls with the spec error.
-            .route("/v2/{*rest}", any(oci::dispatch))
-            .route("/dl/{*url}", get(crate::dl::download))
             .route("/metrics", get(metrics))
             .route("/healthz", get(|| async { "ok\n" }))
-            .fallback(|| async { (StatusCode::NOT_FOUND, "not found\n") })
-            .layer(middleware::from_fn_with_state(Arc::clone(self), log_request))
             .with_state(Arc::clone(self))
+            .merge(self.mirror.routes())
+            .merge(self.proxy.routes())
+            .fallback(|| async { (StatusCode::NOT_FOUND, "not found\n") })
+            .layer(middleware::from_fn_with_state(Arc::clone(&self.metrics), log_request))
     }
 }
 
@@ -191,12 +98,7 @@ async fn remove_stale_spools(dir: &std::path::Path, grace: Duration) {
 
 async fn metrics(State(app): State<Arc<App>>) -> Response {
     let mut caches = Vec::new();
-    for (name, cache) in [
-        ("blobs", app.blobs.entries()),
-        ("manifests", &app.manifests),
-        ("tags", &app.tags),
-        ("downloads", app.downloads.entries()),
-    ] {
+    for (name, cache) in app.mirror.caches().into_iter().chain(app.proxy.caches()) {
         let stats = cache.stats();
         caches.push((
             name,
@@ -216,13 +118,13 @@ async fn metrics(State(app): State<Arc<App>>) -> Response {
 }
 
 /// One info line per request: method, path, status, bytes, cache outcome, duration.
-async fn log_request(State(app): State<Arc<App>>, request: Request, next: Next) -> Response {
+async fn log_request(State(metrics): State<Arc<Metrics>>, request: Request, next: Next) -> Response {
     let started = Instant::now();
     let method = request.method().clone();
     // The path only: query strings may carry what does not belong in logs.
     let path = request.uri().path().to_owned();
     let response = next.run(request).await;
-    app.metrics.requests.fetch_add(1, Ordering::Relaxed);
+    metrics.requests.fetch_add(1, Ordering::Relaxed);
     let outcome = response.extensions().get::<CacheOutcome>().copied();
     let bytes =
         response.headers().get("content-length").and_then(|v| v.to_str().ok()).unwrap_or("-").to_owned();

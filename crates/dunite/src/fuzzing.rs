@@ -72,7 +72,7 @@ pub fn name(data: &[u8]) {
 
 /// Tags and manifest references: an accepted tag is one segment (no `/`, `%`, `\`, NUL; at
 /// most 128 characters; no leading `.` or `-`), and `Reference::parse` gives back the tag
-/// unchanged or a digest that prints as the input, or refuses with a 4xx.
+/// unchanged or a digest that prints as the input, or refuses it (a 400 at the server).
 pub fn reference(data: &[u8]) {
     let Some(text) = text(data) else { return };
     let tag = is_valid_tag(text);
@@ -85,7 +85,7 @@ pub fn reference(data: &[u8]) {
     match Reference::parse(text) {
         Ok(Reference::Tag(t)) => assert!(tag && t == text, "tag {text:?} became {t:?}"),
         Ok(Reference::Digest(d)) => assert_eq!(d.to_string(), text),
-        Err(e) => assert!(e.status.is_client_error() && !tag, "{text:?}: {e:?}"),
+        Err(e) => assert!(!tag, "{text:?}: {e:?}"),
     }
 }
 
@@ -152,7 +152,7 @@ pub fn download_target(data: &[u8]) {
                 assert_eq!(pin.as_bytes().len(), 32, "{input:?}");
             }
         }
-        Err(message) => assert!(!message.is_empty()),
+        Err(error) => assert!(!error.to_string().is_empty()),
     }
 }
 
@@ -170,12 +170,16 @@ pub fn range(data: &[u8]) {
 /// A manifest's declared media type (read on the database-outage path): any bytes give a
 /// media type that is a non-empty header value, and such a declared `mediaType` is taken as is.
 pub fn manifest_media_type(data: &[u8]) {
-    let media_type = crate::oci::declared_media_type(data);
-    assert!(crate::oci::is_header_text(&media_type), "{media_type:?} is not a header value");
+    let media_type = dunite_oci::declared_media_type(data);
+    assert!(
+        !media_type.is_empty() && HeaderValue::from_str(&media_type).is_ok(),
+        "{media_type:?} is not a header value"
+    );
     let declared = serde_json::from_slice::<serde_json::Value>(data)
         .ok()
         .and_then(|v| v.get("mediaType").and_then(|m| m.as_str().map(str::to_owned)));
-    if let Some(declared) = declared.filter(|d| crate::oci::is_header_text(d)) {
+    if let Some(declared) = declared.filter(|d| dunite_oci::is_header_text(d)) {
+        assert!(HeaderValue::from_str(&declared).is_ok(), "{declared:?} taken for a header value");
         assert_eq!(media_type, declared);
     }
 }
@@ -186,22 +190,22 @@ pub fn manifest_media_type(data: &[u8]) {
 /// answers suits the clients sharing it. The tag's last answer is never served as an index
 /// to a client that refused indexes.
 pub fn tag_keys(data: &[u8]) {
-    use crate::oci::{MANIFEST_TYPES, TagKeys};
+    use crate::oci::{accepted_types, upstream_accept};
+    use dunite_oci::{MANIFEST_TYPES, TagKey};
     let Ok(accept) = HeaderValue::from_bytes(data) else { return };
-    let keys = TagKeys::new("r.example", "a/b", "t", &accept);
+    let key = TagKey::new("r.example", "a/b", "t", accepted_types(&accept));
     let suffix =
-        keys.variant.strip_prefix(&format!("{}@", keys.last)).expect("the variant extends the tag's key");
-    assert!(suffix.len() == 16 && suffix.bytes().all(|b| b.is_ascii_hexdigit()), "{:?}", keys.variant);
-    assert!(keys.accepted.windows(2).all(|w| w[0] < w[1]), "{:?}", keys.accepted);
-    assert!(keys.accepted.iter().all(|t| MANIFEST_TYPES.contains(&t.as_str())), "{:?}", keys.accepted);
-    let again = match keys.upstream_accept() {
-        Some(asked) => TagKeys::new("r.example", "a/b", "t", &asked),
-        None => TagKeys::new("r.example", "a/b", "t", &HeaderValue::from_static("")),
-    };
-    assert_eq!(again.variant, keys.variant, "asking upstream keys another record: {accept:?}");
+        key.variant().strip_prefix(&format!("{}@", key.last())).expect("the variant extends the tag's key");
+    assert!(suffix.len() == 16 && suffix.bytes().all(|b| b.is_ascii_hexdigit()), "{:?}", key.variant());
+    let accepted: Vec<&str> = key.types().accepted().collect();
+    assert!(accepted.windows(2).all(|w| w[0] < w[1]), "{accepted:?}");
+    assert!(accepted.iter().all(|t| MANIFEST_TYPES.contains(t)), "{accepted:?}");
+    let asked = upstream_accept(key.types()).unwrap_or(HeaderValue::from_static(""));
+    let again = TagKey::new("r.example", "a/b", "t", accepted_types(&asked));
+    assert_eq!(again.variant(), key.variant(), "asking upstream keys another record: {accept:?}");
     let index = "application/vnd.oci.image.index.v1+json";
-    if !keys.accepted.iter().any(|t| t == index || t == "*/*") {
-        assert!(!keys.may_serve(index), "an index for {accept:?}");
+    if !accepted.iter().any(|t| *t == index || *t == "*/*") {
+        assert!(!key.types().may_serve(index), "an index for {accept:?}");
     }
 }
 

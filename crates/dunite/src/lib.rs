@@ -36,9 +36,12 @@ pub mod fuzzing;
 mod metrics;
 mod oci;
 pub mod spec;
+mod start;
 pub mod upstream;
 
-pub use app::{App, CacheOutcome, StartError, serve, shutdown_signal, wait_until_listening};
+pub use app::{App, serve, shutdown_signal, wait_until_listening};
+pub use metrics::CacheOutcome;
+pub use start::StartError;
 
 /// An error and its causes, `: `-separated ("i/o error while trying to write ...: No space
 /// left on device"): what logs and client-facing messages show, since the cause is often the

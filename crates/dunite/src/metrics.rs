@@ -7,6 +7,18 @@ use futures_util::{Stream, StreamExt as _};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+/// How a request was answered, recorded by handlers (as a response extension) for the
+/// request log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CacheOutcome {
+    /// From the cache.
+    Hit,
+    /// From the upstream (and cached).
+    Miss,
+    /// From the cache, stale, because the upstream was down.
+    Stale,
+}
+
 /// Request-level counters (cache-level ones come from the caches' own stats).
 #[derive(Debug, Default)]
 pub(crate) struct Metrics {

@@ -74,19 +74,44 @@ impl Reference {
     ///
     /// # Errors
     ///
-    /// The spec error to answer with.
-    pub fn parse(text: &str) -> Result<Self, SpecError> {
+    /// [`ReferenceError`]: neither a digest nor a tag.
+    pub fn parse(text: &str) -> Result<Self, ReferenceError> {
         if text.contains(':') {
-            text.parse().map(Self::Digest).map_err(|e| SpecError::digest_invalid(&e.to_string()))
+            Ok(Self::Digest(text.parse()?))
         } else if is_valid_tag(text) {
             Ok(Self::Tag(text.to_owned()))
         } else {
-            Err(SpecError::new(StatusCode::BAD_REQUEST, "MANIFEST_INVALID", "invalid tag"))
+            Err(ReferenceError::Tag)
+        }
+    }
+}
+
+/// Why a manifest reference is neither a digest nor a tag.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ReferenceError {
+    /// It has a `:`, so it is meant as a digest, and is not one.
+    #[error("invalid digest: {0}")]
+    Digest(#[from] dunite_oci::DigestError),
+    /// It is outside the tag grammar.
+    #[error("invalid tag")]
+    Tag,
+}
+
+impl ReferenceError {
+    /// The spec's error code: `DIGEST_INVALID` or `MANIFEST_INVALID` (answered with a 400).
+    #[must_use]
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::Digest(_) => "DIGEST_INVALID",
+            Self::Tag => "MANIFEST_INVALID",
         }
     }
 }
 
 /// An error answered with the spec's JSON body: `{"errors":[{"code","message","detail"}]}`.
+/// The wire format only: which failure gets which status and code is decided in one place,
+/// the mirror's error type.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SpecError {
     /// The HTTP status.
@@ -102,42 +127,6 @@ impl SpecError {
     #[must_use]
     pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
         Self { status, code, message: message.into() }
-    }
-
-    /// `NAME_INVALID`.
-    #[must_use]
-    pub fn name_invalid() -> Self {
-        Self::new(StatusCode::BAD_REQUEST, "NAME_INVALID", "invalid repository name")
-    }
-
-    /// `DIGEST_INVALID`.
-    #[must_use]
-    pub fn digest_invalid(detail: &str) -> Self {
-        Self::new(StatusCode::BAD_REQUEST, "DIGEST_INVALID", format!("invalid digest: {detail}"))
-    }
-
-    /// `BLOB_UNKNOWN`.
-    #[must_use]
-    pub fn blob_unknown() -> Self {
-        Self::new(StatusCode::NOT_FOUND, "BLOB_UNKNOWN", "blob unknown to registry")
-    }
-
-    /// `MANIFEST_UNKNOWN`.
-    #[must_use]
-    pub fn manifest_unknown() -> Self {
-        Self::new(StatusCode::NOT_FOUND, "MANIFEST_UNKNOWN", "manifest unknown")
-    }
-
-    /// `UNSUPPORTED` for an unknown registry or route.
-    #[must_use]
-    pub fn unsupported(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::NOT_FOUND, "UNSUPPORTED", message)
-    }
-
-    /// An upstream failure, answered as a bad gateway.
-    #[must_use]
-    pub fn upstream(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::BAD_GATEWAY, "UNKNOWN", message)
     }
 }
 
@@ -176,7 +165,7 @@ mod tests {
                 && !is_valid_tag(&"a".repeat(129))
         );
         assert!(matches!(Reference::parse("latest"), Ok(Reference::Tag(_))));
-        assert_eq!(Reference::parse("sha256:zz").unwrap_err().code, "DIGEST_INVALID");
-        assert_eq!(Reference::parse("../x").unwrap_err().code, "MANIFEST_INVALID");
+        assert_eq!(Reference::parse("sha256:zz").unwrap_err().code(), "DIGEST_INVALID");
+        assert_eq!(Reference::parse("../x").unwrap_err().code(), "MANIFEST_INVALID");
     }
 }

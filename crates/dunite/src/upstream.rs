@@ -109,6 +109,13 @@ pub enum UpstreamError {
     Token(String),
 }
 
+impl UpstreamError {
+    /// Whether the upstream did not answer in time.
+    pub(crate) fn is_timeout(&self) -> bool {
+        matches!(self, Self::Http(e) if e.is_timeout())
+    }
+}
+
 impl From<reqwest::Error> for UpstreamError {
     fn from(error: reqwest::Error) -> Self {
         Self::Http(redact(error))
@@ -305,6 +312,22 @@ pub(crate) fn bearer_challenge(headers: &HeaderMap) -> Option<BTreeMap<String, S
         params.insert(key.trim().to_ascii_lowercase(), value);
     }
     Some(params)
+}
+
+/// A request that timed out, as the upstream clients report one: to a loopback listener that
+/// accepts and never answers, with a 50 ms read timeout.
+#[cfg(test)]
+pub(crate) async fn timed_out() -> reqwest::Error {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("a loopback port");
+    let url = format!("http://{}/", listener.local_addr().expect("bound"));
+    let silent = tokio::spawn(async move {
+        let _held = listener.accept().await;
+        std::future::pending::<()>().await;
+    });
+    let client = http_client(Duration::from_millis(50)).build().expect("a client");
+    let error = client.get(url).send().await.expect_err("nothing answers");
+    silent.abort();
+    error
 }
 
 #[cfg(test)]

@@ -59,7 +59,11 @@ async fn cut_or_wrong_upstream_blobs_are_errors_and_never_cached() {
     mode.store(GOOD, Ordering::SeqCst);
     let bytes = reqwest::get(&url).await.unwrap().bytes().await.unwrap();
     assert!(bytes[..] == blob[..]);
-    assert_eq!(dunite.metric("dunite_cache_entries{cache=\"blobs\"}").await, 1);
+    // Clients have their bytes once verified; the commit follows.
+    dunite_testkit::poll_until(std::time::Duration::from_secs(30), "the blob cached", async || {
+        dunite.metric("dunite_cache_entries{cache=\"blobs\"}").await == 1
+    })
+    .await;
     let again = reqwest::get(&url).await.unwrap().bytes().await.unwrap();
     assert!(again[..] == blob[..]);
     assert!(dunite.metric("dunite_blob_hits_total").await >= 1);

@@ -21,6 +21,11 @@ async fn skopeo_pull_is_byte_identical_and_the_second_pull_is_served_from_cache(
     assert_eq!(misses, 4, "three layers and a config");
     assert!(upstream_bytes >= blob_bytes);
 
+    // A client has its bytes once they are verified; the commits follow.
+    dunite_testkit::poll_until(Duration::from_secs(30), "the image's blobs cached", async || {
+        dunite.metric("dunite_cache_entries{cache=\"blobs\"}").await == misses
+    })
+    .await;
     let second = pull(dunite.addr, "e2e/app").await.unwrap();
     assert_same_copy(direct.path(), second.path());
     assert_eq!(

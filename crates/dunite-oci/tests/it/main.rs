@@ -6,10 +6,12 @@ mod bad_input;
 mod burst;
 mod crash;
 mod invariants;
+mod manifests;
 mod pg_restart;
 mod pool;
 mod readers;
 mod shared;
+mod tags;
 
 use std::path::Path;
 

@@ -1,0 +1,194 @@
+//! `GET|HEAD /v2/<name>/blobs/<digest>`: a hit streams the cached file (with `Range`); a miss
+//! joins the one upstream fill of the digest (`BlobCache::fill`) and streams it, or the
+//! range asked for, as it arrives.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use axum::body::Body;
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+
+use dunite_core::FillError;
+use dunite_oci::Digest;
+
+use super::{Error, Mirror, header_value, set_digest};
+use crate::metrics::CacheOutcome;
+
+pub(super) async fn blob(
+    mirror: &Arc<Mirror>,
+    method: &Method,
+    host: &str,
+    name: &str,
+    digest: &Digest,
+    headers: &HeaderMap,
+) -> Result<Response, Error> {
+    if let Some(blob) = mirror.blobs.open(digest).await? {
+        mirror.metrics.blob_hits.fetch_add(1, Ordering::Relaxed);
+        return Ok(serve_file(mirror, method, blob, digest, headers.get(header::RANGE)).await);
+    }
+    mirror.metrics.blob_misses.fetch_add(1, Ordering::Relaxed);
+    let upstream_name = mirror.registries.upstream_name(host, name);
+    let path = format!("{upstream_name}/blobs/{digest}");
+    if *method == Method::HEAD {
+        let answer = mirror.registries.send(host, &upstream_name, Method::HEAD, &path, None).await?;
+        return match answer.status() {
+            s if s.is_success() => {
+                let mut response = StatusCode::OK.into_response();
+                copy_header(answer.headers(), response.headers_mut(), header::CONTENT_LENGTH);
+                set_digest(response.headers_mut(), digest);
+                response.extensions_mut().insert(CacheOutcome::Miss);
+                Ok(response)
+            }
+            StatusCode::NOT_FOUND => Err(Error::BlobUnknown),
+            s => Err(Error::UpstreamStatus(s)),
+        };
+    }
+    let (fill_mirror, fill_host) = (Arc::clone(mirror), host.to_owned());
+    let upstream_bytes = Arc::clone(&mirror.metrics.upstream_bytes);
+    let mut joined = mirror.blobs.fill(digest, move || async move {
+        let answer = fill_mirror
+            .registries
+            .send(&fill_host, &upstream_name, Method::GET, &path, None)
+            .await
+            .map_err(FillError::other)?;
+        if !answer.status().is_success() {
+            return Err(FillError::Refused { status: answer.status().as_u16() });
+        }
+        Ok((answer.content_length(), upstream_body(answer, upstream_bytes)))
+    })?;
+    let total = match joined.started().await {
+        Ok(started) => started.total(),
+        Err(error) if error.is_not_found() => return Err(Error::BlobUnknown),
+        Err(error) => return Err(Error::Fill(error)),
+    };
+    // A `Range` on a miss is cut from the growing spool as soon as its bytes have arrived
+    // (lazy-pulling clients ask for a few ranges of a layer). Without an announced length, or
+    // with a range that cannot be satisfied, the whole blob is streamed (200): HTTP lets a
+    // server ignore `Range`.
+    let range = headers
+        .get(header::RANGE)
+        .zip(total)
+        .and_then(|(range, total)| Some((parse_range(range, total)?, total)));
+    let (status, start, end) = match range {
+        Some(((first, last), _)) => (StatusCode::PARTIAL_CONTENT, first, Some(last + 1)),
+        None => (StatusCode::OK, 0, None),
+    };
+    let stream = crate::metrics::metered(joined.body(start, end), &mirror.metrics.bytes_served);
+    let mut response = Response::new(Body::from_stream(stream));
+    *response.status_mut() = status;
+    let headers = response.headers_mut();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
+    match (range, total) {
+        (Some(((first, last), total)), _) => {
+            headers.insert(header::CONTENT_LENGTH, HeaderValue::from(last + 1 - first));
+            headers.insert(header::CONTENT_RANGE, header_value(&format!("bytes {first}-{last}/{total}")));
+        }
+        (None, Some(total)) => {
+            headers.insert(header::CONTENT_LENGTH, HeaderValue::from(total));
+        }
+        (None, None) => {}
+    }
+    if total.is_some() {
+        headers.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    }
+    set_digest(headers, digest);
+    response.extensions_mut().insert(CacheOutcome::Miss);
+    Ok(response)
+}
+
+/// An upstream's body as the fill reads it: its URL redacted from errors, its bytes counted.
+fn upstream_body(
+    answer: reqwest::Response,
+    counter: Arc<std::sync::atomic::AtomicU64>,
+) -> impl futures_util::Stream<Item = Result<bytes::Bytes, reqwest::Error>> + Send {
+    use futures_util::StreamExt as _;
+    answer.bytes_stream().map(move |chunk| {
+        let chunk = chunk.map_err(crate::upstream::redact)?;
+        counter.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+        Ok(chunk)
+    })
+}
+
+/// Serve a cached blob, whole or one `Range`.
+async fn serve_file(
+    mirror: &Mirror,
+    method: &Method,
+    blob: dunite_oci::Blob,
+    digest: &Digest,
+    range: Option<&HeaderValue>,
+) -> Response {
+    let size = blob.size();
+    let file = blob.into_file();
+    let (status, start, len) = match range.map(|r| parse_range(r, size)) {
+        None => (StatusCode::OK, 0, size),
+        Some(Some((start, end))) => (StatusCode::PARTIAL_CONTENT, start, end - start + 1),
+        Some(None) => {
+            let mut response = StatusCode::RANGE_NOT_SATISFIABLE.into_response();
+            response.headers_mut().insert(header::CONTENT_RANGE, header_value(&format!("bytes */{size}")));
+            return response;
+        }
+    };
+    let body = if *method == Method::HEAD {
+        Body::empty()
+    } else {
+        crate::body::file_body(file.into_std().await, start, len, &mirror.metrics.bytes_served)
+    };
+    let mut response = Response::new(body);
+    *response.status_mut() = status;
+    let headers = response.headers_mut();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
+    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    headers.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    if status == StatusCode::PARTIAL_CONTENT {
+        headers.insert(
+            header::CONTENT_RANGE,
+            header_value(&format!("bytes {start}-{}/{size}", start + len - 1)),
+        );
+    }
+    set_digest(headers, digest);
+    response.extensions_mut().insert(CacheOutcome::Hit);
+    response
+}
+
+/// One `bytes=a-b`, `bytes=a-` or `bytes=-n` range within `size`, as inclusive bounds.
+pub(crate) fn parse_range(value: &HeaderValue, size: u64) -> Option<(u64, u64)> {
+    let spec = value.to_str().ok()?.trim().strip_prefix("bytes=")?;
+    if spec.contains(',') || size == 0 {
+        return None;
+    }
+    let (a, b) = spec.split_once('-')?;
+    let (start, end) = match (a.trim(), b.trim()) {
+        ("", n) => {
+            let n: u64 = n.parse().ok()?;
+            (size.saturating_sub(n), size - 1)
+        }
+        (a, "") => (a.parse().ok()?, size - 1),
+        (a, b) => (a.parse().ok()?, b.parse::<u64>().ok()?.min(size - 1)),
+    };
+    (start <= end && start < size).then_some((start, end))
+}
+
+fn copy_header(from: &HeaderMap, to: &mut HeaderMap, name: header::HeaderName) {
+    if let Some(value) = from.get(&name).and_then(|v| HeaderValue::from_bytes(v.as_bytes()).ok()) {
+        to.insert(name, value);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges() {
+        let r = |s: &'static str| parse_range(&HeaderValue::from_static(s), 100);
+        assert_eq!(r("bytes=0-9"), Some((0, 9)));
+        assert_eq!(r("bytes=90-"), Some((90, 99)));
+        assert_eq!(r("bytes=-10"), Some((90, 99)));
+        assert_eq!(r("bytes=50-500"), Some((50, 99)));
+        assert_eq!(r("bytes=100-"), None);
+        assert_eq!(r("bytes=9-0"), None);
+        assert_eq!(r("bytes=0-1,5-6"), None);
+        assert_eq!(r("items=0-1"), None);
+    }
+}

@@ -1,0 +1,218 @@
+//! Every way a `/v2/` request fails, and its one mapping to a status and the spec's JSON
+//! error body.
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+
+use dunite_core::FillError;
+use dunite_oci::{Digest, DigestError};
+
+use crate::spec::{ReferenceError, SpecError};
+use crate::upstream::UpstreamError;
+
+/// Why a `/v2/` request failed. Answered with the spec's JSON error body
+/// (`{"errors":[{"code",..}]}`): a client's mistake is a 4xx, a missing blob or manifest a
+/// 404 with its spec code, a local failure a 500, a busy metadata pool a 503 (retry), an
+/// upstream fault a 502, an upstream timeout a 504.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub(crate) enum Error {
+    /// A method other than `GET` or `HEAD`.
+    #[error("this mirror only serves pulls")]
+    NotAPull,
+    /// A path that is no pull endpoint.
+    #[error("unknown endpoint")]
+    UnknownEndpoint,
+    /// A repository name outside the spec's grammar.
+    #[error("invalid repository name")]
+    NameInvalid,
+    /// A blob digest that does not parse.
+    #[error("invalid digest: {0}")]
+    DigestInvalid(#[source] DigestError),
+    /// A manifest reference that is neither a tag nor a digest.
+    #[error(transparent)]
+    InvalidReference(#[from] ReferenceError),
+    /// No upstream is configured for the registry asked for.
+    #[error("no upstream for registry {0:?}")]
+    UnknownRegistry(String),
+    /// The upstream has no such blob.
+    #[error("blob unknown to registry")]
+    BlobUnknown,
+    /// The upstream has no such manifest.
+    #[error("manifest unknown")]
+    ManifestUnknown,
+    /// The upstream refused access (401 or 403).
+    #[error("upstream refused access")]
+    Unauthorized,
+    /// The upstream request failed before an answer.
+    #[error(transparent)]
+    Upstream(#[from] UpstreamError),
+    /// The upstream's answer broke off while its body was read.
+    #[error("upstream body failed")]
+    UpstreamBody(#[source] reqwest::Error),
+    /// The upstream answered with a status the mirror does not relay.
+    #[error("upstream answered {0}")]
+    UpstreamStatus(StatusCode),
+    /// The upstream's manifest is over the size the mirror reads.
+    #[error("manifest too large")]
+    ManifestTooLarge,
+    /// The manifest fetched by digest hashes to another digest.
+    #[error("upstream manifest digest {got} is not {asked}")]
+    ManifestMismatch {
+        /// The digest asked for.
+        asked: Digest,
+        /// The digest of what came.
+        got: Digest,
+    },
+    /// The upstream announced a digest its manifest does not hash to.
+    #[error("upstream announced {announced} for a manifest hashing to {computed}")]
+    AnnouncedMismatch {
+        /// The `Docker-Content-Digest` it sent.
+        announced: String,
+        /// The digest of what came.
+        computed: Digest,
+    },
+    /// A blob fill failed before its first byte.
+    #[error("the blob's fill failed")]
+    Fill(#[source] FillError),
+    /// A cache failed locally (or its metadata pool was busy).
+    #[error(transparent)]
+    Cache(#[from] dunite_oci::Error),
+}
+
+impl Error {
+    /// The HTTP status this error is answered with.
+    pub(crate) fn status(&self) -> StatusCode {
+        match self {
+            Self::NotAPull => StatusCode::METHOD_NOT_ALLOWED,
+            Self::NameInvalid | Self::DigestInvalid(_) | Self::InvalidReference(_) => StatusCode::BAD_REQUEST,
+            Self::UnknownEndpoint | Self::UnknownRegistry(_) | Self::BlobUnknown | Self::ManifestUnknown => {
+                StatusCode::NOT_FOUND
+            }
+            Self::Unauthorized => StatusCode::UNAUTHORIZED,
+            Self::Upstream(UpstreamError::Http(e)) | Self::UpstreamBody(e) if e.is_timeout() => {
+                StatusCode::GATEWAY_TIMEOUT
+            }
+            Self::Fill(FillError::TimedOut { .. }) => StatusCode::GATEWAY_TIMEOUT,
+            Self::Fill(FillError::Local(_)) => StatusCode::INTERNAL_SERVER_ERROR,
+            Self::Fill(FillError::Other(source))
+                if source.downcast_ref::<UpstreamError>().is_some_and(UpstreamError::is_timeout) =>
+            {
+                StatusCode::GATEWAY_TIMEOUT
+            }
+            Self::Upstream(_)
+            | Self::UpstreamBody(_)
+            | Self::UpstreamStatus(_)
+            | Self::ManifestTooLarge
+            | Self::ManifestMismatch { .. }
+            | Self::AnnouncedMismatch { .. }
+            | Self::Fill(_) => StatusCode::BAD_GATEWAY,
+            Self::Cache(e) if e.is_pool_timeout() => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Cache(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// Whether the upstream failed (unreachable, timed out, or answered with something
+    /// unusable): what a stale tag may stand in for.
+    pub(crate) fn is_upstream_fault(&self) -> bool {
+        matches!(self.status(), StatusCode::BAD_GATEWAY | StatusCode::GATEWAY_TIMEOUT)
+    }
+
+    /// The spec's error code.
+    fn code(&self) -> &'static str {
+        match self {
+            Self::NotAPull | Self::UnknownEndpoint => "UNSUPPORTED",
+            Self::NameInvalid => "NAME_INVALID",
+            Self::DigestInvalid(_) => "DIGEST_INVALID",
+            Self::InvalidReference(error) => error.code(),
+            Self::UnknownRegistry(_) => "NAME_UNKNOWN",
+            Self::BlobUnknown => "BLOB_UNKNOWN",
+            Self::ManifestUnknown => "MANIFEST_UNKNOWN",
+            Self::Unauthorized => "UNAUTHORIZED",
+            Self::ManifestTooLarge => "MANIFEST_INVALID",
+            _ => "UNKNOWN",
+        }
+    }
+}
+
+impl IntoResponse for Error {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        let message = crate::error_chain(&self);
+        match status {
+            StatusCode::INTERNAL_SERVER_ERROR => tracing::error!(error = %message, "local failure"),
+            // A busy pool is no outage and no fault of ours to log as one: the client is
+            // asked to come back.
+            StatusCode::SERVICE_UNAVAILABLE => {
+                tracing::warn!(error = %message, "metadata database busy; answered 503");
+            }
+            _ => {}
+        }
+        SpecError::new(status, self.code(), message).into_response()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+
+    fn cache(error: dunite_core::Error) -> Error {
+        Error::Cache(dunite_oci::Error::Cache(error))
+    }
+
+    /// A busy pool reaches a client as a 503 to retry, not a 500: `BlobCache::open` does not
+    /// take it for an outage, so it would otherwise fail hits outright.
+    #[test]
+    fn a_busy_pool_is_a_503_and_an_outage_is_not() {
+        let busy = dunite_core::Error::Database {
+            op: "acquire a connection",
+            source: Arc::new(sqlx::Error::PoolTimedOut),
+        };
+        assert_eq!(cache(busy).status(), StatusCode::SERVICE_UNAVAILABLE);
+        let refused = dunite_core::Error::Database {
+            op: "look up an entry",
+            source: Arc::new(sqlx::Error::RowNotFound),
+        };
+        assert_eq!(cache(refused).status(), StatusCode::INTERNAL_SERVER_ERROR);
+    }
+
+    #[test]
+    fn local_failures_are_500_and_upstream_faults_502() {
+        let io = dunite_oci::Error::Read {
+            what: "manifest",
+            digest: Digest::sha256_of(b"m"),
+            source: Arc::new(std::io::Error::other("bad sector")),
+        };
+        assert_eq!(Error::Cache(io).status(), StatusCode::INTERNAL_SERVER_ERROR);
+        let disk = dunite_core::Error::Io {
+            op: "write",
+            path: "/data".into(),
+            source: Arc::new(std::io::Error::other("full")),
+        };
+        assert_eq!(Error::Fill(FillError::Local(Arc::new(disk))).status(), StatusCode::INTERNAL_SERVER_ERROR);
+        let idle = FillError::TimedOut { idle: std::time::Duration::from_secs(1), received: 0 };
+        assert_eq!(Error::Fill(idle).status(), StatusCode::GATEWAY_TIMEOUT);
+        for upstream in
+            [Error::UpstreamStatus(StatusCode::INTERNAL_SERVER_ERROR), Error::Fill(FillError::Ended)]
+        {
+            assert_eq!(upstream.status(), StatusCode::BAD_GATEWAY);
+            assert!(upstream.is_upstream_fault());
+        }
+        assert_eq!(
+            (Error::BlobUnknown.status(), Error::BlobUnknown.code()),
+            (StatusCode::NOT_FOUND, "BLOB_UNKNOWN")
+        );
+        assert!(!Error::ManifestUnknown.is_upstream_fault(), "a 404 is an answer, not a fault");
+    }
+
+    #[tokio::test]
+    async fn an_upstream_timeout_is_a_504_and_still_an_upstream_fault() {
+        let timeout = crate::upstream::timed_out().await;
+        assert!(timeout.is_timeout(), "{timeout}");
+        let error = Error::Upstream(UpstreamError::Http(timeout));
+        assert_eq!(error.status(), StatusCode::GATEWAY_TIMEOUT);
+        assert!(error.is_upstream_fault(), "a stale tag may stand in for a timed-out upstream");
+    }
+}
