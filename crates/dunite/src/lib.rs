@@ -6,8 +6,9 @@
 //!
 //! Request flow (see `docs/server.md`): a client asks `GET /v2/<name>/blobs/<digest>`; a hit
 //! streams the cached file (with `Range`); a miss joins the one upstream fill of that digest
-//! (single-flight), which spools the body while every waiting client streams it, then stores
-//! it in the blob cache, which verifies the digest. Manifests by digest are immutable; tags
+//! (single-flight, `BlobCache::fill`), which spools the body in the cache's directory while
+//! every waiting client streams it, verifies the digest before the last byte, and makes the
+//! spool the cached blob by rename. Manifests by digest are immutable; tags
 //! are revalidated after the tag TTL and served stale while the upstream is down.
 //!
 //! # Example
