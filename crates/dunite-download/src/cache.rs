@@ -194,7 +194,7 @@ impl DownloadInfo {
 /// times are the core row's.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub(crate) struct Meta {
-    /// Lower-case hex, set in the store's own commit (`store_with_meta`); a record without it
+    /// Lower-case hex, set in the fill's own commit (from the digest of the verified bytes); a record without it
     /// (never written by this crate) is treated as a miss.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) sha256: Option<String>,
@@ -311,7 +311,7 @@ pub(crate) struct Inner {
 /// Cheap to clone; clones share the cache (and its single-flight table), and its eviction
 /// task ends when the last clone drops. Storage, eviction and crash recovery are the core
 /// [`EntryCache`]'s; this type adds URL keys, content verification, fetch-through with one
-/// upstream transfer per URL at a time, and revalidation of stale entries.
+/// upstream transfer per URL and pin at a time, and revalidation of stale entries.
 ///
 /// See the [crate documentation](crate) for an example.
 #[derive(Clone)]
@@ -397,7 +397,8 @@ impl DownloadCache {
     /// - Concurrent calls for one URL and pin share one fill ([`fill`](Self::fill), the one
     ///   in-flight table the streaming path uses too): one upstream request, and every caller
     ///   gets the content or the same error. After an error the next call fetches again. A
-    ///   caller that expects a different SHA-256 is another fill, verified against its own.
+    ///   caller that expects a different SHA-256 is another fill, verified against its own
+    ///   (so one URL asked with N pins at once is N transfers).
     /// - The entry is pinned (kept from eviction) while its fill is in flight; a caller that
     ///   finds it evicted before it could open it tries again.
     /// - A `Content-Length` reported by the fetcher is enforced, as is the expected SHA-256:
@@ -439,6 +440,11 @@ impl DownloadCache {
             // 2. Join the fill of this URL and pin, or start one (it revalidates a stale entry).
             let mut joined = self.fill(request, fetcher)?;
             let finished = joined.finished().await.map_err(|e| Error::from_fill(request.url(), e))?;
+            if let Some(cause) = finished.uncached() {
+                // Verified, but not stored: say why, rather than look for an entry that is
+                // not there (or find a stale one).
+                return Err(Error::from_fill(request.url(), cause.clone()));
+            }
             let source = joined.started().await.map_or(Source::Fetched, |started| started.head().source());
             // 3. Open what the fill stored. A fill's answer is served even if already stale
             //    (with a freshness of zero it always is).

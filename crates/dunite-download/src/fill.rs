@@ -159,6 +159,7 @@ async fn run<F: Fetcher>(
         && info.satisfies(request)
     {
         if !info.is_stale(inner.freshness) {
+            bump(&inner.counters.hits);
             filling.serve_existing(DownloadHead::cached(&info, Source::Hit), entry).await;
             return Ok(());
         }

@@ -96,7 +96,9 @@ impl BlobCache {
     /// cache's own directory, streamed to every client that joined as they arrive (the last
     /// one held until the blob's digest is verified), then renamed into place and committed:
     /// one disk write per miss. See [`dunite_core::Fills`] for what the returned [`Joined`]
-    /// offers and guarantees; look the digest up with [`open`](Self::open) first.
+    /// offers and guarantees; look the digest up with [`open`](Self::open) first. A fill
+    /// whose upstream fails serves the blob if the cache holds it by then (committed by a
+    /// fill that ended between the caller's look-up and its join).
     ///
     /// Requires a Tokio runtime; the fill runs on a task of its own, so a client going away
     /// does not cancel it.
@@ -139,8 +141,20 @@ impl BlobCache {
     {
         let key = digest.to_string();
         let expected = Expected::new().with_digest(digest.content_digest().clone());
+        let cache = self.cache.clone();
         Ok(self.fills.join(digest.clone(), expected, move |filling| async move {
-            let (total, body) = fetch().await?;
+            let (total, body) = match fetch().await {
+                Ok(answer) => answer,
+                // The caller looked before joining, but a fill of the digest may have landed
+                // since: a blob the cache holds is served, whatever the upstream says now.
+                Err(error) => match cache.open_entry(&key).await {
+                    Ok(Some(entry)) => {
+                        filling.serve_existing((), entry).await;
+                        return Ok(());
+                    }
+                    _ => return Err(error),
+                },
+            };
             filling.fill(&key, ((), total), body, |_| String::new()).await
         })?)
     }

@@ -32,7 +32,7 @@ pub use reader::{Finished, Joined, Started};
 pub use spool::Filling;
 
 use crate::entries::{EntryStore, Expected};
-use crate::{BoxError, Error, Stored};
+use crate::{BoxError, Error, Pin, Stored};
 
 /// Why a fill failed. Every client of the fill gets the same error; nothing was cached.
 ///
@@ -145,11 +145,22 @@ enum State<H> {
     Receiving { source: Arc<Source<H>>, written: u64 },
     /// All `written` bytes are in and verified: clients may read them all.
     Verified { source: Arc<Source<H>>, written: u64 },
-    /// Verified and handed to the cache: `stored` is what it committed (none if it could not
-    /// record it, the bytes are then served uncached).
-    Landed { source: Arc<Source<H>>, written: u64, stored: Option<Arc<Stored>> },
+    /// Verified and handed to the cache (or resolved to an entry it holds): how it landed.
+    Landed { source: Arc<Source<H>>, written: u64, landing: Arc<Landing> },
     /// Failed: nothing was cached.
     Failed(FillError),
+}
+
+/// How a verified fill landed in its cache.
+#[derive(Debug, Default)]
+pub(crate) struct Landing {
+    /// What the cache committed, if it did.
+    pub(crate) stored: Option<Stored>,
+    /// Why the verified bytes were not stored (they are served all the same).
+    pub(crate) uncached: Option<FillError>,
+    /// Keeps a stored entry from this process's evictor until every client of the fill has
+    /// let go of it (and so could open it).
+    pub(crate) _pin: Option<Pin>,
 }
 
 impl<H> State<H> {
@@ -260,8 +271,8 @@ where
     /// its error, or [`FillError::Ended`].
     ///
     /// A client that joins late (even after the spool was renamed into place) reads the same
-    /// bytes from the start; once the task has ended, the next `join` starts a new fill, so
-    /// callers look the key up in the cache first.
+    /// bytes from the start; once the fill has landed in the cache (or failed), the next
+    /// `join` starts a new fill, so callers look the key up in the cache first.
     ///
     /// Requires a Tokio runtime.
     ///
@@ -276,7 +287,12 @@ where
     {
         let runtime = tokio::runtime::Handle::try_current().map_err(|_| Error::NoRuntime)?;
         let mut inflight = lock(&self.inflight);
-        if let Some(state) = inflight.get(&key) {
+        // A fill that has landed (or failed) is over, even if its task has not left the
+        // table yet: a client that comes now asks anew (its answer may be due a revalidation,
+        // or the cache holds the entry now).
+        if let Some(state) = inflight.get(&key)
+            && !matches!(*state.borrow(), State::Landed { .. } | State::Failed(_))
+        {
             return Ok(Joined::new(state.subscribe(), false));
         }
         let state = Arc::new(watch::Sender::new(State::Connecting));
@@ -311,14 +327,23 @@ impl<K: Eq + Hash, H> Landed<K, H> {
                 FillError::Refused { .. } => tracing::debug!(%error, "fill refused; nothing cached"),
                 _ => tracing::warn!(error = %ErrorChain(&error), "fill failed; nothing cached"),
             }
-            self.state.send_if_modified(|state| {
-                // A fill whose bytes were verified already gave its clients their bytes; a
-                // later failure (say, recording it) is the fill's to log, not theirs.
-                let open = state.is_open();
-                if open {
+            self.state.send_if_modified(|state| match state {
+                State::Connecting | State::Receiving { .. } => {
                     *state = State::Failed(error);
+                    true
                 }
-                open
+                // The clients have their verified bytes; the failure (say, recording them)
+                // only says they were not stored.
+                State::Verified { source, written } => {
+                    let landing = Landing { uncached: Some(error), ..Landing::default() };
+                    *state = State::Landed {
+                        source: Arc::clone(source),
+                        written: *written,
+                        landing: Arc::new(landing),
+                    };
+                    true
+                }
+                State::Landed { .. } | State::Failed(_) => false,
             });
         }
     }

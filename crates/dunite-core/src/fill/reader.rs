@@ -6,7 +6,7 @@ use bytes::Bytes;
 use futures_util::Stream;
 use tokio::sync::watch;
 
-use super::{FillError, Source, State};
+use super::{FillError, Landing, Source, State};
 use crate::Stored;
 use crate::entries::blocking;
 
@@ -50,7 +50,7 @@ impl<H> Started<H> {
 #[derive(Debug)]
 pub struct Finished {
     size: u64,
-    stored: Option<Arc<Stored>>,
+    landing: Option<Arc<Landing>>,
 }
 
 impl Finished {
@@ -62,10 +62,20 @@ impl Finished {
 
     /// What the cache committed, if the fill stored its bytes (for
     /// [`EntryStore::open_stored`](crate::EntryStore::open_stored)); `None` if they were
-    /// served uncached or the fill resolved to an existing entry.
+    /// served uncached ([`uncached`](Self::uncached) says why) or the fill resolved to an
+    /// entry the cache held. The entry is pinned (kept from this process's evictor) while the
+    /// fill's clients hold it.
     #[must_use]
     pub fn stored(&self) -> Option<&Stored> {
-        self.stored.as_deref()
+        self.landing.as_ref().and_then(|landing| landing.stored.as_ref())
+    }
+
+    /// Why the verified bytes were not stored (a database that could not record them, a
+    /// local failure moving them into place); `None` if they were, or if the fill resolved to
+    /// an entry the cache held.
+    #[must_use]
+    pub fn uncached(&self) -> Option<&FillError> {
+        self.landing.as_ref().and_then(|landing| landing.uncached.as_ref())
     }
 }
 
@@ -126,15 +136,15 @@ impl<H: Send + Sync + 'static> Joined<H> {
             let verified = match &*self.state.borrow_and_update() {
                 State::Connecting | State::Receiving { .. } => None,
                 State::Verified { written, .. } => Some(*written),
-                State::Landed { written, stored, .. } => {
-                    return Ok(Finished { size: *written, stored: stored.clone() });
+                State::Landed { written, landing, .. } => {
+                    return Ok(Finished { size: *written, landing: Some(Arc::clone(landing)) });
                 }
                 State::Failed(error) => return Err(error.clone()),
             };
             if self.state.changed().await.is_err() {
                 // The fill's task ended: verified bytes it could not store are served as
                 // they are.
-                return verified.map(|size| Finished { size, stored: None }).ok_or(FillError::Ended);
+                return verified.map(|size| Finished { size, landing: None }).ok_or(FillError::Ended);
             }
         }
     }

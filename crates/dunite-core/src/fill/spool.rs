@@ -9,7 +9,7 @@ use futures_util::{FutureExt as _, Stream, StreamExt as _};
 use tempfile::TempPath;
 use tokio::sync::watch;
 
-use super::{FillError, Source, State};
+use super::{FillError, Landing, Source, State};
 use crate::entries::{EntryStore, Expected, OpenEntry, Written, blocking};
 use crate::hash::{ContentDigest, Hasher};
 use crate::{DigestAlgorithm, Error};
@@ -18,6 +18,9 @@ use crate::{DigestAlgorithm, Error};
 /// and each write is a trip to the blocking pool. A chunk is written sooner when the upstream
 /// has nothing more ready, so clients never wait on a half-full buffer.
 const WRITE_BATCH: usize = 256 * 1024;
+
+/// How long a partial batch waits for the upstream's next chunk before it is written anyway.
+const GATHER: Duration = Duration::from_millis(2);
 
 /// The spool while it is being written: the file and the running hash move to the blocking
 /// pool for each write and come back.
@@ -31,8 +34,9 @@ struct Open {
 /// ([`respond`](Self::respond)), stream its body into the spool ([`receive`](Self::receive)),
 /// and make the verified spool the cache's entry ([`commit`](Self::commit)).
 ///
-/// Clients read what it publishes. Dropping it before the bytes are verified (an error, a
-/// panic) fails them, and deletes the spool.
+/// Clients read what it publishes. Dropping it deletes the spool (unless it was moved into
+/// place); the fill's task ending before the bytes are verified (an error, a panic) fails
+/// its clients.
 pub struct Filling<H> {
     store: EntryStore,
     expected: Expected,
@@ -154,18 +158,27 @@ impl<H: Send + Sync + 'static> Filling<H> {
         let mut batched = 0usize;
         let mut received = self.written;
         loop {
-            // Write what is gathered before waiting on the upstream: clients see every byte
-            // that arrived, and a quiet upstream holds no bytes back.
+            // A network body comes in chunks of a few KiB, each a moment after the last:
+            // gather them for up to `GATHER` before writing, then write what is gathered
+            // before waiting longer on the upstream, so clients see every byte that arrived
+            // and a quiet upstream holds no bytes back.
             let next = match body.next().now_or_never() {
                 Some(next) => next,
-                None => {
-                    self.write(std::mem::take(&mut batch)).await?;
-                    batched = 0;
-                    self.next_chunk(&mut body, received).await?
-                }
+                None if batch.is_empty() => self.next_chunk(&mut body, received).await?,
+                None => match tokio::time::timeout(GATHER, body.next()).await {
+                    Ok(next) => next,
+                    Err(_) => {
+                        self.write(std::mem::take(&mut batch)).await?;
+                        batched = 0;
+                        self.next_chunk(&mut body, received).await?
+                    }
+                },
             };
             let Some(chunk) = next else { break };
             let chunk = chunk.map_err(|e| FillError::upstream(received, e))?;
+            if chunk.is_empty() {
+                continue;
+            }
             received += chunk.len() as u64;
             if received > max_bytes {
                 return Err(invalid(Error::TooLarge { size: received, max_bytes }));
@@ -289,16 +302,19 @@ impl<H: Send + Sync + 'static> Filling<H> {
         let digest = self.digest.take().expect("commit follows a successful receive");
         let temp = self.temp.take().expect("respond created the spool");
         let written = Written { temp, size: self.written, digest };
-        let stored = match self.store.commit_written(key, written, meta).await {
-            Ok(stored) => Some(Arc::new(stored)),
+        // From the commit until every client has let go of the fill.
+        let pin = self.store.pin(key);
+        let landing = match self.store.commit_written(key, written, meta).await {
+            Ok(stored) => Landing { stored: Some(stored), uncached: None, _pin: Some(pin) },
             Err(e @ Error::Database { .. }) => {
                 tracing::warn!(error = %e, key = %self.store.shown(key), "metadata unavailable; a fill is served uncached");
-                None
+                Landing { stored: None, uncached: Some(FillError::Local(Arc::new(e))), _pin: None }
             }
+            // The task's end records it as the reason the bytes were not stored.
             Err(e) => return Err(FillError::Local(Arc::new(e))),
         };
         let source = self.source.take().expect("respond set the source");
-        self.state.send_replace(State::Landed { source, written: self.written, stored });
+        self.state.send_replace(State::Landed { source, written: self.written, landing: Arc::new(landing) });
         Ok(())
     }
 
@@ -333,7 +349,7 @@ impl<H: Send + Sync + 'static> Filling<H> {
         let file = entry.file.into_std().await;
         let source = Arc::new(Source { head: Arc::new(head), total: Some(size), file: Arc::new(file) });
         self.temp = None;
-        self.state.send_replace(State::Landed { source, written: size, stored: None });
+        self.state.send_replace(State::Landed { source, written: size, landing: Arc::default() });
     }
 
     fn spool_path(&self) -> std::path::PathBuf {

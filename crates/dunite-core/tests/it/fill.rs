@@ -156,33 +156,36 @@ async fn the_spool_is_verified_whatever_the_cache_holds() {
     assert_eq!(entry.info.size, 12);
 }
 
-/// A client that joins after the spool was renamed into place (the fill committed, its task
-/// not yet ended) reads the whole body: never a missing file.
+/// A client that joined before the spool was renamed into place, and reads after, reads the
+/// whole body (never a missing file); one that comes once the fill has landed starts anew
+/// (the caller looks the cache up first, where the entry now is).
 #[tokio::test]
-async fn a_client_joining_after_the_rename_reads_the_whole_body() {
+async fn a_client_reading_after_the_rename_reads_the_whole_body() {
     let dir = tempfile::tempdir().unwrap();
     let cache = cache(dir.path(), 1 << 20).await;
     let fills: Fills<&'static str, ()> = Fills::new(cache.entries().clone(), FillOptions::new());
-    let (committed_tx, committed) = oneshot::channel();
-    let (release, released) = oneshot::channel::<()>();
+    let (verified_tx, verified) = oneshot::channel();
+    let (commit_tx, commit) = oneshot::channel::<()>();
     let mut first = fills
         .join("k", Expected::new().with_size(5), |mut filling| async move {
             filling.respond((), Some(5)).await?;
             filling
                 .receive(futures_util::stream::iter([Ok::<_, std::io::Error>(Bytes::from_static(b"12345"))]))
                 .await?;
-            filling.commit("k", |_| String::new()).await?;
-            committed_tx.send(()).unwrap();
-            let _ = released.await;
-            Ok(())
+            verified_tx.send(()).unwrap();
+            let _ = commit.await;
+            filling.commit("k", |_| String::new()).await
         })
         .unwrap();
-    committed.await.unwrap();
-    assert!(spools(dir.path()).is_empty(), "renamed into data/");
+    verified.await.unwrap();
     let late = fills.join("k", Expected::new(), |_| async { panic!("a second fetch") }).unwrap();
-    assert_eq!(read_all(late.body(0, None)).await, (b"12345".to_vec(), None));
-    release.send(()).unwrap();
+    commit_tx.send(()).unwrap();
     assert_eq!(first.finished().await.unwrap().size(), 5);
+    assert!(spools(dir.path()).is_empty(), "renamed into data/");
+    assert_eq!(read_all(late.body(0, None)).await, (b"12345".to_vec(), None));
+    let mut anew =
+        fills.join("k", Expected::new(), |_| async { Err(FillError::Refused { status: 404 }) }).unwrap();
+    assert!(anew.finished().await.unwrap_err().is_not_found(), "a landed fill is not joined");
 }
 
 /// A fill whose task panics fails its clients and frees its key: the next client starts a new
@@ -302,4 +305,30 @@ async fn a_range_is_served_as_soon_as_it_has_arrived() {
     drop(feed);
     assert_eq!(tail.await.unwrap(), (b"789".to_vec(), None));
     assert_eq!(joined.finished().await.unwrap().size(), 10);
+}
+
+/// Bytes verified but not recorded (the database lost the commit) reach the clients, and
+/// `Finished::uncached` says why they were not stored.
+#[tokio::test]
+async fn a_lost_commit_serves_the_bytes_and_says_why_they_were_not_stored() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = cache(dir.path(), 1 << 20).await;
+    cache.entries().faults().lose_commits(1);
+    let fills: Fills<&'static str, ()> = Fills::new(cache.entries().clone(), FillOptions::new());
+    let mut joined = fills
+        .join("k", Expected::new(), |mut filling| async move {
+            filling.respond((), None).await?;
+            filling
+                .receive(futures_util::stream::iter([Ok::<_, std::io::Error>(Bytes::from_static(b"bytes"))]))
+                .await?;
+            filling.commit("k", |_| String::new()).await
+        })
+        .unwrap();
+    let finished = joined.finished().await.unwrap();
+    assert!(finished.stored().is_none());
+    assert!(
+        matches!(finished.uncached(), Some(FillError::Local(e)) if matches!(**e, Error::Database { .. })),
+        "{finished:?}"
+    );
+    assert_eq!(read_all(joined.body(0, None)).await, (b"bytes".to_vec(), None));
 }

@@ -160,3 +160,20 @@ async fn a_fetch_outlives_the_caller_that_started_it() {
     assert_eq!(read_all(&mut download).await, bytes);
     assert_eq!(calls.load(Ordering::SeqCst), 1);
 }
+
+/// Bytes verified but not stored (the database lost the commit) are a typed error for
+/// `get_or_fetch`, after one fetch: not a look for an entry that is not there, fetched again
+/// until `Vanished` (found by review; failed before the fill said why it did not store).
+#[tokio::test]
+async fn bytes_the_database_could_not_record_are_its_error_after_one_fetch() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = open(dir.path(), 1 << 20).await;
+    cache.entries().entries().faults().lose_commits(100);
+    let calls = Arc::new(AtomicUsize::new(0));
+    let gate = Arc::new(Semaphore::new(100));
+    let (_, bytes) = content(3, 10_000);
+    let fetcher = gated(Arc::clone(&calls), gate, bytes, false);
+    let error = cache.get_or_fetch(&DownloadRequest::new(url("lost")), &fetcher).await.unwrap_err();
+    assert!(matches!(&error, Error::Cache(dunite_core::Error::Database { .. })), "{error:?}");
+    assert_eq!(calls.load(Ordering::SeqCst), 1, "one fetch");
+}

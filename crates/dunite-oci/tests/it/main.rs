@@ -5,6 +5,7 @@
 mod bad_input;
 mod burst;
 mod crash;
+mod fills;
 mod invariants;
 mod manifests;
 mod pg_restart;
