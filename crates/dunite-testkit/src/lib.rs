@@ -3,10 +3,12 @@
 //! This crate is a dev-dependency only. It keeps alive, for tests and benchmarks, the
 //! pattern dunite replaces ([`legacy_evict_if_over_cap`]), and checks that a cache's rows,
 //! accounted total and files on disk agree ([`check_consistency`]). [`pg`] gives tests
-//! databases on the PostgreSQL test server.
+//! databases on the PostgreSQL test server. [`contract`] is the suite every cache kind runs
+//! (bursts, a pool of two, invariants, bad input), through an adapter it implements.
 
 #![warn(missing_docs, missing_debug_implementations, unreachable_pub)]
 
+pub mod contract;
 pub mod peers;
 pub mod pg;
 
@@ -311,6 +313,11 @@ impl PoolTally {
     pub fn record(&self, error: &dunite_core::Error) {
         let counter = if error.is_pool_timeout() { &self.pool_timeouts } else { &self.other_errors };
         counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Count an error that is not the core's (a cache kind's own), among the other errors.
+    pub fn record_other(&self) {
+        self.other_errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// `PoolTimedOut` errors counted.

@@ -240,7 +240,7 @@ async fn run_on(settings: &Settings, backend: TestBackend) -> Result<Vec<Record>
             // when most stores of an all-at-once burst fail.
             let cap = ((n / 8).max(2) * BLOB) as u64;
             // All N stores at once, as specified; then the same N stores from 8 writer tasks
-            // (the shape of `dunite-oci/tests/it/pool.rs`), where the store path alone fits
+            // (the shape of `dunite_testkit::contract::pool`), where the store path alone fits
             // the pool and what is left is eviction's own cost.
             let variants: &[usize] = if n > BOUNDED_WRITERS { &[n, BOUNDED_WRITERS] } else { &[n] };
             for &writers in variants {

@@ -1,8 +1,10 @@
-//! Integration tests of the debounced evictor: one binary, one module per concern.
+//! Integration tests of the debounced evictor and the entry cache: one binary, one module per
+//! concern.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests report failure by panicking")]
 
 mod burst;
+mod contract;
 mod convergence;
 mod faults;
 mod fill;

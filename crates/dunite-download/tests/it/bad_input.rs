@@ -1,10 +1,12 @@
-//! Bad content gets a typed error and caches nothing.
+//! Bad answers the download cache alone has: a failing fetcher, a confused "not modified", a
+//! digest that is not SHA-256, a cached entry with another SHA-256, and keys with secrets in
+//! logs. The bad content every cache refuses is `contract::bad_input`.
 
 use dunite_core::{ContentDigest, DigestAlgorithm, Error as CoreError};
 use dunite_download::{
-    Download, DownloadCache, DownloadRequest, Error, FetchError, Fetched, ResponseMeta, Source, fetch_fn,
+    Download, DownloadCache, DownloadRequest, Error, FetchError, Fetched, Source, fetch_fn,
 };
-use dunite_testkit::{CutAfter, DiskUsage, check_consistency, disk_usage};
+use dunite_testkit::{DiskUsage, check_consistency, disk_usage};
 
 use crate::{Upstream, content, open, read_all, read_verified, url, verified_request};
 
@@ -23,40 +25,6 @@ fn core(result: Result<Download, Error>) -> CoreError {
 }
 
 #[tokio::test]
-async fn checksum_mismatch_caches_nothing() {
-    let dir = tempfile::tempdir().unwrap();
-    let cache = open(dir.path(), 1 << 20).await;
-    let upstream = Upstream::default();
-    let key = url("tool.tar.gz");
-    let (_, served) = content(1, 1000);
-    let (wanted, _) = content(2, 1000);
-    upstream.serve(&key, served, None);
-    let request = DownloadRequest::new(key.clone()).with_sha256(wanted.clone());
-    let err = core(cache.get_or_fetch(&request, &upstream).await);
-    assert!(matches!(err, CoreError::DigestMismatch { .. }), "{err}");
-    assert!(err.to_string().contains(&wanted.to_string()));
-    assert!(!cache.contains(&key).await.unwrap());
-    assert_nothing_stored(&cache, dir.path()).await;
-}
-
-#[tokio::test]
-async fn a_stream_shorter_than_its_content_length_caches_nothing() {
-    let dir = tempfile::tempdir().unwrap();
-    let cache = open(dir.path(), 1 << 20).await;
-    let (_, bytes) = content(3, 1000);
-    let fetcher = fetch_fn(move |_| {
-        let bytes = bytes.clone();
-        async move {
-            let meta = ResponseMeta::new().with_content_length(1001);
-            Ok::<_, FetchError>(Fetched::body(std::io::Cursor::new(bytes), meta))
-        }
-    });
-    let err = core(cache.get_or_fetch(&DownloadRequest::new(url("short")), &fetcher).await);
-    assert!(matches!(err, CoreError::Truncated { expected: 1001, received: 1000 }), "{err}");
-    assert_nothing_stored(&cache, dir.path()).await;
-}
-
-#[tokio::test]
 async fn a_fetcher_error_is_typed_and_caches_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let cache = open(dir.path(), 1 << 20).await;
@@ -65,23 +33,6 @@ async fn a_fetcher_error_is_typed_and_caches_nothing() {
     assert!(matches!(&err, Error::Fetch { url, .. } if url == "https://example.com/missing"), "{err}");
     assert!(std::error::Error::source(&err).unwrap().to_string().contains("404"));
     assert_eq!(cache.download_stats().failed, 1);
-    assert_nothing_stored(&cache, dir.path()).await;
-}
-
-#[tokio::test]
-async fn a_body_cut_mid_stream_caches_nothing() {
-    let dir = tempfile::tempdir().unwrap();
-    let cache = open(dir.path(), 1 << 20).await;
-    let (_, bytes) = content(4, 100_000);
-    let fetcher = fetch_fn(move |_| {
-        let data = bytes.clone();
-        async move {
-            let meta = ResponseMeta::new().with_content_length(100_000);
-            Ok::<_, FetchError>(Fetched::body(CutAfter::new(data, 40_000), meta))
-        }
-    });
-    let err = core(cache.get_or_fetch(&DownloadRequest::new(url("cut")), &fetcher).await);
-    assert!(matches!(err, CoreError::Source { received: 40_000, .. }), "{err}");
     assert_nothing_stored(&cache, dir.path()).await;
 }
 

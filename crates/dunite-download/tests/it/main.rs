@@ -3,9 +3,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests report failure by panicking")]
 
 mod bad_input;
-mod burst;
-mod invariants;
-mod pool;
+mod contract;
 mod revalidation;
 mod single_flight;
 
@@ -21,7 +19,7 @@ use dunite_download::{
     DownloadCache, DownloadRequest, FetchError, FetchRequest, Fetched, Fetcher, ResponseMeta, UrlKey,
     Validators,
 };
-use dunite_testkit::{TestBackend, TestDb, pseudo_random_bytes, test_database};
+use dunite_testkit::pseudo_random_bytes;
 use tokio::io::AsyncReadExt as _;
 
 /// A file's content and its SHA-256.
@@ -56,25 +54,6 @@ pub async fn open_with(
     DownloadCache::new(DownloadCache::options(dir, policy).with_database_options(db), freshness)
         .await
         .unwrap()
-}
-
-/// A cache in `dir` whose rows live on `backend`, and the database's guard (keep it, declared
-/// after the cache). `None` when the PostgreSQL test server is not configured (never in CI).
-pub async fn open_on(
-    backend: TestBackend,
-    dir: &Path,
-    policy: EvictionPolicy,
-    db: DatabaseOptions,
-    freshness: Duration,
-) -> Option<(DownloadCache, TestDb)> {
-    let test_db = test_database(backend, dir, &db).await?;
-    let cache = DownloadCache::new(
-        DownloadCache::options(dir, policy).with_database(test_db.database().clone()),
-        freshness,
-    )
-    .await
-    .unwrap();
-    Some((cache, test_db))
 }
 
 /// Open a cached download (whatever its age), read it whole and check it against its

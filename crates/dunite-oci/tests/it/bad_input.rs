@@ -1,17 +1,11 @@
-//! Bad input gets a typed error and stores nothing.
+//! Bad input the blob cache alone has: malformed digests, a dead or locked database, corrupted
+//! payloads, files stored in place. The bad input every cache refuses is `contract::bad_input`.
 
 use dunite_core::Error as CoreError;
-use dunite_oci::{BlobCache, Digest, DigestError, Error};
-use dunite_testkit::{CutAfter, DiskUsage, MustNotRead, check_consistency, disk_usage};
+use dunite_oci::{Digest, DigestError, Error};
+use dunite_testkit::{check_consistency, disk_usage};
 
 use crate::{blob, open, read_verified};
-
-async fn assert_nothing_stored(cache: &BlobCache, dir: &std::path::Path) {
-    assert_eq!(cache.total_bytes().await.unwrap(), 0);
-    assert_eq!(cache.len().await.unwrap(), 0);
-    assert_eq!(disk_usage(dir), DiskUsage::default());
-    check_consistency(cache.entries().entries(), dir).await.unwrap();
-}
 
 fn core(result: Result<dunite_core::Stored, Error>) -> CoreError {
     match result {
@@ -29,61 +23,6 @@ fn malformed_digests_are_typed_errors() {
         assert!(!err.to_string().is_empty());
     }
     assert!(matches!("sha256:abc".parse::<Digest>(), Err(DigestError::WrongLength { .. })));
-}
-
-#[tokio::test]
-async fn digest_mismatch_stores_nothing() {
-    let dir = tempfile::tempdir().unwrap();
-    let cache = open(dir.path(), 1 << 20).await;
-    let (digest, _) = blob(1, 1000);
-    let (_, other) = blob(2, 1000);
-    let err = core(cache.store_with_size(&digest, 1000, &other[..]).await);
-    assert!(matches!(err, CoreError::DigestMismatch { .. }), "{err}");
-    assert!(err.to_string().contains(&digest.to_string()));
-    assert!(!cache.contains(&digest).await.unwrap());
-    assert_nothing_stored(&cache, dir.path()).await;
-}
-
-#[tokio::test]
-async fn size_mismatches_store_nothing() {
-    let dir = tempfile::tempdir().unwrap();
-    let cache = open(dir.path(), 1 << 20).await;
-    let (digest, bytes) = blob(3, 1000);
-    let err = core(cache.store_with_size(&digest, 1001, &bytes[..]).await);
-    assert!(matches!(err, CoreError::Truncated { expected: 1001, received: 1000 }), "{err}");
-    let err = core(cache.store_with_size(&digest, 999, &bytes[..]).await);
-    assert!(matches!(err, CoreError::TooLong { expected: 999 }), "{err}");
-    assert_nothing_stored(&cache, dir.path()).await;
-}
-
-#[tokio::test]
-async fn a_cut_stream_stores_nothing() {
-    let dir = tempfile::tempdir().unwrap();
-    let cache = open(dir.path(), 1 << 20).await;
-    let (digest, bytes) = blob(4, 100_000);
-    let reader = CutAfter::new(bytes, 40_000);
-    let err = core(cache.store_with_size(&digest, 100_000, reader).await);
-    assert!(matches!(err, CoreError::Source { received: 40_000, .. }), "{err}");
-    assert_nothing_stored(&cache, dir.path()).await;
-}
-
-#[tokio::test]
-async fn a_blob_over_the_cap_is_refused_before_it_evicts_anything() {
-    let dir = tempfile::tempdir().unwrap();
-    let cache = open(dir.path(), 10_000).await;
-    let (kept, kept_bytes) = blob(5, 5_000);
-    cache.store(&kept, &kept_bytes[..]).await.unwrap();
-
-    let (digest, bytes) = blob(6, 10_001);
-    let err = core(cache.store_with_size(&digest, 10_001, MustNotRead).await);
-    assert!(matches!(err, CoreError::TooLarge { size: 10_001, max_bytes: 10_000 }), "{err}");
-    // Size unknown up front: refused as soon as the stream crosses the cap.
-    let err = core(cache.store(&digest, &bytes[..]).await);
-    assert!(matches!(err, CoreError::TooLarge { max_bytes: 10_000, .. }), "{err}");
-
-    assert!(cache.contains(&kept).await.unwrap(), "the refused blob must not have evicted anything");
-    assert_eq!(cache.total_bytes().await.unwrap(), 5_000);
-    assert_eq!(disk_usage(dir.path()).temp_files, 0);
 }
 
 /// The database dies between the write and the commit: a typed error, and the payload that

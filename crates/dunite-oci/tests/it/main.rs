@@ -3,13 +3,11 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests report failure by panicking")]
 
 mod bad_input;
-mod burst;
+mod contract;
 mod crash;
 mod fills;
-mod invariants;
 mod manifests;
 mod pg_restart;
-mod pool;
 mod readers;
 mod shared;
 mod tags;
@@ -18,7 +16,7 @@ use std::path::Path;
 
 use dunite_core::{DatabaseOptions, EvictionPolicy};
 use dunite_oci::{BlobCache, Digest};
-use dunite_testkit::{TestBackend, TestDb, pseudo_random_bytes, test_database};
+use dunite_testkit::pseudo_random_bytes;
 use tokio::io::AsyncReadExt as _;
 
 /// A blob and its digest.
@@ -34,21 +32,6 @@ pub async fn open(dir: &Path, max_bytes: u64) -> BlobCache {
 
 pub async fn open_with(dir: &Path, policy: EvictionPolicy, db: DatabaseOptions) -> BlobCache {
     BlobCache::new(BlobCache::options(dir, policy).with_database_options(db)).await.unwrap()
-}
-
-/// A cache in `dir` whose rows live on `backend`, and the database's guard (keep it, declared
-/// after the cache). `None` when the PostgreSQL test server is not configured (never in CI).
-pub async fn open_on(
-    backend: TestBackend,
-    dir: &Path,
-    policy: EvictionPolicy,
-    db: DatabaseOptions,
-) -> Option<(BlobCache, TestDb)> {
-    let test_db = test_database(backend, dir, &db).await?;
-    let cache = BlobCache::new(BlobCache::options(dir, policy).with_database(test_db.database().clone()))
-        .await
-        .unwrap();
-    Some((cache, test_db))
 }
 
 /// Read a cached blob whole and check it against its digest.
