@@ -69,5 +69,8 @@ mod tags;
 pub use cache::{Blob, BlobCache, NAMESPACE};
 pub use digest::{Digest, DigestError};
 pub use error::{Error, Result};
-pub use manifests::{MANIFEST_NAMESPACE, Manifest, ManifestCache, declared_media_type, is_header_text};
+pub use manifests::{
+    MANIFEST_NAMESPACE, MAX_MANIFEST_BYTES, Manifest, ManifestCache, ManifestHead, ManifestRef,
+    declared_media_type, is_header_text,
+};
 pub use tags::{AcceptedTypes, MANIFEST_TYPES, TAG_NAMESPACE, TagCache, TagKey, TagRecord};
