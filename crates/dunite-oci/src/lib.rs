@@ -14,7 +14,8 @@
 //!
 //! A pull-through mirror needs two more caches, on the same machinery:
 //! [`ManifestCache`] (manifests by digest with their media type, content-addressed and
-//! outage-tolerant like blobs: both read through one fallback) and [`TagCache`] (tag ->
+//! outage-tolerant like blobs: both read through one fallback; misses are single-flight fills
+//! like blobs', by digest or by tag, bounded by [`MAX_MANIFEST_BYTES`]) and [`TagCache`] (tag ->
 //! digest records, one per set of [`AcceptedTypes`], fresh for a TTL, and a stale fallback
 //! for when the upstream is down). This crate knows nothing of HTTP: reading an `Accept`
 //! header, asking an upstream and answering clients are the server's.

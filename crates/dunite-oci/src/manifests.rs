@@ -34,7 +34,9 @@ const MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 /// Manifests are content-addressed like blobs: a store is verified against the digest (and a
 /// second store of a digest keeps the first), and a read survives a metadata database outage
 /// (the manifest is found on disk and verified before it is handed out; its media type is
-/// then the one the manifest declares, the row that recorded it being out of reach).
+/// then the one the manifest declares, the row that recorded it being out of reach). A miss
+/// is fetched through [`fill`](Self::fill): one upstream request per digest, or per tag and
+/// set of accepted types, however many clients ask at once.
 ///
 /// # Example
 ///
