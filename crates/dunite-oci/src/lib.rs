@@ -14,7 +14,8 @@
 //!
 //! A pull-through mirror needs two more caches, on the same machinery:
 //! [`ManifestCache`] (manifests by digest with their media type, content-addressed and
-//! outage-tolerant like blobs: both read through one fallback) and [`TagCache`] (tag ->
+//! outage-tolerant like blobs: both read through one fallback; misses are single-flight fills
+//! like blobs', by digest or by tag, bounded by [`MAX_MANIFEST_BYTES`]) and [`TagCache`] (tag ->
 //! digest records, one per set of [`AcceptedTypes`], fresh for a TTL, and a stale fallback
 //! for when the upstream is down). This crate knows nothing of HTTP: reading an `Accept`
 //! header, asking an upstream and answering clients are the server's.
@@ -69,5 +70,8 @@ mod tags;
 pub use cache::{Blob, BlobCache, NAMESPACE};
 pub use digest::{Digest, DigestError};
 pub use error::{Error, Result};
-pub use manifests::{MANIFEST_NAMESPACE, Manifest, ManifestCache, declared_media_type, is_header_text};
+pub use manifests::{
+    MANIFEST_NAMESPACE, MAX_MANIFEST_BYTES, Manifest, ManifestCache, ManifestHead, ManifestRef,
+    declared_media_type, is_header_text,
+};
 pub use tags::{AcceptedTypes, MANIFEST_TYPES, TAG_NAMESPACE, TagCache, TagKey, TagRecord};

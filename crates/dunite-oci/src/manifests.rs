@@ -1,14 +1,26 @@
-//! `ManifestCache`: OCI manifests by digest, with their media type.
+//! `ManifestCache`: OCI manifests by digest, with their media type, and their single-flight
+//! upstream fills.
 
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures_util::{Stream, StreamExt as _};
 use tokio::io::AsyncReadExt as _;
 
-use dunite_core::{CacheOptions, CacheStats, EntryCache, EvictionPolicy, Expected, OnConflict, Stored};
+use dunite_core::{
+    CacheOptions, CacheStats, EntryCache, EvictionPolicy, Expected, FillError, FillOptions, Fills, Joined,
+    OnConflict, Stored,
+};
 
 use crate::content::{Found, open_verified};
-use crate::{Digest, Error, Result};
+use crate::{Digest, Error, Result, TagKey};
 
 /// The namespace of manifest rows in the metadata database.
 pub const MANIFEST_NAMESPACE: &str = "oci-manifests";
+
+/// The largest manifest a fill reads (the distribution spec suggests registries cap manifests
+/// at 4 MiB): a body announced or received past it fails the fill as it arrives.
+pub const MAX_MANIFEST_BYTES: u64 = 4 << 20;
 
 /// The OCI image index type, for a document with `manifests` that declares no type.
 const INDEX: &str = "application/vnd.oci.image.index.v1+json";
@@ -22,7 +34,9 @@ const MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 /// Manifests are content-addressed like blobs: a store is verified against the digest (and a
 /// second store of a digest keeps the first), and a read survives a metadata database outage
 /// (the manifest is found on disk and verified before it is handed out; its media type is
-/// then the one the manifest declares, the row that recorded it being out of reach).
+/// then the one the manifest declares, the row that recorded it being out of reach). A miss
+/// is fetched through [`fill`](Self::fill): one upstream request per digest, or per tag and
+/// set of accepted types, however many clients ask at once.
 ///
 /// # Example
 ///
@@ -54,6 +68,58 @@ const MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 #[derive(Debug, Clone)]
 pub struct ManifestCache {
     cache: EntryCache,
+    /// Upstream fills in flight, by what they answer: one per digest or tag variant at a time.
+    fills: Fills<FillKey, ManifestHead>,
+}
+
+/// What one upstream answer is for, and so the key of its fill: a digest, or a tag as one set
+/// of accepted types asks for it (its [`TagKey::variant`]).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum FillKey {
+    Digest(Digest),
+    Tag(String),
+}
+
+/// The manifest a fill is asked for ([`ManifestCache::fill`]).
+#[derive(Debug, Clone, Copy)]
+pub enum ManifestRef<'a> {
+    /// By digest: the bytes must hash to it.
+    Digest(&'a Digest),
+    /// By tag, for one set of accepted types: the bytes must hash to the digest the upstream
+    /// announces, if it does.
+    Tag(&'a TagKey),
+}
+
+/// What a manifest fill learns from the upstream's answer before its bytes, shared by every
+/// client of the fill: the media type to serve the manifest as, and the digest its bytes are
+/// verified against.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ManifestHead {
+    media_type: String,
+    digest: Option<Digest>,
+}
+
+impl ManifestHead {
+    /// An upstream answer served as `media_type` (its `Content-Type`) that announced the
+    /// digest `announced` (its `Docker-Content-Digest`), if it did.
+    #[must_use]
+    pub fn new(media_type: impl Into<String>, announced: Option<Digest>) -> Self {
+        Self { media_type: media_type.into(), digest: announced }
+    }
+
+    /// The media type to serve the manifest as.
+    #[must_use]
+    pub fn media_type(&self) -> &str {
+        &self.media_type
+    }
+
+    /// The digest the bytes are verified against: the one asked for (a manifest by digest,
+    /// whatever the upstream announced), else the one the upstream announced; `None` for a
+    /// tag whose answer announced none (its bytes are addressed by their SHA-256).
+    #[must_use]
+    pub fn digest(&self) -> Option<&Digest> {
+        self.digest.as_ref()
+    }
 }
 
 /// A cached manifest, read whole (registries cap manifests at a few MiB).
@@ -108,7 +174,144 @@ impl ManifestCache {
     /// inconsistent.
     pub async fn new(options: CacheOptions) -> Result<Self> {
         let cache = EntryCache::open(options.with_on_conflict(OnConflict::KeepExisting)).await?;
-        Ok(Self { cache })
+        let fills =
+            Fills::new(cache.entries().clone(), FillOptions::new().with_max_bytes(MAX_MANIFEST_BYTES));
+        Ok(Self { cache, fills })
+    }
+
+    /// The same cache with its fills bound by `options` (say, an idle timeout); call before
+    /// the first [`fill`](Self::fill). Fills read at most [`MAX_MANIFEST_BYTES`] unless
+    /// `options` bound them otherwise ([`FillOptions::with_max_bytes`]).
+    #[must_use]
+    pub fn with_fill_options(mut self, options: FillOptions) -> Self {
+        let options =
+            if options.max_bytes().is_none() { options.with_max_bytes(MAX_MANIFEST_BYTES) } else { options };
+        self.fills = Fills::new(self.cache.entries().clone(), options);
+        self
+    }
+
+    /// Join the upstream fill of the manifest `reference` names, or start it with `fetch` if
+    /// none is in flight: the miss path of a pull-through mirror, one upstream request per
+    /// digest, or per tag and set of accepted types, however many clients ask at once.
+    ///
+    /// `fetch` asks the upstream and returns what its answer says ([`ManifestHead`]: the
+    /// `Content-Type` and the announced `Docker-Content-Digest`), the body's announced length
+    /// and its bytes, or [`FillError::Refused`] with the upstream's status. The bytes are
+    /// verified as they arrive: at most [`MAX_MANIFEST_BYTES`] (else
+    /// [`TooLarge`](dunite_core::Error::TooLarge)), and hashing to the digest asked for, or
+    /// for a tag to the announced digest if any (SHA-512 if so announced, else SHA-256; else
+    /// [`DigestMismatch`](dunite_core::Error::DigestMismatch)). Verified, they are stored
+    /// under their digest with the media type (a database that cannot record them does not
+    /// fail the fill: the manifest is served uncached). Read the outcome with
+    /// [`read_fill`](Self::read_fill); look the digest up with [`open`](Self::open) first.
+    ///
+    /// Requires a Tokio runtime; the fill runs on a task of its own, so a client going away
+    /// does not cancel it for the others. See [`dunite_core::Fills`].
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// use dunite_core::EvictionPolicy;
+    /// use dunite_oci::{AcceptedTypes, ManifestCache, ManifestHead, ManifestRef, TagKey};
+    ///
+    /// let dir = tempfile::tempdir()?;
+    /// let manifests = ManifestCache::new(ManifestCache::options(dir.path(), EvictionPolicy::new(1 << 20))).await?;
+    /// let bytes = br#"{"schemaVersion":2,"layers":[]}"#;
+    /// let media_type = "application/vnd.oci.image.manifest.v1+json";
+    /// let key = TagKey::new("registry.example", "library/alpine", "3", AcceptedTypes::new());
+    /// let joined = manifests.fill(ManifestRef::Tag(&key), move || async move {
+    ///     // An HTTP client's response would go here; this upstream announces no digest.
+    ///     let body = futures_util::stream::iter([Ok::<_, std::io::Error>(bytes::Bytes::from_static(bytes))]);
+    ///     Ok((ManifestHead::new(media_type, None), Some(bytes.len() as u64), body))
+    /// })?;
+    /// let (manifest, digest) = manifests.read_fill(joined).await?;
+    /// assert_eq!((manifest.bytes(), manifest.media_type()), (&bytes[..], media_type));
+    /// // Stored under the digest of its bytes.
+    /// assert_eq!(manifests.open(&digest).await?, Some(manifest));
+    /// # Ok(())
+    /// # }
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Cache`] outside a Tokio runtime. The fill's own failures reach its clients
+    /// through [`Joined`].
+    pub fn fill<F, Fut, S, E>(&self, reference: ManifestRef<'_>, fetch: F) -> Result<Joined<ManifestHead>>
+    where
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: Future<Output = std::result::Result<(ManifestHead, Option<u64>, S), FillError>> + Send,
+        S: Stream<Item = std::result::Result<Bytes, E>> + Send,
+        E: std::error::Error + Send + Sync + 'static,
+    {
+        let (key, asked) = match reference {
+            ManifestRef::Digest(digest) => (FillKey::Digest(digest.clone()), Some(digest.clone())),
+            ManifestRef::Tag(tag) => (FillKey::Tag(tag.variant().to_owned()), None),
+        };
+        let expected = asked.as_ref().map_or_else(Expected::new, |digest| {
+            Expected::new().with_digest(digest.content_digest().clone())
+        });
+        Ok(self.fills.join(key, expected, move |mut filling| async move {
+            let (mut head, total, body) = fetch().await?;
+            match asked {
+                // The bytes are verified against the digest asked for (the join's), whatever
+                // the upstream announced.
+                Some(asked) => head.digest = Some(asked),
+                None => {
+                    if let Some(announced) = &head.digest {
+                        filling.expect_digest(announced.content_digest().clone())?;
+                    }
+                }
+            }
+            let media_type = head.media_type.clone();
+            filling.respond(head, total).await?;
+            filling.receive(body).await?;
+            // A tag's manifest is stored under the digest of its bytes, known only now.
+            let key = filling.digest().expect("receive verified the bytes").to_string();
+            filling.commit(&key, move |_| media_type).await
+        })?)
+    }
+
+    /// Wait for a manifest fill ([`fill`](Self::fill)) to end and read its manifest whole
+    /// (fills are bounded: at most [`MAX_MANIFEST_BYTES`] by default), with the digest it is
+    /// stored under.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe: the fill goes on for its other clients.
+    ///
+    /// # Errors
+    ///
+    /// The fill's [`FillError`]; [`FillError::Local`] if its verified bytes cannot be read.
+    pub async fn read_fill(
+        &self,
+        mut joined: Joined<ManifestHead>,
+    ) -> std::result::Result<(Manifest, Digest), FillError> {
+        let size = joined.finished().await?.size();
+        let started = joined.started().await?;
+        let head = started.head();
+        let mut bytes = Vec::with_capacity(usize::try_from(size).unwrap_or(0));
+        let mut body = std::pin::pin!(joined.body(0, Some(size)));
+        while let Some(chunk) = body.next().await {
+            let chunk = chunk.map_err(|source| {
+                FillError::Local(Arc::new(dunite_core::Error::Io {
+                    op: "read a manifest fill's spool in the cache's",
+                    path: "tmp/".into(),
+                    source: Arc::new(source),
+                }))
+            })?;
+            bytes.extend_from_slice(&chunk);
+        }
+        // Verified by the fill: the digest asked for or announced, else their SHA-256.
+        let digest = head.digest().cloned().unwrap_or_else(|| Digest::sha256_of(&bytes));
+        Ok((Manifest::new(bytes, head.media_type().to_owned()), digest))
+    }
+
+    /// Manifest fills in flight now.
+    #[must_use]
+    pub fn fills_in_flight(&self) -> usize {
+        self.fills.in_flight()
     }
 
     /// Store `bytes` as the manifest with `digest`, served as `media_type`. The bytes are

@@ -107,13 +107,36 @@ impl FillError {
 #[non_exhaustive]
 pub struct FillOptions {
     idle_timeout: Option<Duration>,
+    max_bytes: Option<u64>,
 }
 
 impl FillOptions {
-    /// Default options: no idle timeout (the upstream client's own timeouts apply).
+    /// Default options: no idle timeout (the upstream client's own timeouts apply), fills
+    /// bounded by the cache's cap alone.
     #[must_use]
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Bound every fill to `max_bytes` (when below the cache's cap): a body announced or
+    /// received past it fails the fill as it arrives, with
+    /// [`Error::TooLarge`] (say, a manifest cache that reads no manifest over 4 MiB).
+    #[must_use]
+    pub fn with_max_bytes(mut self, max_bytes: u64) -> Self {
+        self.max_bytes = Some(max_bytes);
+        self
+    }
+
+    /// The idle timeout, if set.
+    #[must_use]
+    pub fn idle_timeout(&self) -> Option<Duration> {
+        self.idle_timeout
+    }
+
+    /// The fills' own bound, if set (the cache's cap bounds them anyway).
+    #[must_use]
+    pub fn max_bytes(&self) -> Option<u64> {
+        self.max_bytes
     }
 
     /// Fail a fill whose upstream sends no byte of the body for `idle` (a server's upstream
@@ -300,7 +323,7 @@ where
         inflight.insert(key.clone(), Arc::clone(&state));
         drop(inflight);
         let landed = Landed { inflight: Arc::clone(&self.inflight), key, state: Arc::clone(&state) };
-        let filling = Filling::new(self.store.clone(), expected, state, self.options.idle_timeout);
+        let filling = Filling::new(self.store.clone(), expected, state, &self.options);
         let task = run(filling);
         runtime.spawn(async move {
             let result = task.await;

@@ -9,7 +9,7 @@ use futures_util::{FutureExt as _, Stream, StreamExt as _};
 use tempfile::TempPath;
 use tokio::sync::watch;
 
-use super::{FillError, Landing, Source, State};
+use super::{FillError, FillOptions, Landing, Source, State};
 use crate::entries::{EntryStore, Expected, OpenEntry, Written, blocking};
 use crate::hash::{ContentDigest, Hasher};
 use crate::{DigestAlgorithm, Error};
@@ -42,6 +42,8 @@ pub struct Filling<H> {
     expected: Expected,
     state: Arc<watch::Sender<State<H>>>,
     idle_timeout: Option<Duration>,
+    /// The cache's cap, or the fills' own bound below it.
+    max_bytes: u64,
     /// Set by `respond`.
     source: Option<Arc<Source<H>>>,
     open: Option<Open>,
@@ -64,13 +66,15 @@ impl<H: Send + Sync + 'static> Filling<H> {
         store: EntryStore,
         expected: Expected,
         state: Arc<watch::Sender<State<H>>>,
-        idle_timeout: Option<Duration>,
+        options: &FillOptions,
     ) -> Self {
+        let max_bytes = options.max_bytes.map_or(store.max_bytes(), |max| max.min(store.max_bytes()));
         Self {
             store,
             expected,
             state,
-            idle_timeout,
+            idle_timeout: options.idle_timeout,
+            max_bytes,
             source: None,
             open: None,
             temp: None,
@@ -85,16 +89,52 @@ impl<H: Send + Sync + 'static> Filling<H> {
         &self.expected
     }
 
+    /// The bytes must also hash to `digest`, learnt from the upstream's answer (say, the
+    /// digest a registry announces for a tag's manifest): the body is hashed with its
+    /// algorithm. Call before [`respond`](Self::respond). An expectation only tightens: the
+    /// digest the fill was joined with, if any, stays.
+    ///
+    /// # Errors
+    ///
+    /// [`FillError::Invalid`] with [`Error::DigestMismatch`] if the fill already expects
+    /// another digest (nothing is read then).
+    ///
+    /// # Panics
+    ///
+    /// If called after [`respond`](Self::respond).
+    pub fn expect_digest(&mut self, digest: ContentDigest) -> Result<(), FillError> {
+        assert!(self.source.is_none(), "expect_digest comes before respond");
+        match self.expected.digest() {
+            Some(want) if *want != digest => {
+                Err(invalid(Error::DigestMismatch { expected: want.to_string(), actual: digest.to_string() }))
+            }
+            Some(_) => Ok(()),
+            None => {
+                self.expected = std::mem::take(&mut self.expected).with_digest(digest);
+                Ok(())
+            }
+        }
+    }
+
+    /// The digest of the verified bytes, once [`receive`](Self::receive) returned `Ok`: for a
+    /// fill whose key is only known from its bytes (a manifest asked for by tag is stored
+    /// under its digest), the key to [`commit`](Self::commit) them as.
+    #[must_use]
+    pub fn digest(&self) -> Option<&ContentDigest> {
+        self.digest.as_ref()
+    }
+
     /// The upstream answered with a body of `total` bytes (if it said): create the spool and
     /// tell the clients, who learn `head` and `total` from
     /// [`Joined::started`](super::Joined::started).
     ///
     /// # Errors
     ///
-    /// [`FillError::Invalid`] if `total` is over the cache's cap or differs from the expected
-    /// size (nothing is read then); [`FillError::Local`] if the spool cannot be created.
+    /// [`FillError::Invalid`] if `total` is over the cache's cap (or the fills' bound,
+    /// [`FillOptions::with_max_bytes`]) or differs from the expected size (nothing is read
+    /// then); [`FillError::Local`] if the spool cannot be created.
     pub async fn respond(&mut self, head: H, total: Option<u64>) -> Result<(), FillError> {
-        let max_bytes = self.store.max_bytes();
+        let max_bytes = self.max_bytes;
         match (total, self.expected.size()) {
             (Some(total), _) if total > max_bytes => {
                 return Err(invalid(Error::TooLarge { size: total, max_bytes }));
@@ -150,7 +190,7 @@ impl<H: Send + Sync + 'static> Filling<H> {
         S: Stream<Item = Result<Bytes, E>> + Send,
         E: std::error::Error + Send + Sync + 'static,
     {
-        let max_bytes = self.store.max_bytes();
+        let max_bytes = self.max_bytes;
         // The expected size, or else the announced one: past it, the body is too long.
         let declared = self.expected.size().or_else(|| self.source.as_ref().and_then(|source| source.total));
         let mut body = std::pin::pin!(body);

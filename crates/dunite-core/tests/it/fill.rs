@@ -332,3 +332,89 @@ async fn a_lost_commit_serves_the_bytes_and_says_why_they_were_not_stored() {
     );
     assert_eq!(read_all(joined.body(0, None)).await, (b"bytes".to_vec(), None));
 }
+
+/// Fills bound below the cache's cap (`FillOptions::with_max_bytes`) refuse a body announced
+/// past the bound before reading it, and one streamed past it as it arrives; a body at the
+/// bound is stored.
+#[tokio::test]
+async fn a_bound_below_the_cap_holds_as_the_bytes_arrive() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = cache(dir.path(), 1 << 20).await;
+    let fills: Fills<u32, ()> = Fills::new(cache.entries().clone(), FillOptions::new().with_max_bytes(10));
+    let too_large = |error: &FillError, size: u64| matches!(error, FillError::Invalid(e) if matches!(**e, Error::TooLarge { size: s, max_bytes: 10 } if s == size));
+
+    let mut announced = fills
+        .join(1, Expected::new(), |mut filling| async move { filling.respond((), Some(11)).await })
+        .unwrap();
+    let error = announced.finished().await.unwrap_err();
+    assert!(too_large(&error, 11), "{error:?}");
+
+    let (feed, body) = upstream();
+    let mut streamed = fills
+        .join(2, Expected::new(), |mut filling| async move {
+            filling.respond((), None).await?;
+            filling.receive(body).await
+        })
+        .unwrap();
+    feed.send(Ok(Bytes::from_static(b"123456"))).await.unwrap();
+    feed.send(Ok(Bytes::from_static(b"789012"))).await.unwrap();
+    // Refused at the chunk that crossed the bound: the body has not ended (`feed` is open).
+    let error = streamed.finished().await.unwrap_err();
+    assert!(too_large(&error, 12), "{error:?}");
+    drop(feed);
+
+    let mut at_the_bound = fills
+        .join(3, Expected::new(), |mut filling| async move {
+            filling.respond((), None).await?;
+            let chunks = [Ok::<_, std::io::Error>(Bytes::from_static(b"1234567890"))];
+            filling.receive(futures_util::stream::iter(chunks)).await?;
+            filling.commit("k", |_| String::new()).await
+        })
+        .unwrap();
+    assert_eq!(at_the_bound.finished().await.unwrap().size(), 10);
+    assert_eq!(cache.len().await.unwrap(), 1);
+    assert!(spools(dir.path()).is_empty());
+}
+
+/// A digest learnt from the upstream's answer (`Filling::expect_digest`; say, the one a
+/// registry announces for a tag) is verified with its own algorithm, and the verified digest
+/// (`Filling::digest`) keys the commit; an announcement that contradicts the digest the fill
+/// was joined with fails it before any byte is read.
+#[tokio::test]
+async fn a_digest_learnt_from_the_answer_is_verified_and_keys_the_commit() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = cache(dir.path(), 1 << 20).await;
+    let fills: Fills<&'static str, ()> = Fills::new(cache.entries().clone(), FillOptions::new());
+    let fill = |announced: ContentDigest, bytes: &'static [u8]| {
+        move |mut filling: dunite_core::Filling<()>| async move {
+            filling.expect_digest(announced)?;
+            filling.respond((), None).await?;
+            let chunks = [Ok::<_, std::io::Error>(Bytes::from_static(bytes))];
+            filling.receive(futures_util::stream::iter(chunks)).await?;
+            let key = filling.digest().expect("verified").to_string();
+            filling.commit(&key, |_| String::new()).await
+        }
+    };
+    let sha512 = ContentDigest::of(DigestAlgorithm::Sha512, b"a manifest");
+
+    let mut right = fills.join("tag", Expected::new(), fill(sha512.clone(), b"a manifest")).unwrap();
+    right.finished().await.unwrap();
+    assert!(cache.contains(&sha512.to_string()).await.unwrap(), "committed under the sha512 digest");
+
+    let mut wrong = fills.join("tag", Expected::new(), fill(sha512.clone(), b"other bytes")).unwrap();
+    let error = wrong.finished().await.unwrap_err();
+    assert!(
+        matches!(&error, FillError::Invalid(e) if matches!(**e, Error::DigestMismatch { .. })),
+        "{error:?}"
+    );
+
+    let joined_with = Expected::new().with_digest(ContentDigest::of(DigestAlgorithm::Sha256, b"x"));
+    let mut contradicted = fills.join("tag", joined_with, fill(sha512, b"a manifest")).unwrap();
+    let error = contradicted.finished().await.unwrap_err();
+    assert!(
+        matches!(&error, FillError::Invalid(e) if matches!(**e, Error::DigestMismatch { .. })),
+        "{error:?}"
+    );
+    assert_eq!(cache.len().await.unwrap(), 1);
+    assert!(spools(dir.path()).is_empty());
+}

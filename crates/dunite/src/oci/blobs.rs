@@ -98,7 +98,7 @@ pub(super) async fn blob(
 }
 
 /// An upstream's body as the fill reads it: its URL redacted from errors, its bytes counted.
-fn upstream_body(
+pub(super) fn upstream_body(
     answer: reqwest::Response,
     counter: Arc<std::sync::atomic::AtomicU64>,
 ) -> impl futures_util::Stream<Item = Result<bytes::Bytes, reqwest::Error>> + Send {

@@ -47,9 +47,6 @@ pub(crate) enum Error {
     /// The upstream request failed before an answer.
     #[error(transparent)]
     Upstream(#[from] UpstreamError),
-    /// The upstream's answer broke off while its body was read.
-    #[error("upstream body failed")]
-    UpstreamBody(#[source] reqwest::Error),
     /// The upstream answered with a status the mirror does not relay.
     #[error("upstream answered {0}")]
     UpstreamStatus(StatusCode),
@@ -72,8 +69,8 @@ pub(crate) enum Error {
         /// The digest of what came.
         computed: Digest,
     },
-    /// A blob fill failed before its first byte.
-    #[error("the blob's fill failed")]
+    /// An upstream fill failed (a blob's before its first byte).
+    #[error("the upstream fill failed")]
     Fill(#[source] FillError),
     /// A cache failed locally (or its metadata pool was busy).
     #[error(transparent)]
@@ -81,6 +78,31 @@ pub(crate) enum Error {
 }
 
 impl Error {
+    /// What a failed manifest fill is answered with: the upstream's refusal as the manifest
+    /// asked for unknown (404), or access refused (401, 403), or its status; a manifest over
+    /// the limit, or hashing to another digest than the one `asked` for (by digest; `None` for
+    /// a tag: then the one announced), as such; anything else as [`Error::Fill`].
+    pub(crate) fn from_manifest_fill(error: FillError, asked: Option<&Digest>) -> Self {
+        let invalid = match &error {
+            FillError::Refused { status: 404 } => return Self::ManifestUnknown,
+            FillError::Refused { status: 401 | 403 } => return Self::Unauthorized,
+            FillError::Refused { status } => {
+                return StatusCode::from_u16(*status).map_or(Self::Fill(error), Self::UpstreamStatus);
+            }
+            FillError::Invalid(invalid) => invalid,
+            _ => return Self::Fill(error),
+        };
+        match &**invalid {
+            dunite_core::Error::TooLarge { .. } => Self::ManifestTooLarge,
+            dunite_core::Error::DigestMismatch { expected, actual } => match (actual.parse(), asked) {
+                (Ok(got), Some(asked)) => Self::ManifestMismatch { asked: asked.clone(), got },
+                (Ok(computed), None) => Self::AnnouncedMismatch { announced: expected.clone(), computed },
+                (Err(_), _) => Self::Fill(error),
+            },
+            _ => Self::Fill(error),
+        }
+    }
+
     /// The HTTP status this error is answered with.
     pub(crate) fn status(&self) -> StatusCode {
         match self {
@@ -90,9 +112,7 @@ impl Error {
                 StatusCode::NOT_FOUND
             }
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
-            Self::Upstream(UpstreamError::Http(e)) | Self::UpstreamBody(e) if e.is_timeout() => {
-                StatusCode::GATEWAY_TIMEOUT
-            }
+            Self::Upstream(UpstreamError::Http(e)) if e.is_timeout() => StatusCode::GATEWAY_TIMEOUT,
             Self::Fill(FillError::TimedOut { .. }) => StatusCode::GATEWAY_TIMEOUT,
             Self::Fill(FillError::Local(_)) => StatusCode::INTERNAL_SERVER_ERROR,
             Self::Fill(FillError::Other(source))
@@ -101,7 +121,6 @@ impl Error {
                 StatusCode::GATEWAY_TIMEOUT
             }
             Self::Upstream(_)
-            | Self::UpstreamBody(_)
             | Self::UpstreamStatus(_)
             | Self::ManifestTooLarge
             | Self::ManifestMismatch { .. }
@@ -205,6 +224,39 @@ mod tests {
             (StatusCode::NOT_FOUND, "BLOB_UNKNOWN")
         );
         assert!(!Error::ManifestUnknown.is_upstream_fault(), "a 404 is an answer, not a fault");
+    }
+
+    #[test]
+    fn a_failed_manifest_fill_is_answered_as_the_manifest_fetch_was() {
+        let refused = |status| Error::from_manifest_fill(FillError::Refused { status }, None);
+        assert_eq!((refused(404).status(), refused(404).code()), (StatusCode::NOT_FOUND, "MANIFEST_UNKNOWN"));
+        assert!(!refused(404).is_upstream_fault());
+        assert_eq!(refused(403).status(), StatusCode::UNAUTHORIZED);
+        assert!(matches!(refused(503), Error::UpstreamStatus(StatusCode::SERVICE_UNAVAILABLE)));
+        assert!(refused(503).is_upstream_fault(), "a stale tag may stand in");
+
+        let invalid = |error| FillError::Invalid(Arc::new(error));
+        let large = invalid(dunite_core::Error::TooLarge { size: 5 << 20, max_bytes: 4 << 20 });
+        let large = Error::from_manifest_fill(large, None);
+        assert_eq!((large.status(), large.code()), (StatusCode::BAD_GATEWAY, "MANIFEST_INVALID"));
+
+        let (asked, got) = (Digest::sha256_of(b"asked"), Digest::sha256_of(b"got"));
+        let mismatch = || {
+            invalid(dunite_core::Error::DigestMismatch {
+                expected: asked.to_string(),
+                actual: got.to_string(),
+            })
+        };
+        assert!(matches!(
+            Error::from_manifest_fill(mismatch(), Some(&asked)),
+            Error::ManifestMismatch { asked: a, got: g } if a == asked && g == got
+        ));
+        let announced = Error::from_manifest_fill(mismatch(), None);
+        assert!(matches!(&announced, Error::AnnouncedMismatch { announced, computed }
+            if *announced == asked.to_string() && *computed == got));
+        assert!(announced.is_upstream_fault());
+        let ended = Error::from_manifest_fill(FillError::Ended, None);
+        assert!(matches!(ended, Error::Fill(FillError::Ended)) && ended.is_upstream_fault());
     }
 
     #[tokio::test]

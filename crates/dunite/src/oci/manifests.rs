@@ -1,25 +1,24 @@
 //! `GET|HEAD /v2/<name>/manifests/<reference>`: by digest from the manifest cache, by tag
 //! through the tag cache (fresh for the tag TTL, stale while the upstream is down), else
-//! fetched upstream, verified and cached.
+//! fetched upstream through the one fill of the digest or tag variant
+//! (`ManifestCache::fill`): verified, bounded and cached as it arrives.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use axum::body::Body;
-use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, Method, header};
 use axum::response::Response;
 use bytes::Bytes;
 
-use dunite_core::{ContentDigest, DigestAlgorithm};
-use dunite_oci::{Digest, Manifest, TagKey};
+use dunite_core::FillError;
+use dunite_oci::{Digest, DigestError, Manifest, ManifestHead, ManifestRef, TagKey};
 
 use super::accept::{accept_header, accepted_types, upstream_accept};
+use super::blobs::upstream_body;
 use super::{Error, Mirror, header_value, set_digest};
 use crate::metrics::CacheOutcome;
 use crate::spec::Reference;
-
-/// Manifests larger than this are refused (the spec suggests registries cap them at 4 MiB).
-const MAX_MANIFEST: usize = 4 << 20;
 
 pub(super) async fn manifest(
     mirror: &Arc<Mirror>,
@@ -38,11 +37,8 @@ pub(super) async fn manifest(
                 return Ok(respond(method, manifest, &digest, CacheOutcome::Hit));
             }
             mirror.metrics.manifest_misses.fetch_add(1, Ordering::Relaxed);
-            let (manifest, fetched) =
-                fetch(mirror, host, &upstream_name, &digest.to_string(), Some(&accept)).await?;
-            if fetched != digest {
-                return Err(Error::ManifestMismatch { asked: digest, got: fetched });
-            }
+            let asked = (&*digest.to_string(), ManifestRef::Digest(&digest));
+            let (manifest, _, _) = fetch(mirror, host, &upstream_name, asked, Some(&accept)).await?;
             Ok(respond(method, manifest, &digest, CacheOutcome::Miss))
         }
         Reference::Tag(tag) => {
@@ -58,9 +54,13 @@ pub(super) async fn manifest(
             // The upstream is asked for exactly the types the record is keyed on, so what it
             // answers is right for every client that shares the key.
             let asked = upstream_accept(key.types());
-            match fetch(mirror, host, &upstream_name, &tag, asked.as_ref()).await {
-                Ok((manifest, digest)) => {
-                    mirror.tags.record(&key, &digest, manifest.media_type()).await?;
+            match fetch(mirror, host, &upstream_name, (&tag, ManifestRef::Tag(&key)), asked.as_ref()).await {
+                Ok((manifest, digest, first)) => {
+                    // Recorded once per fill, by the client that started it (the others
+                    // joined it).
+                    if first {
+                        mirror.tags.record(&key, &digest, manifest.media_type()).await?;
+                    }
                     Ok(respond(method, manifest, &digest, CacheOutcome::Miss))
                 }
                 Err(error) if error.is_upstream_fault() => {
@@ -80,56 +80,66 @@ pub(super) async fn manifest(
     }
 }
 
-/// Fetch a manifest by tag or digest, verify and cache it by digest.
+/// Join the one upstream fill of a manifest by digest or tag (`ManifestCache::fill`): it is
+/// verified, bounded and cached by digest as it arrives; once it is, read it whole. Returns
+/// the manifest, its digest, and whether this client started the fill.
 async fn fetch(
-    mirror: &Mirror,
+    mirror: &Arc<Mirror>,
     host: &str,
     upstream_name: &str,
-    reference: &str,
+    (reference, asked): (&str, ManifestRef<'_>),
     accept: Option<&HeaderValue>,
-) -> Result<(Manifest, Digest), Error> {
+) -> Result<(Manifest, Digest, bool), Error> {
     let path = format!("{upstream_name}/manifests/{reference}");
-    let response = mirror.registries.send(host, upstream_name, Method::GET, &path, accept).await?;
-    match response.status() {
-        s if s.is_success() => {}
-        StatusCode::NOT_FOUND => return Err(Error::ManifestUnknown),
-        StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => return Err(Error::Unauthorized),
-        s => return Err(Error::UpstreamStatus(s)),
-    }
-    let media_type = response
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("application/vnd.oci.image.manifest.v1+json")
-        .to_owned();
-    let announced =
-        response.headers().get("docker-content-digest").and_then(|v| v.to_str().ok()).map(str::to_owned);
-    let bytes = crate::upstream::read_limited(response, MAX_MANIFEST)
-        .await
-        .map_err(Error::UpstreamBody)?
-        .ok_or(Error::ManifestTooLarge)?;
-    mirror.metrics.upstream_bytes.fetch_add(bytes.len() as u64, Ordering::Relaxed);
-    // Address by the upstream's announced algorithm if it is sha512, else sha256.
-    let algorithm = match announced.as_deref() {
-        Some(d) if d.starts_with("sha512:") => DigestAlgorithm::Sha512,
-        _ => DigestAlgorithm::Sha256,
-    };
-    let digest = Digest::from(ContentDigest::of(algorithm, &bytes));
-    if let Some(announced) = announced
-        && announced != digest.to_string()
-    {
-        return Err(Error::AnnouncedMismatch { announced, computed: digest });
-    }
-    match mirror.manifests.store(&digest, &bytes, &media_type).await {
-        Ok(_) => {}
-        // Verified, but not recorded: serve it, cache it next time.
-        Err(error) if error.is_database() => {
-            tracing::warn!(%error, %digest, "database unavailable; manifest served uncached");
+    let (fill_mirror, host, upstream_name) = (Arc::clone(mirror), host.to_owned(), upstream_name.to_owned());
+    let (accept, upstream_bytes) = (accept.cloned(), Arc::clone(&mirror.metrics.upstream_bytes));
+    let joined = mirror.manifests.fill(asked, move || async move {
+        let answer = fill_mirror
+            .registries
+            .send(&host, &upstream_name, Method::GET, &path, accept.as_ref())
+            .await
+            .map_err(FillError::other)?;
+        if !answer.status().is_success() {
+            return Err(FillError::Refused { status: answer.status().as_u16() });
         }
-        Err(error) => return Err(error.into()),
-    }
-    let manifest = Manifest::new(Vec::from(bytes), media_type);
-    Ok((manifest, digest))
+        let media_type = answer
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("application/vnd.oci.image.manifest.v1+json")
+            .to_owned();
+        // The bytes of a tag are verified against the digest announced, by its algorithm
+        // (sha512 if so announced, else sha256).
+        let announced = match answer.headers().get("docker-content-digest") {
+            None => None,
+            Some(value) => {
+                let announced = String::from_utf8_lossy(value.as_bytes()).into_owned();
+                match announced.parse::<Digest>() {
+                    Ok(digest) => Some(digest),
+                    Err(source) => return Err(FillError::other(BadAnnouncement { announced, source })),
+                }
+            }
+        };
+        let total = answer.content_length();
+        Ok((ManifestHead::new(media_type, announced), total, upstream_body(answer, upstream_bytes)))
+    })?;
+    let first = joined.is_first();
+    let digest = match asked {
+        ManifestRef::Digest(digest) => Some(digest),
+        ManifestRef::Tag(_) => None,
+    };
+    let (manifest, digest) =
+        mirror.manifests.read_fill(joined).await.map_err(|error| Error::from_manifest_fill(error, digest))?;
+    Ok((manifest, digest, first))
+}
+
+/// The upstream announced a `Docker-Content-Digest` that is no digest.
+#[derive(Debug, thiserror::Error)]
+#[error("upstream announced the digest {announced:?}")]
+struct BadAnnouncement {
+    announced: String,
+    #[source]
+    source: DigestError,
 }
 
 fn respond(method: &Method, manifest: Manifest, digest: &Digest, outcome: CacheOutcome) -> Response {

@@ -1,5 +1,5 @@
 //! The OCI distribution pull API, as a pull-through mirror: [`Mirror`] owns the blob,
-//! manifest and tag caches, the upstream registries and the blob fills, and serves `/v2/`.
+//! manifest and tag caches, the upstream registries and their fills, and serves `/v2/`.
 //!
 //! One concept per file: `blobs.rs` (hits, ranges, streamed fills), `manifests.rs` (by digest
 //! and by tag, with the stale fallback), `accept.rs` (a client's `Accept` as the tag cache
@@ -80,7 +80,8 @@ impl Mirror {
             ManifestCache::options(dir.join("manifests"), EvictionPolicy::new(manifest_cap))
                 .with_database(database.clone()),
         )
-        .await?;
+        .await?
+        .with_fill_options(FillOptions::new().with_idle_timeout(config.upstream_timeout));
         let tags = TagCache::new(
             TagCache::options(dir.join("tags"), EvictionPolicy::new(config.tag_max_bytes))
                 .with_database(database.clone()),
