@@ -52,6 +52,10 @@ async fn downloads_go_through_the_allowlist_and_are_cached() {
     assert_eq!(status, 200);
     assert!(got == body, "downloaded bytes differ");
     assert_eq!(origin.requests.load(Ordering::SeqCst), 1);
+    assert!(
+        dunite.metric("dunite_upstream_bytes_total").await >= body.len() as u64,
+        "download bytes are counted"
+    );
     // Clients have their bytes once verified; the commit follows.
     dunite_testkit::poll_until(Duration::from_secs(30), "the download cached", async || {
         dunite.metric("dunite_cache_entries{cache=\"downloads\"}").await == 1

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use axum::http::{StatusCode, header};
-use futures_util::TryStreamExt as _;
+use futures_util::StreamExt as _;
 use reqwest::header::{IF_MODIFIED_SINCE, IF_NONE_MATCH};
 
 use dunite_download::{FetchError, FetchRequest, Fetched, Fetcher, ResponseMeta, UrlKey};
@@ -29,6 +29,8 @@ pub(crate) enum PrivateNetworks {
 #[derive(Debug, Clone)]
 pub(crate) struct HttpFetcher {
     client: reqwest::Client,
+    /// Body bytes received, for `dunite_upstream_bytes_total`.
+    upstream_bytes: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// Resolves host names for the download proxy, refusing loopback, private, link-local and
@@ -115,6 +117,7 @@ impl HttpFetcher {
         allow: Vec<String>,
         private: PrivateNetworks,
         timeout: Duration,
+        upstream_bytes: Arc<std::sync::atomic::AtomicU64>,
     ) -> Result<Self, reqwest::Error> {
         let allow = Arc::new(allow);
         let policy = reqwest::redirect::Policy::custom(move |attempt| {
@@ -134,7 +137,7 @@ impl HttpFetcher {
             .redirect(policy)
             .dns_resolver(Arc::new(PublicOnly { allow_private: private == PrivateNetworks::Allowed }))
             .build()?;
-        Ok(Self { client })
+        Ok(Self { client, upstream_bytes })
     }
 }
 
@@ -191,7 +194,14 @@ impl Fetcher for HttpFetcher {
             return Err(Box::new(UpstreamStatus(status)));
         }
         let meta = meta_of(&response);
-        let stream = response.bytes_stream().map_err(|e| std::io::Error::other(crate::upstream::redact(e)));
+        let counter = Arc::clone(&self.upstream_bytes);
+        let stream = response.bytes_stream().map(move |chunk| match chunk {
+            Ok(bytes) => {
+                counter.fetch_add(bytes.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                Ok(bytes)
+            }
+            Err(e) => Err(std::io::Error::other(crate::upstream::redact(e))),
+        });
         Ok(Fetched::body(tokio_util::io::StreamReader::new(stream), meta))
     }
 }

@@ -73,8 +73,10 @@ impl Proxy {
         } else {
             PrivateNetworks::Refused
         };
-        let fetcher = HttpFetcher::new(config.dl_allow.clone(), private, config.upstream_timeout)
-            .map_err(|e| StartError::Upstream(crate::upstream::UpstreamError::Http(e)))?;
+        let upstream_bytes = Arc::clone(&metrics.upstream_bytes);
+        let fetcher =
+            HttpFetcher::new(config.dl_allow.clone(), private, config.upstream_timeout, upstream_bytes)
+                .map_err(|e| StartError::Upstream(crate::upstream::UpstreamError::Http(e)))?;
         Ok(Self { downloads, fetcher, allow: config.dl_allow.clone(), metrics })
     }
 
