@@ -225,9 +225,14 @@ async fn run<F: Fetcher>(
     }
 }
 
-/// A download error as a fill failure, carried to every client as it is.
+/// A download error as a fill failure: the cache's own as [`FillError::Local`], any other
+/// carried to every client as it is.
 fn other(error: impl Into<Error>) -> FillError {
-    FillError::other(error.into())
+    match error.into() {
+        // The cache's own failure (its database, its disk): local, as the core types it.
+        Error::Cache(error) => FillError::Local(Arc::new(error)),
+        error => FillError::other(error),
+    }
 }
 
 /// A fetcher's body as a stream of chunks.
