@@ -3,6 +3,8 @@
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 
+use dunite_core::FillError;
+
 use super::fetch::UpstreamStatus;
 use super::target::TargetError;
 
@@ -47,8 +49,10 @@ fn download_status(error: &dunite_download::Error) -> StatusCode {
                     StatusCode::BAD_GATEWAY
                 };
             }
+            let idle = matches!(source.downcast_ref::<FillError>(), Some(FillError::TimedOut { .. }));
             match source.downcast_ref::<reqwest::Error>() {
                 Some(e) if e.is_timeout() => StatusCode::GATEWAY_TIMEOUT,
+                _ if idle => StatusCode::GATEWAY_TIMEOUT,
                 _ => StatusCode::BAD_GATEWAY,
             }
         }
@@ -121,6 +125,14 @@ mod tests {
         let cut =
             dunite_core::Error::Source { received: 1, source: Arc::new(std::io::Error::other("reset")) };
         assert_eq!(cache(cut).status(), StatusCode::BAD_GATEWAY);
+    }
+
+    #[test]
+    fn an_upstream_idle_past_the_fill_timeout_is_a_504() {
+        let url: dunite_download::UrlKey = "http://example.com/f".parse().unwrap();
+        let idle = FillError::TimedOut { idle: std::time::Duration::from_secs(1), received: 0 };
+        let error = Error::Download(dunite_download::Error::from_fill(&url, idle));
+        assert_eq!(error.status(), StatusCode::GATEWAY_TIMEOUT);
     }
 
     #[tokio::test]
