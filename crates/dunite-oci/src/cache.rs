@@ -97,8 +97,8 @@ impl BlobCache {
     /// one held until the blob's digest is verified), then renamed into place and committed:
     /// one disk write per miss. See [`dunite_core::Fills`] for what the returned [`Joined`]
     /// offers and guarantees; look the digest up with [`open`](Self::open) first. A fill
-    /// whose upstream fails serves the blob if the cache holds it by then (committed by a
-    /// fill that ended between the caller's look-up and its join).
+    /// looks once more before it asks the upstream, and serves the blob if the cache holds it
+    /// by then (committed by a fill that ended between the caller's look-up and its join).
     ///
     /// Requires a Tokio runtime; the fill runs on a task of its own, so a client going away
     /// does not cancel it.
@@ -143,18 +143,14 @@ impl BlobCache {
         let expected = Expected::new().with_digest(digest.content_digest().clone());
         let cache = self.cache.clone();
         Ok(self.fills.join(digest.clone(), expected, move |filling| async move {
-            let (total, body) = match fetch().await {
-                Ok(answer) => answer,
-                // The caller looked before joining, but a fill of the digest may have landed
-                // since: a blob the cache holds is served, whatever the upstream says now.
-                Err(error) => match cache.open_entry(&key).await {
-                    Ok(Some(entry)) => {
-                        filling.serve_existing((), entry).await;
-                        return Ok(());
-                    }
-                    _ => return Err(error),
-                },
-            };
+            // The caller looked before joining, but a fill of the digest may have landed
+            // since (its task had left the table): a blob the cache holds is served, not
+            // fetched again, whatever the upstream would say now. (A failed look is a miss.)
+            if let Ok(Some(entry)) = cache.open_entry(&key).await {
+                filling.serve_existing((), entry).await;
+                return Ok(());
+            }
+            let (total, body) = fetch().await?;
             filling.fill(&key, ((), total), body, |_| String::new()).await
         })?)
     }

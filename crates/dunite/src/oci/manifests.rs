@@ -20,6 +20,12 @@ use super::{Error, Mirror, header_value, set_digest};
 use crate::metrics::CacheOutcome;
 use crate::spec::Reference;
 
+/// Every manifest type, for a fetch by digest.
+const EVERY_MANIFEST_TYPE: &str = "application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json, \
+     application/vnd.docker.distribution.manifest.list.v2+json, application/vnd.docker.distribution.manifest.v2+json, \
+     application/vnd.docker.distribution.manifest.v1+prettyjws, application/vnd.docker.distribution.manifest.v1+json, \
+     application/vnd.oci.artifact.manifest.v1+json";
+
 pub(super) async fn manifest(
     mirror: &Arc<Mirror>,
     method: &Method,
@@ -37,8 +43,12 @@ pub(super) async fn manifest(
                 return Ok(respond(method, manifest, &digest, CacheOutcome::Hit));
             }
             mirror.metrics.manifest_misses.fetch_add(1, Ordering::Relaxed);
+            // A digest fixes the bytes, and its fill is shared by every client that asks for
+            // it: the upstream is asked with every manifest type, not the first client's
+            // `Accept` (registries refuse an index to a client that does not accept one).
+            let every_type = HeaderValue::from_static(EVERY_MANIFEST_TYPE);
             let asked = (&*digest.to_string(), ManifestRef::Digest(&digest));
-            let (manifest, _, _) = fetch(mirror, host, &upstream_name, asked, Some(&accept)).await?;
+            let (manifest, _, _) = fetch(mirror, host, &upstream_name, asked, Some(&every_type)).await?;
             Ok(respond(method, manifest, &digest, CacheOutcome::Miss))
         }
         Reference::Tag(tag) => {
@@ -153,4 +163,18 @@ fn respond(method: &Method, manifest: Manifest, digest: &Digest, outcome: CacheO
     set_digest(headers, digest);
     response.extensions_mut().insert(outcome);
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::EVERY_MANIFEST_TYPE;
+
+    /// A fetch by digest accepts every manifest type the tag cache knows (but the wildcard).
+    #[test]
+    fn a_fetch_by_digest_accepts_every_manifest_type() {
+        let accepted: Vec<&str> = EVERY_MANIFEST_TYPE.split(',').map(str::trim).collect();
+        for media_type in dunite_oci::MANIFEST_TYPES.iter().filter(|t| **t != "*/*") {
+            assert!(accepted.contains(media_type), "{media_type}");
+        }
+    }
 }
