@@ -13,7 +13,7 @@ use dunite_core::{
 };
 
 use crate::content::{Found, open_verified};
-use crate::{Digest, Error, Result, TagKey};
+use crate::{Digest, Error, Result, TagCache, TagKey};
 
 /// The namespace of manifest rows in the metadata database.
 pub const MANIFEST_NAMESPACE: &str = "oci-manifests";
@@ -70,6 +70,8 @@ pub struct ManifestCache {
     cache: EntryCache,
     /// Upstream fills in flight, by what they answer: one per digest or tag variant at a time.
     fills: Fills<FillKey, ManifestHead>,
+    /// Where a tag's fill records its answer ([`with_tag_records`](Self::with_tag_records)).
+    tags: Option<TagCache>,
 }
 
 /// What one upstream answer is for, and so the key of its fill: a digest, or a tag as one set
@@ -176,7 +178,18 @@ impl ManifestCache {
         let cache = EntryCache::open(options.with_on_conflict(OnConflict::KeepExisting)).await?;
         let fills =
             Fills::new(cache.entries().clone(), FillOptions::new().with_max_bytes(MAX_MANIFEST_BYTES));
-        Ok(Self { cache, fills })
+        Ok(Self { cache, fills, tags: None })
+    }
+
+    /// The same cache with its tag fills recording their answer in `tags`, inside the fill,
+    /// once the bytes are verified and before its clients are told the fill has landed: every
+    /// client of the tag that comes after finds the record (none starts another upstream
+    /// fetch), whichever client started the fill and whether or not it is still there. A
+    /// record that cannot be written is logged; the manifest is served all the same.
+    #[must_use]
+    pub fn with_tag_records(mut self, tags: TagCache) -> Self {
+        self.tags = Some(tags);
+        self
     }
 
     /// The same cache with its fills bound by `options` (say, an idle timeout); call before
@@ -249,6 +262,11 @@ impl ManifestCache {
             ManifestRef::Digest(digest) => (FillKey::Digest(digest.clone()), Some(digest.clone())),
             ManifestRef::Tag(tag) => (FillKey::Tag(tag.variant().to_owned()), None),
         };
+        // A tag's fill records its answer itself (see `with_tag_records`).
+        let record = match reference {
+            ManifestRef::Tag(tag) => self.tags.clone().map(|tags| (tags, tag.clone())),
+            ManifestRef::Digest(_) => None,
+        };
         let expected = asked.as_ref().map_or_else(Expected::new, |digest| {
             Expected::new().with_digest(digest.content_digest().clone())
         });
@@ -268,8 +286,13 @@ impl ManifestCache {
             filling.respond(head, total).await?;
             filling.receive(body).await?;
             // A tag's manifest is stored under the digest of its bytes, known only now.
-            let key = filling.digest().expect("receive verified the bytes").to_string();
-            filling.commit(&key, move |_| media_type).await
+            let digest = Digest::from(filling.digest().expect("receive verified the bytes").clone());
+            if let Some((tags, tag)) = record
+                && let Err(error) = tags.record(&tag, &digest, &media_type).await
+            {
+                tracing::warn!(%error, tag = tag.last(), "could not record a tag's answer; served all the same");
+            }
+            filling.commit(&digest.to_string(), move |_| media_type).await
         })?)
     }
 

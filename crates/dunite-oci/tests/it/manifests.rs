@@ -275,3 +275,43 @@ async fn a_manifest_verified_but_not_recorded_is_served() {
     let (manifest, fetched) = cache.read_fill(joined).await.unwrap();
     assert_eq!((manifest.bytes(), manifest.media_type(), &fetched), (UNTYPED_INDEX, DOCKER_LIST, &digest));
 }
+
+/// A tag's fill records its answer itself (`with_tag_records`), before its clients are told
+/// it has landed: a client that comes after finds the record, even if the client that
+/// started the fill went away without reading it (before, the server recorded it after the
+/// fill, from the first client only).
+#[tokio::test]
+async fn a_tag_fill_records_its_answer_whoever_started_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let policy = EvictionPolicy::new(1 << 20).without_safety_tick();
+    let tags = dunite_oci::TagCache::new(
+        dunite_oci::TagCache::options(dir.path().join("tags"), policy.clone()),
+        Duration::from_secs(300),
+    )
+    .await
+    .unwrap();
+    let cache =
+        open(&dir.path().join("manifests"), DatabaseOptions::new()).await.with_tag_records(tags.clone());
+    let digest = Digest::sha256_of(UNTYPED_INDEX);
+    let key = tag_key();
+    let started = cache
+        .fill(ManifestRef::Tag(&key), move || async move {
+            Ok(answer(
+                ManifestHead::new(INDEX, Some(Digest::sha256_of(UNTYPED_INDEX))),
+                None,
+                UNTYPED_INDEX,
+                7,
+            ))
+        })
+        .unwrap();
+    let mut waiter = cache
+        .fill(ManifestRef::Tag(&key), || async {
+            Err::<(ManifestHead, Option<u64>, Chunks), _>(FillError::Ended)
+        })
+        .unwrap();
+    // The client that started the fill goes away at once.
+    drop(started);
+    waiter.finished().await.unwrap();
+    let record = tags.get(&key).await.unwrap().expect("the fill recorded the tag");
+    assert_eq!(record.digest(), &digest);
+}

@@ -48,7 +48,7 @@ pub(super) async fn manifest(
             // `Accept` (registries refuse an index to a client that does not accept one).
             let every_type = HeaderValue::from_static(EVERY_MANIFEST_TYPE);
             let asked = (&*digest.to_string(), ManifestRef::Digest(&digest));
-            let (manifest, _, _) = fetch(mirror, host, &upstream_name, asked, Some(&every_type)).await?;
+            let (manifest, _) = fetch(mirror, host, &upstream_name, asked, Some(&every_type)).await?;
             Ok(respond(method, manifest, &digest, CacheOutcome::Miss))
         }
         Reference::Tag(tag) => {
@@ -65,14 +65,8 @@ pub(super) async fn manifest(
             // answers is right for every client that shares the key.
             let asked = upstream_accept(key.types());
             match fetch(mirror, host, &upstream_name, (&tag, ManifestRef::Tag(&key)), asked.as_ref()).await {
-                Ok((manifest, digest, first)) => {
-                    // Recorded once per fill, by the client that started it (the others
-                    // joined it).
-                    if first {
-                        mirror.tags.record(&key, &digest, manifest.media_type()).await?;
-                    }
-                    Ok(respond(method, manifest, &digest, CacheOutcome::Miss))
-                }
+                // The fill recorded the tag's answer itself (`with_tag_records`).
+                Ok((manifest, digest)) => Ok(respond(method, manifest, &digest, CacheOutcome::Miss)),
                 Err(error) if error.is_upstream_fault() => {
                     // The upstream is down: serve this variant's last answer, or else the
                     // tag's last answer to anyone if this client accepts its type.
@@ -92,14 +86,14 @@ pub(super) async fn manifest(
 
 /// Join the one upstream fill of a manifest by digest or tag (`ManifestCache::fill`): it is
 /// verified, bounded and cached by digest as it arrives; once it is, read it whole. Returns
-/// the manifest, its digest, and whether this client started the fill.
+/// the manifest and its digest.
 async fn fetch(
     mirror: &Arc<Mirror>,
     host: &str,
     upstream_name: &str,
     (reference, asked): (&str, ManifestRef<'_>),
     accept: Option<&HeaderValue>,
-) -> Result<(Manifest, Digest, bool), Error> {
+) -> Result<(Manifest, Digest), Error> {
     let path = format!("{upstream_name}/manifests/{reference}");
     let (fill_mirror, host, upstream_name) = (Arc::clone(mirror), host.to_owned(), upstream_name.to_owned());
     let (accept, upstream_bytes) = (accept.cloned(), Arc::clone(&mirror.metrics.upstream_bytes));
@@ -133,14 +127,13 @@ async fn fetch(
         let total = answer.content_length();
         Ok((ManifestHead::new(media_type, announced), total, upstream_body(answer, upstream_bytes)))
     })?;
-    let first = joined.is_first();
     let digest = match asked {
         ManifestRef::Digest(digest) => Some(digest),
         ManifestRef::Tag(_) => None,
     };
     let (manifest, digest) =
         mirror.manifests.read_fill(joined).await.map_err(|error| Error::from_manifest_fill(error, digest))?;
-    Ok((manifest, digest, first))
+    Ok((manifest, digest))
 }
 
 /// The upstream announced a `Docker-Content-Digest` that is no digest.

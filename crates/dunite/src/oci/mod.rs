@@ -76,18 +76,19 @@ impl Mirror {
         .await?
         .with_fill_options(FillOptions::new().with_idle_timeout(config.upstream_timeout));
         let manifest_cap = (config.oci_max_bytes / 16).max(64 << 20);
-        let manifests = ManifestCache::new(
-            ManifestCache::options(dir.join("manifests"), EvictionPolicy::new(manifest_cap))
-                .with_database(database.clone()),
-        )
-        .await?
-        .with_fill_options(FillOptions::new().with_idle_timeout(config.upstream_timeout));
         let tags = TagCache::new(
             TagCache::options(dir.join("tags"), EvictionPolicy::new(config.tag_max_bytes))
                 .with_database(database.clone()),
             config.tag_ttl,
         )
         .await?;
+        let manifests = ManifestCache::new(
+            ManifestCache::options(dir.join("manifests"), EvictionPolicy::new(manifest_cap))
+                .with_database(database.clone()),
+        )
+        .await?
+        .with_fill_options(FillOptions::new().with_idle_timeout(config.upstream_timeout))
+        .with_tag_records(tags.clone());
         let registries =
             Registries::new(config.upstreams.clone(), config.credentials.clone(), config.upstream_timeout)?;
         Ok(Self {
