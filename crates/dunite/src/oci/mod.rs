@@ -29,11 +29,14 @@ use crate::spec::{Reference, is_valid_name};
 use crate::start::StartError;
 use crate::upstream::Registries;
 
+// For the parser checks of `dunite::fuzzing`.
+#[cfg(feature = "fuzzing")]
 pub(crate) use accept::{accepted_types, upstream_accept};
+#[cfg(feature = "fuzzing")]
 pub(crate) use blobs::parse_range;
 pub(crate) use error::Error;
 
-/// The pull-through mirror's state: its caches, its upstreams, its fills.
+/// The pull-through mirror's state: its caches (with their fills) and its upstreams.
 #[derive(Debug)]
 pub(crate) struct Mirror {
     /// OCI blobs by digest.
