@@ -88,9 +88,10 @@ pub enum Source {
 pub enum Lookup {
     /// A fresh entry that satisfies the request, opened: a hit (counted, its access recorded).
     Fresh(Box<Download>),
-    /// An entry that is stale or does not satisfy the request (another pin):
-    /// [`DownloadCache::get_or_fetch`] revalidates or refetches it.
-    Cached,
+    /// An entry that is stale or does not satisfy the request (another pin), as recorded:
+    /// [`DownloadCache::get_or_fetch`] (or a [`DownloadCache::fill`]) revalidates or
+    /// refetches it.
+    Cached(Box<DownloadInfo>),
     /// No entry.
     Missing,
 }
@@ -434,11 +435,12 @@ impl DownloadCache {
         }
         for _ in 0..MAX_ATTEMPTS {
             // 1. A fresh entry that satisfies the request is a hit.
-            if let Lookup::Fresh(download) = self.lookup(request).await? {
-                return Ok(*download);
-            }
+            let seen = match self.lookup(request).await? {
+                Lookup::Fresh(download) => return Ok(*download),
+                seen => seen,
+            };
             // 2. Join the fill of this URL and pin, or start one (it revalidates a stale entry).
-            let mut joined = self.fill(request, fetcher)?;
+            let mut joined = self.fill(request, &seen, fetcher)?;
             let finished = joined.finished().await.map_err(|e| Error::from_fill(request.url(), e))?;
             if let Some(cause) = finished.uncached() {
                 // Verified, but not stored: say why, rather than look for an entry that is
@@ -481,7 +483,9 @@ impl DownloadCache {
                 bump(&self.inner.counters.hits);
                 Ok(Lookup::Fresh(Box::new(Download { file: entry.file, info, source: Source::Hit })))
             }
-            _ => Ok(Lookup::Cached),
+            Some(info) => Ok(Lookup::Cached(Box::new(info))),
+            // Not a download record (never written by this crate): fetched whole.
+            None => Ok(Lookup::Missing),
         }
     }
 

@@ -9,6 +9,7 @@ use tokio::io::AsyncReadExt as _;
 
 use dunite_core::{ContentDigest, Expected, FillError, Filling, Joined};
 
+use crate::Lookup;
 use crate::cache::{DownloadInfo, Inner, Meta, bump};
 use crate::{
     Body, DownloadCache, DownloadRequest, Error, FetchRequest, Fetched, Fetcher, Result, Source, UrlKey,
@@ -67,7 +68,9 @@ impl DownloadHead {
 
 impl DownloadCache {
     /// Join the fill of `request` (its URL and pin), or start it with `fetcher`: the miss path
-    /// of a download proxy, streamed. Look the request up first ([`lookup`](Self::lookup)).
+    /// of a download proxy, streamed. Look the request up first ([`lookup`](Self::lookup))
+    /// and pass what it found as `seen`: the fill starts from it (revalidating the entry it
+    /// found, or fetching when there was none) instead of reading the metadata again.
     ///
     /// The fill revalidates a stale entry that satisfies the request (a "not modified" answer
     /// resolves the fill to the cached entry, nothing is transferred) and otherwise fetches
@@ -97,7 +100,8 @@ impl DownloadCache {
     ///     Ok::<_, FetchError>(Fetched::body(std::io::Cursor::new(b"hello".to_vec()), meta))
     /// });
     /// let request = DownloadRequest::new("https://example.com/greeting".parse()?);
-    /// let mut joined = cache.fill(&request, &fetcher)?;
+    /// let seen = cache.lookup(&request).await?;
+    /// let mut joined = cache.fill(&request, &seen, &fetcher)?;
     /// let started = joined.started().await?;
     /// assert_eq!(started.head().content_type(), Some("text/plain"));
     /// let body: Vec<u8> = joined.body(0, None).map(|chunk| chunk.unwrap().to_vec()).concat().await;
@@ -111,7 +115,12 @@ impl DownloadCache {
     /// [`Error::UnsupportedDigest`] for a pin that is not SHA-256, [`Error::Cache`] outside a
     /// Tokio runtime. The fill's own failures reach its clients through [`Joined`]; turn them
     /// into this crate's errors with [`Error::from_fill`].
-    pub fn fill<F>(&self, request: &DownloadRequest, fetcher: &F) -> Result<Joined<DownloadHead>>
+    pub fn fill<F>(
+        &self,
+        request: &DownloadRequest,
+        seen: &Lookup,
+        fetcher: &F,
+    ) -> Result<Joined<DownloadHead>>
     where
         F: Fetcher + Clone + 'static,
     {
@@ -124,9 +133,16 @@ impl DownloadCache {
             format!("{}|{}", request.sha256().map(ContentDigest::hex).unwrap_or_default(), request.url());
         let expected =
             request.sha256().map_or_else(Expected::new, |pin| Expected::new().with_digest(pin.clone()));
+        // What the caller's look-up found, so the fill does not read the metadata again (a
+        // round trip to a database that may be far away): nothing, or an entry to revalidate.
+        let seen = match seen {
+            Lookup::Missing => Seen::Nothing,
+            Lookup::Cached(info) => Seen::Entry((**info).clone()),
+            Lookup::Fresh(_) => Seen::Unknown,
+        };
         let (inner, request, fetcher) = (Arc::clone(&self.inner), request.clone(), fetcher.clone());
         let joined = self.inner.fills.join(key, expected, move |filling| async move {
-            let result = run(&inner, &request, &fetcher, filling).await;
+            let result = run(&inner, &request, seen, &fetcher, filling).await;
             if let Err(error) = &result {
                 bump(&inner.counters.failed);
                 tracing::debug!(url = request.url().redacted(), %error, "fetch-through failed");
@@ -140,10 +156,21 @@ impl DownloadCache {
     }
 }
 
+/// What the caller's look-up found before it asked for a fill.
+enum Seen {
+    /// No entry.
+    Nothing,
+    /// An entry that is stale, or does not satisfy the request (another pin).
+    Entry(DownloadInfo),
+    /// Not looked (or found fresh): the fill looks itself.
+    Unknown,
+}
+
 /// The task of one fill.
 async fn run<F: Fetcher>(
     inner: &Inner,
     request: &DownloadRequest,
+    seen: Seen,
     fetcher: &F,
     filling: Filling<DownloadHead>,
 ) -> std::result::Result<(), FillError> {
@@ -151,20 +178,23 @@ async fn run<F: Fetcher>(
     let key = url.as_str();
     // Kept from eviction while it is being revalidated or replaced.
     let _pin = inner.cache.pin(key);
-    let mut stale = None;
-    // What the cache holds now: the caller looked before joining, but a fill may have landed
-    // since.
-    if let Some(entry) = inner.cache.open_entry(key).await.map_err(other)?
-        && let Some(info) = DownloadInfo::from_entry(&entry.info)
-        && info.satisfies(request)
-    {
-        if !info.is_stale(inner.freshness) {
-            bump(&inner.counters.hits);
-            filling.serve_existing(DownloadHead::cached(&info, Source::Hit), entry).await;
-            return Ok(());
-        }
-        stale = Some(info);
-    }
+    // A stale entry of the content asked for is revalidated; anything else is fetched whole.
+    let mut stale = match seen {
+        Seen::Nothing => None,
+        Seen::Entry(info) => Some(info).filter(|info| info.satisfies(request)),
+        Seen::Unknown => match inner.cache.open_entry(key).await.map_err(other)? {
+            Some(entry) => match DownloadInfo::from_entry(&entry.info).filter(|info| info.satisfies(request))
+            {
+                Some(info) if !info.is_stale(inner.freshness) => {
+                    bump(&inner.counters.hits);
+                    filling.serve_existing(DownloadHead::cached(&info, Source::Hit), entry).await;
+                    return Ok(());
+                }
+                info => info,
+            },
+            None => None,
+        },
+    };
     loop {
         let validators = stale.as_ref().map(|info| info.validators().clone()).filter(|v| !v.is_empty());
         bump(&inner.counters.fetches);

@@ -97,8 +97,8 @@ impl BlobCache {
     /// one held until the blob's digest is verified), then renamed into place and committed:
     /// one disk write per miss. See [`dunite_core::Fills`] for what the returned [`Joined`]
     /// offers and guarantees; look the digest up with [`open`](Self::open) first. A fill
-    /// looks once more before it asks the upstream, and serves the blob if the cache holds it
-    /// by then (committed by a fill that ended between the caller's look-up and its join).
+    /// looks once more, beside its upstream request, and serves the blob if the cache holds
+    /// it by then (committed by a fill that ended between the caller's look-up and its join).
     ///
     /// Requires a Tokio runtime; the fill runs on a task of its own, so a client going away
     /// does not cancel it.
@@ -145,12 +145,16 @@ impl BlobCache {
         Ok(self.fills.join(digest.clone(), expected, move |filling| async move {
             // The caller looked before joining, but a fill of the digest may have landed
             // since (its task had left the table): a blob the cache holds is served, not
-            // fetched again, whatever the upstream would say now. (A failed look is a miss.)
-            if let Ok(Some(entry)) = cache.open_entry(&key).await {
+            // fetched again, whatever the upstream says. The look runs beside the upstream
+            // request, so a miss waits for the slower of the two, not both (a database far
+            // away adds no round trip); a failed look is a miss.
+            let (found, answer) = tokio::join!(cache.open_entry(&key), fetch());
+            if let Ok(Some(entry)) = found {
+                drop(answer);
                 filling.serve_existing((), entry).await;
                 return Ok(());
             }
-            let (total, body) = fetch().await?;
+            let (total, body) = answer?;
             filling.fill(&key, ((), total), body, |_| String::new()).await
         })?)
     }

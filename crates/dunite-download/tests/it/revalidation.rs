@@ -176,13 +176,13 @@ async fn lookup_opens_a_fresh_hit_and_only_reports_stale_or_other_pins() {
     for cache in [&fresh, &stale] {
         assert!(matches!(cache.lookup(&request).await.unwrap(), Lookup::Missing));
         cache.get_or_fetch(&request, &upstream).await.unwrap();
-        assert!(matches!(cache.lookup(&other_pin).await.unwrap(), Lookup::Cached));
+        assert!(matches!(cache.lookup(&other_pin).await.unwrap(), Lookup::Cached(_)));
     }
     let hits = fresh.download_stats().hits;
     let Lookup::Fresh(hit) = fresh.lookup(&request).await.unwrap() else { panic!("a fresh entry is a hit") };
     let mut hit = *hit;
     assert_eq!((hit.source(), read_all(&mut hit).await), (Source::Hit, bytes));
     assert_eq!(fresh.download_stats().hits, hits + 1, "a lookup hit is counted");
-    assert!(matches!(stale.lookup(&request).await.unwrap(), Lookup::Cached), "stale: revalidate first");
+    assert!(matches!(stale.lookup(&request).await.unwrap(), Lookup::Cached(_)), "stale: revalidate first");
     assert_eq!(upstream.calls(), 2, "lookups never ask the upstream");
 }

@@ -177,3 +177,20 @@ async fn bytes_the_database_could_not_record_are_its_error_after_one_fetch() {
     assert!(matches!(&error, Error::Cache(dunite_core::Error::Database { .. })), "{error:?}");
     assert_eq!(calls.load(Ordering::SeqCst), 1, "one fetch");
 }
+
+/// A miss reads the metadata once: the fill starts from what the look-up found instead of
+/// reading it again (a round trip to a database that may be far away). Before, the fill
+/// looked again: two misses counted per miss.
+#[tokio::test]
+async fn a_miss_reads_the_metadata_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = open(dir.path(), 1 << 20).await;
+    let calls = Arc::new(AtomicUsize::new(0));
+    let (_, bytes) = content(4, 5_000);
+    let fetcher = gated(Arc::clone(&calls), Arc::new(Semaphore::new(100)), bytes, false);
+    let before = cache.stats().entries;
+    cache.get_or_fetch(&DownloadRequest::new(url("once")), &fetcher).await.unwrap();
+    let after = cache.stats().entries;
+    assert_eq!(after.misses - before.misses, 1, "{after:?}");
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+}

@@ -120,7 +120,7 @@ async fn serve(proxy: &Arc<Proxy>, uri: &Uri, query: Option<&str>) -> Result<Res
     // revalidates a stale entry, or fetches), streamed.
     match proxy.downloads.lookup(&request).await? {
         Lookup::Fresh(download) => Ok(serve_hit(proxy, *download).await),
-        _ => stream_fill(proxy, &request).await,
+        seen => stream_fill(proxy, &request, &seen).await,
     }
 }
 
@@ -142,8 +142,12 @@ async fn serve_hit(proxy: &Proxy, download: dunite_download::Download) -> Respon
 /// revalidates a stale entry or fetches), streamed to every client as it arrives and
 /// verified against the pin before the last byte. A failure ends every client's stream with
 /// an error; nothing is cached.
-async fn stream_fill(proxy: &Arc<Proxy>, request: &DownloadRequest) -> Result<Response, Error> {
-    let mut joined = proxy.downloads.fill(request, &proxy.fetcher)?;
+async fn stream_fill(
+    proxy: &Arc<Proxy>,
+    request: &DownloadRequest,
+    seen: &Lookup,
+) -> Result<Response, Error> {
+    let mut joined = proxy.downloads.fill(request, seen, &proxy.fetcher)?;
     let started = joined.started().await.map_err(|e| dunite_download::Error::from_fill(request.url(), e))?;
     let head = started.head();
     let outcome = match head.source() {
