@@ -157,13 +157,14 @@ impl Metrics {
     }
 }
 
-/// `stream`, counting the bytes it yields into `served` (for `dunite_bytes_served_total`).
-pub(crate) fn metered<S>(
+/// `stream`, counting the bytes it yields into `served` (`dunite_bytes_served_total` for a
+/// response body, `dunite_upstream_bytes_total` for an upstream's).
+pub(crate) fn metered<S, E>(
     stream: S,
     served: &Arc<AtomicU64>,
-) -> impl Stream<Item = std::io::Result<Bytes>> + Send + 'static
+) -> impl Stream<Item = Result<Bytes, E>> + Send + 'static + use<S, E>
 where
-    S: Stream<Item = std::io::Result<Bytes>> + Send + 'static,
+    S: Stream<Item = Result<Bytes, E>> + Send + 'static,
 {
     let served = Arc::clone(served);
     stream.map(move |chunk| {

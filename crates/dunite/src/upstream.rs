@@ -127,6 +127,16 @@ impl From<reqwest::Error> for UpstreamError {
 /// redirect blobs to pre-signed URLs (a signature in the query) and download URLs may carry
 /// tokens: neither may reach a log line or a client's error message. Every reqwest error that
 /// can be shown goes through here.
+/// An upstream's body as a fill reads it: its URL redacted from errors, its bytes counted
+/// into `received` (`dunite_upstream_bytes_total`). One for registries and download hosts.
+pub(crate) fn body(
+    response: reqwest::Response,
+    received: &std::sync::Arc<std::sync::atomic::AtomicU64>,
+) -> impl futures_util::Stream<Item = Result<bytes::Bytes, reqwest::Error>> + Send + 'static + use<> {
+    use futures_util::TryStreamExt as _;
+    crate::metrics::metered(response.bytes_stream().map_err(redact), received)
+}
+
 pub(crate) fn redact(mut error: reqwest::Error) -> reqwest::Error {
     let redacted = error
         .url()

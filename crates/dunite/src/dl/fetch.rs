@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use axum::http::{StatusCode, header};
-use futures_util::StreamExt as _;
+use futures_util::TryStreamExt as _;
 use reqwest::header::{IF_MODIFIED_SINCE, IF_NONE_MATCH};
 
 use dunite_download::{FetchError, FetchRequest, Fetched, Fetcher, ResponseMeta, UrlKey};
@@ -194,14 +194,7 @@ impl Fetcher for HttpFetcher {
             return Err(Box::new(UpstreamStatus(status)));
         }
         let meta = meta_of(&response);
-        let counter = Arc::clone(&self.upstream_bytes);
-        let stream = response.bytes_stream().map(move |chunk| match chunk {
-            Ok(bytes) => {
-                counter.fetch_add(bytes.len() as u64, std::sync::atomic::Ordering::Relaxed);
-                Ok(bytes)
-            }
-            Err(e) => Err(std::io::Error::other(crate::upstream::redact(e))),
-        });
+        let stream = crate::upstream::body(response, &self.upstream_bytes).map_err(std::io::Error::other);
         Ok(Fetched::body(tokio_util::io::StreamReader::new(stream), meta))
     }
 }

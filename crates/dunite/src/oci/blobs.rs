@@ -55,7 +55,7 @@ pub(super) async fn blob(
         if !answer.status().is_success() {
             return Err(FillError::Refused { status: answer.status().as_u16() });
         }
-        Ok((answer.content_length(), upstream_body(answer, upstream_bytes)))
+        Ok((answer.content_length(), crate::upstream::body(answer, &upstream_bytes)))
     })?;
     let total = match joined.started().await {
         Ok(started) => started.total(),
@@ -95,19 +95,6 @@ pub(super) async fn blob(
     set_digest(headers, digest);
     response.extensions_mut().insert(CacheOutcome::Miss);
     Ok(response)
-}
-
-/// An upstream's body as the fill reads it: its URL redacted from errors, its bytes counted.
-pub(super) fn upstream_body(
-    answer: reqwest::Response,
-    counter: Arc<std::sync::atomic::AtomicU64>,
-) -> impl futures_util::Stream<Item = Result<bytes::Bytes, reqwest::Error>> + Send {
-    use futures_util::StreamExt as _;
-    answer.bytes_stream().map(move |chunk| {
-        let chunk = chunk.map_err(crate::upstream::redact)?;
-        counter.fetch_add(chunk.len() as u64, Ordering::Relaxed);
-        Ok(chunk)
-    })
 }
 
 /// Serve a cached blob, whole or one `Range`.

@@ -15,7 +15,6 @@ use dunite_core::FillError;
 use dunite_oci::{Digest, DigestError, Manifest, ManifestHead, ManifestRef, TagKey};
 
 use super::accept::{accept_header, accepted_types, upstream_accept};
-use super::blobs::upstream_body;
 use super::{Error, Mirror, header_value, set_digest};
 use crate::metrics::CacheOutcome;
 use crate::spec::Reference;
@@ -125,7 +124,7 @@ async fn fetch(
             }
         };
         let total = answer.content_length();
-        Ok((ManifestHead::new(media_type, announced), total, upstream_body(answer, upstream_bytes)))
+        Ok((ManifestHead::new(media_type, announced), total, crate::upstream::body(answer, &upstream_bytes)))
     })?;
     let digest = match asked {
         ManifestRef::Digest(digest) => Some(digest),
