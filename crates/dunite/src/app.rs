@@ -16,8 +16,10 @@ use axum::serve::ListenerExt as _;
 
 use dunite_core::{Database, DatabaseOptions};
 
+use crate::auth::{self, Area, ClientAuth};
 use crate::config::Config;
 use crate::dl::Proxy;
+use crate::limits::FillLimits;
 use crate::metrics::{CacheGauges, CacheOutcome, Metrics};
 use crate::oci::Mirror;
 use crate::start::StartError;
@@ -33,6 +35,10 @@ pub struct App {
     proxy: Arc<Proxy>,
     /// Counters, shared with the features.
     metrics: Arc<Metrics>,
+    /// Client authentication and grants per area.
+    auth: Arc<ClientAuth>,
+    /// The fill limits (shared with the features).
+    limits: Arc<FillLimits>,
 }
 
 impl App {
@@ -61,20 +67,30 @@ impl App {
         // store); `spool/` is where older versions spooled: what is left there is worthless,
         // but with a shared database, young files may be an older instance's fills in flight.
         remove_stale_spools(&dir.join("spool"), database.orphan_grace()).await;
+        for warning in config.exposure_warnings() {
+            tracing::warn!("{warning}");
+        }
+        let auth = Arc::new(ClientAuth::load(&config.auth)?);
         let metrics = Arc::new(Metrics::default());
-        let mirror = Mirror::open(&config, &database, Arc::clone(&metrics)).await?;
-        let proxy = Proxy::open(&config, &database, Arc::clone(&metrics)).await?;
-        Ok(Arc::new(Self { config, mirror: Arc::new(mirror), proxy: Arc::new(proxy), metrics }))
+        let limits = Arc::new(FillLimits::new(config.max_fills, config.max_fills_per_client));
+        let mirror = Mirror::open(&config, &database, Arc::clone(&metrics), Arc::clone(&limits)).await?;
+        let proxy = Proxy::open(&config, &database, Arc::clone(&metrics), Arc::clone(&limits)).await?;
+        let (mirror, proxy) = (Arc::new(mirror), Arc::new(proxy));
+        Ok(Arc::new(Self { config, mirror, proxy, metrics, auth, limits }))
     }
 
-    /// The routes: each feature's, `/metrics` and `/healthz`, all behind the request log.
+    /// The routes: each feature's and `/metrics`, each behind its area's access check, and
+    /// `/healthz` (open to all), all behind the request log.
     pub fn router(self: &Arc<Self>) -> Router {
+        let guarded = |router: Router, area: Area| {
+            router.route_layer(middleware::from_fn_with_state((Arc::clone(&self.auth), area), auth::guard))
+        };
+        let metrics_route = Router::new().route("/metrics", get(metrics)).with_state(Arc::clone(self));
         Router::new()
-            .route("/metrics", get(metrics))
             .route("/healthz", get(|| async { "ok\n" }))
-            .with_state(Arc::clone(self))
-            .merge(self.mirror.routes())
-            .merge(self.proxy.routes())
+            .merge(guarded(metrics_route, Area::Metrics))
+            .merge(guarded(self.mirror.routes(), Area::Pull))
+            .merge(guarded(self.proxy.routes(), Area::Download))
             .fallback(|| async { (StatusCode::NOT_FOUND, "not found\n") })
             .layer(middleware::from_fn_with_state(Arc::clone(&self.metrics), log_request))
     }
@@ -114,7 +130,8 @@ async fn metrics(State(app): State<Arc<App>>) -> Response {
             },
         ));
     }
-    ([("content-type", "text/plain; version=0.0.4")], app.metrics.render(&caches)).into_response()
+    ([("content-type", "text/plain; version=0.0.4")], app.metrics.render(&caches, app.limits.in_flight()))
+        .into_response()
 }
 
 /// One info line per request: method, path, status, bytes, cache outcome, duration.
@@ -166,7 +183,9 @@ pub async fn serve(
             tracing::debug!(%error, "cannot set TCP_NODELAY on a connection");
         }
     });
-    let server = axum::serve(listener, router).with_graceful_shutdown(async move {
+    // The peer's address reaches handlers (`Peer`): fill limits per client, loopback checks.
+    let service = router.into_make_service_with_connect_info::<std::net::SocketAddr>();
+    let server = axum::serve(listener, service).with_graceful_shutdown(async move {
         shutdown.await;
         tracing::info!(
             grace_s = grace.as_secs(),

@@ -12,6 +12,8 @@ use std::time::Duration;
 use clap::Parser;
 use serde::Deserialize;
 
+use crate::auth::{Area, AuthConfig};
+
 /// The `dunite` command line.
 #[derive(Debug, Parser)]
 #[command(
@@ -85,6 +87,37 @@ pub struct ServeArgs {
     /// connection or stay silent mid-answer before the request fails, e.g. 30s [default: 60s].
     #[arg(long, env = "DUNITE_UPSTREAM_TIMEOUT")]
     pub upstream_timeout: Option<String>,
+    /// Client users: an htpasswd file of bcrypt entries (`htpasswd -B`), for HTTP Basic auth.
+    #[arg(long, env = "DUNITE_HTPASSWD")]
+    pub htpasswd: Option<PathBuf>,
+    /// Client tokens: a file of `name:token` lines, for `Authorization: Bearer <token>` (or
+    /// Basic with the name and the token).
+    #[arg(long, env = "DUNITE_CLIENT_TOKEN_FILE")]
+    pub client_token_file: Option<PathBuf>,
+    /// Grant an area (`pull`, `download`, `metrics`, `admin`) to a user or token name, `*` (any
+    /// authenticated client) or `anonymous`, as `AREA=WHO` (repeatable). An area not named
+    /// keeps its default: with client auth, any authenticated client (`admin`: nobody);
+    /// without, anyone (`admin`: loopback clients).
+    #[arg(long = "access", env = "DUNITE_ACCESS", value_delimiter = ',')]
+    pub access: Vec<String>,
+    /// Authorise pulls by the upstream: a client's own Basic credentials (or none) are checked
+    /// against the upstream for each repository before anything cached is served.
+    #[arg(long, env = "DUNITE_PASS_THROUGH_AUTH")]
+    pub pass_through_auth: bool,
+    /// How long an upstream's pass-through answer is remembered per client credential and
+    /// repository, e.g. 1m [default: 1m].
+    #[arg(long, env = "DUNITE_PASS_THROUGH_TTL")]
+    pub pass_through_ttl: Option<String>,
+    /// Start even though upstream credentials are configured and anonymous clients may pull
+    /// what they unlock.
+    #[arg(long, env = "DUNITE_ALLOW_ANONYMOUS_PRIVATE")]
+    pub allow_anonymous_private: bool,
+    /// Most upstream fills running at once; past it, `429` [default: 1024].
+    #[arg(long, env = "DUNITE_MAX_FILLS")]
+    pub max_fills: Option<usize>,
+    /// Most upstream fills one client address may run at once; past it, `429` [default: 64].
+    #[arg(long, env = "DUNITE_MAX_FILLS_PER_CLIENT")]
+    pub max_fills_per_client: Option<usize>,
 }
 
 /// The config file: the same settings as the flags, plus credentials.
@@ -111,6 +144,18 @@ struct FileConfig {
     /// `host -> { username, password }` for upstream token authentication.
     #[serde(default)]
     credentials: BTreeMap<String, Credentials>,
+    htpasswd: Option<PathBuf>,
+    client_token_file: Option<PathBuf>,
+    /// `area -> [who, ...]`.
+    #[serde(default)]
+    access: BTreeMap<String, Vec<String>>,
+    #[serde(default)]
+    pass_through_auth: bool,
+    pass_through_ttl: Option<String>,
+    #[serde(default)]
+    allow_anonymous_private: bool,
+    max_fills: Option<usize>,
+    max_fills_per_client: Option<usize>,
 }
 
 /// Credentials for one upstream registry.
@@ -179,6 +224,14 @@ pub struct Config {
     pub shutdown_grace: Duration,
     /// How long an upstream may stay silent (to connect, or mid-answer).
     pub upstream_timeout: Duration,
+    /// Client authentication and grants.
+    pub auth: AuthConfig,
+    /// How long a pass-through answer is remembered.
+    pub pass_through_ttl: Duration,
+    /// Most upstream fills at once.
+    pub max_fills: usize,
+    /// Most upstream fills at once per client address.
+    pub max_fills_per_client: usize,
 }
 
 impl Config {
@@ -206,6 +259,10 @@ impl Config {
             credentials: BTreeMap::new(),
             shutdown_grace: Duration::from_secs(30),
             upstream_timeout: Duration::from_secs(60),
+            auth: AuthConfig::default(),
+            pass_through_ttl: Duration::from_secs(60),
+            max_fills: 1024,
+            max_fills_per_client: 64,
         }
     }
 
@@ -277,6 +334,41 @@ impl Config {
         config.dl_allow.iter_mut().for_each(|h| *h = h.to_ascii_lowercase());
         config.dl_allow_private_networks = args.dl_allow_private_networks || file.dl_allow_private_networks;
         config.credentials = file.credentials;
+        config.auth.htpasswd = args.htpasswd.or(file.htpasswd);
+        config.auth.token_file = args.client_token_file.or(file.client_token_file);
+        config.auth.pass_through = args.pass_through_auth || file.pass_through_auth;
+        let file_grants = file
+            .access
+            .into_iter()
+            .flat_map(|(area, who)| who.into_iter().map(move |w| format!("{area}={w}")));
+        let grants: Vec<String> = if args.access.is_empty() { file_grants.collect() } else { args.access };
+        for grant in grants {
+            config.auth.grants.add(&grant).map_err(|m| bad("access", m))?;
+        }
+        if config.auth.pass_through && config.auth.grants.names(Area::Pull) {
+            return Err(bad("access", "with --pass-through-auth the upstream decides who may pull"));
+        }
+        if let Some(ttl) = args.pass_through_ttl.or(file.pass_through_ttl) {
+            config.pass_through_ttl = parse_duration(&ttl).map_err(|m| bad("pass-through-ttl", m))?;
+        }
+        if let Some(n) = args.max_fills.or(file.max_fills) {
+            config.max_fills = n;
+        }
+        if let Some(n) = args.max_fills_per_client.or(file.max_fills_per_client) {
+            config.max_fills_per_client = n;
+        }
+        if config.max_fills == 0 || config.max_fills_per_client == 0 {
+            return Err(bad("max-fills", "fill limits must be positive"));
+        }
+        let allow_anonymous_private = args.allow_anonymous_private || file.allow_anonymous_private;
+        if !config.credentials.is_empty() && config.auth.anonymous_pulls() && !allow_anonymous_private {
+            return Err(bad(
+                "allow-anonymous-private",
+                "upstream credentials are configured but anyone may pull through them: set up client \
+                 authentication (--htpasswd, --client-token-file or --pass-through-auth), or say \
+                 --allow-anonymous-private",
+            ));
+        }
         for (setting, cap) in [
             ("oci-max-bytes", config.oci_max_bytes),
             ("dl-max-bytes", config.dl_max_bytes),
@@ -287,6 +379,24 @@ impl Config {
             }
         }
         Ok(config)
+    }
+}
+
+impl Config {
+    /// What the operator should hear at start-up about exposure: listening beyond loopback
+    /// without client authentication, where anyone who reaches the port pulls, downloads and
+    /// reads the metrics.
+    #[must_use]
+    pub fn exposure_warnings(&self) -> Vec<String> {
+        let mut warnings = Vec::new();
+        if !self.listen.ip().is_loopback() && !self.auth.enabled() {
+            warnings.push(format!(
+                "listening on {} without client authentication: anyone who reaches it may use it \
+                 (see --htpasswd, --client-token-file, --pass-through-auth)",
+                self.listen
+            ));
+        }
+        warnings
     }
 }
 
@@ -370,6 +480,60 @@ mod tests {
         assert_eq!(Config::resolve(args).unwrap_err().setting, "upstream");
         let args = ServeArgs { default_registry: Some("nowhere.example".into()), ..ServeArgs::default() };
         assert_eq!(Config::resolve(args).unwrap_err().setting, "default-registry");
+    }
+
+    fn with_credentials(extra: &str) -> tempfile::NamedTempFile {
+        let file = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(
+            file.path(),
+            format!("{extra}\n[credentials.\"docker.io\"]\nusername = \"u\"\npassword = \"p\"\n"),
+        )
+        .unwrap();
+        file
+    }
+
+    #[test]
+    fn upstream_credentials_without_client_auth_refuse_to_start() {
+        let file = with_credentials("");
+        let args = ServeArgs { config: Some(file.path().to_owned()), ..ServeArgs::default() };
+        assert_eq!(Config::resolve(args).unwrap_err().setting, "allow-anonymous-private");
+        let args = ServeArgs {
+            config: Some(file.path().to_owned()),
+            allow_anonymous_private: true,
+            ..ServeArgs::default()
+        };
+        assert!(Config::resolve(args).is_ok());
+        for auth in [
+            ServeArgs { htpasswd: Some("users".into()), ..ServeArgs::default() },
+            ServeArgs { pass_through_auth: true, ..ServeArgs::default() },
+        ] {
+            let args = ServeArgs { config: Some(file.path().to_owned()), ..auth };
+            assert!(Config::resolve(args).is_ok());
+        }
+        // Client auth, but pulls granted to anonymous: as open as none.
+        let args = ServeArgs {
+            config: Some(file.path().to_owned()),
+            htpasswd: Some("users".into()),
+            access: vec!["pull=anonymous".into()],
+            ..ServeArgs::default()
+        };
+        assert_eq!(Config::resolve(args).unwrap_err().setting, "allow-anonymous-private");
+        let file =
+            with_credentials("allow_anonymous_private = true\n[access]\nmetrics = [\"prom\", \"anonymous\"]");
+        let config =
+            Config::resolve(ServeArgs { config: Some(file.path().to_owned()), ..ServeArgs::default() })
+                .unwrap();
+        assert!(config.auth.grants.is_anonymous(Area::Metrics, true));
+    }
+
+    #[test]
+    fn listening_beyond_loopback_without_client_auth_is_warned_of() {
+        let mut config = Config::new("d".into());
+        assert!(config.exposure_warnings().is_empty());
+        config.listen = "0.0.0.0:5080".parse().unwrap();
+        assert_eq!(config.exposure_warnings().len(), 1);
+        config.auth.token_file = Some("tokens".into());
+        assert!(config.exposure_warnings().is_empty());
     }
 
     #[test]

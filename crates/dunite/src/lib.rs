@@ -29,13 +29,16 @@
 #![warn(missing_docs, missing_debug_implementations, unreachable_pub)]
 
 mod app;
+pub mod auth;
 mod body;
 pub mod config;
 mod dl;
 #[cfg(feature = "fuzzing")]
 pub mod fuzzing;
+mod limits;
 mod metrics;
 mod oci;
+mod peer;
 pub mod spec;
 mod start;
 pub mod upstream;

@@ -44,6 +44,8 @@ pub(crate) struct Metrics {
     pub(crate) upstream_bytes: Arc<AtomicU64>,
     /// Requests answered with a 5xx.
     pub(crate) errors: AtomicU64,
+    /// Requests answered `429` at a fill limit.
+    pub(crate) fills_refused: AtomicU64,
 }
 
 /// A per-cache series: name, type, help, and how to read it.
@@ -72,9 +74,9 @@ pub(crate) struct CacheGauges {
 impl Metrics {
     /// The Prometheus text exposition.
     #[must_use]
-    pub(crate) fn render(&self, caches: &[(&str, CacheGauges)]) -> String {
+    pub(crate) fn render(&self, caches: &[(&str, CacheGauges)], fills_in_flight: usize) -> String {
         let mut out = String::new();
-        let counters: [(&str, &str, u64); 11] = [
+        let counters: [(&str, &str, u64); 12] = [
             ("dunite_requests_total", "Requests answered.", self.requests.load(Ordering::Relaxed)),
             (
                 "dunite_blob_hits_total",
@@ -126,10 +128,20 @@ impl Metrics {
                 "Requests answered with a server error.",
                 self.errors.load(Ordering::Relaxed),
             ),
+            (
+                "dunite_fills_refused_total",
+                "Requests answered 429 because a fill limit was reached.",
+                self.fills_refused.load(Ordering::Relaxed),
+            ),
         ];
         for (name, help, value) in counters {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}");
         }
+        let name = "dunite_fills_in_flight";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Upstream fills running (under --max-fills).\n# TYPE {name} gauge\n{name} {fills_in_flight}"
+        );
         let gauges: [Gauge; 8] = [
             ("dunite_cache_bytes", "gauge", "Accounted bytes in the cache.", |g| g.bytes),
             ("dunite_cache_max_bytes", "gauge", "The cache's byte cap.", |g| g.max_bytes),

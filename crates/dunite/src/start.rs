@@ -18,6 +18,9 @@ pub enum StartError {
     /// The upstream client could not be built.
     #[error("cannot set up upstream access: {0}")]
     Upstream(#[from] crate::upstream::UpstreamError),
+    /// A client user or token file could not be used.
+    #[error("cannot read the client credentials: {0}")]
+    Auth(#[from] crate::auth::AuthFileError),
     /// A directory could not be prepared.
     #[error("cannot prepare {path}: {source}")]
     Io {

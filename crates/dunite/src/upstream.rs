@@ -107,6 +107,9 @@ pub enum UpstreamError {
     /// The token endpoint's answer was unusable.
     #[error("upstream token exchange failed: {0}")]
     Token(String),
+    /// The token endpoint refused the credentials (`401` or `403`).
+    #[error("the upstream token endpoint refused the credentials ({0})")]
+    TokenRefused(StatusCode),
 }
 
 impl UpstreamError {
@@ -227,7 +230,7 @@ impl Registries {
             return Ok(response);
         }
         let Some(challenge) = bearer_challenge(response.headers()) else { return Ok(response) };
-        let token = self.fetch_token(host, &challenge, &scope).await?;
+        let token = self.fetch_token(host, &challenge, &scope, self.credentials.get(host)).await?;
         let answer = build(Some(&token.0)).send().await?;
         let mut tokens = self.tokens.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         remember_token(&mut tokens, key, token.0, Instant::now() + token.1);
@@ -246,11 +249,58 @@ impl Registries {
         }
     }
 
+    /// Whether `login` (a client's own upstream credentials, or none) may pull `name` from
+    /// `host`'s upstream: the upstream is asked for the repository's tag list (one tag), as
+    /// the client would ask, answering a token challenge with `login`. A success is yes; a
+    /// refusal (`401`, `403`, `404`, or a token endpoint refusing `login`) is no.
+    ///
+    /// # Errors
+    ///
+    /// [`UpstreamError`] if the upstream cannot be asked (unreachable, or an answer that is
+    /// neither a success nor a refusal): access is then not granted.
+    pub async fn may_pull(
+        &self,
+        host: &str,
+        name: &str,
+        login: Option<&Credentials>,
+    ) -> Result<bool, UpstreamError> {
+        let base = self.upstreams.get(host).ok_or_else(|| UpstreamError::UnknownRegistry(host.to_owned()))?;
+        let url = base
+            .join(&format!("/v2/{name}/tags/list?n=1"))
+            .map_err(|e| UpstreamError::Token(e.to_string()))?;
+        let answer = self.http.get(url.clone()).send().await?;
+        let answer = match (answer.status(), bearer_challenge(answer.headers())) {
+            (StatusCode::UNAUTHORIZED, Some(challenge)) => {
+                let scope = format!("repository:{name}:pull");
+                let token = match self.fetch_token(host, &challenge, &scope, login).await {
+                    Ok((token, _)) => token,
+                    Err(UpstreamError::TokenRefused(_)) => return Ok(false),
+                    Err(error) => return Err(error),
+                };
+                self.http.get(url).bearer_auth(token).send().await?
+            }
+            (StatusCode::UNAUTHORIZED, None) => match login {
+                // The upstream's own URL: the client gave these credentials for it.
+                Some(login) => {
+                    self.http.get(url).basic_auth(&login.username, Some(&login.password)).send().await?
+                }
+                None => answer,
+            },
+            _ => answer,
+        };
+        match answer.status() {
+            status if status.is_success() => Ok(true),
+            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN | StatusCode::NOT_FOUND => Ok(false),
+            status => Err(UpstreamError::Token(format!("the upstream answered {status} to an access check"))),
+        }
+    }
+
     async fn fetch_token(
         &self,
         host: &str,
         challenge: &BTreeMap<String, String>,
         scope: &str,
+        credentials: Option<&Credentials>,
     ) -> Result<(String, Duration), UpstreamError> {
         let realm =
             challenge.get("realm").ok_or_else(|| UpstreamError::Token("challenge without realm".into()))?;
@@ -263,7 +313,7 @@ impl Registries {
             query.append_pair("scope", challenge.get("scope").map_or(scope, String::as_str));
         }
         let mut request = self.http.get(url.clone());
-        if let Some(credentials) = self.credentials.get(host) {
+        if let Some(credentials) = credentials {
             if self.upstreams.get(host).is_some_and(|upstream| may_send_credentials(upstream, &url)) {
                 request = request.basic_auth(&credentials.username, Some(&credentials.password));
             } else {
@@ -275,6 +325,9 @@ impl Registries {
             }
         }
         let response = request.send().await?;
+        if matches!(response.status(), StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN) {
+            return Err(UpstreamError::TokenRefused(response.status()));
+        }
         if !response.status().is_success() {
             return Err(UpstreamError::Token(format!("token endpoint answered {}", response.status())));
         }

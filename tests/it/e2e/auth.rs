@@ -61,7 +61,7 @@ async fn pulls_follow_the_bearer_challenge_with_credentials_and_never_log_secret
     let dunite = Dunite::start_logging(
         registry.addr,
         "64MiB",
-        &["--config", &config_path, "--tag-ttl", "0s"],
+        &["--config", &config_path, "--tag-ttl", "0s", "--allow-anonymous-private"],
         "debug",
     )
     .await;

@@ -3,6 +3,7 @@
 //! the tests fail (never skip) when they are missing.
 
 mod auth;
+mod client_auth;
 mod downloads;
 mod faults;
 pub(crate) mod harness;

@@ -7,6 +7,7 @@ use dunite_core::FillError;
 
 use super::fetch::UpstreamStatus;
 use super::target::TargetError;
+use crate::limits::Busy;
 
 /// Why a `/dl/` request failed. Answered in plain text: a bad request is a 400, a host off
 /// the allowlist a 403, an upstream 404 a 404, a local failure
@@ -42,6 +43,9 @@ fn download_status(error: &dunite_download::Error) -> StatusCode {
     use dunite_download::Error as Download;
     match error {
         Download::Fetch { source, .. } => {
+            if source.downcast_ref::<Busy>().is_some() {
+                return StatusCode::TOO_MANY_REQUESTS;
+            }
             if let Some(UpstreamStatus(status)) = source.downcast_ref::<UpstreamStatus>() {
                 return if *status == StatusCode::NOT_FOUND {
                     StatusCode::NOT_FOUND
@@ -79,7 +83,13 @@ impl IntoResponse for Error {
             s if s.is_server_error() => tracing::warn!(error = %message, "download failed"),
             _ => {}
         }
-        (status, [("content-type", "text/plain")], format!("{message}\n")).into_response()
+        let mut response = (status, [("content-type", "text/plain")], format!("{message}\n")).into_response();
+        if status == StatusCode::TOO_MANY_REQUESTS {
+            response
+                .headers_mut()
+                .insert(axum::http::header::RETRY_AFTER, crate::limits::RETRY_AFTER_SECS.into());
+        }
+        response
     }
 }
 

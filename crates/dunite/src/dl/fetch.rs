@@ -9,6 +9,7 @@ use axum::http::{StatusCode, header};
 use futures_util::TryStreamExt as _;
 use reqwest::header::{IF_MODIFIED_SINCE, IF_NONE_MATCH};
 
+use crate::limits::{Busy, FillPermit};
 use dunite_download::{FetchError, FetchRequest, Fetched, Fetcher, ResponseMeta, UrlKey};
 
 /// An upstream answer that is not a body: relayed to the client with its status.
@@ -185,6 +186,41 @@ pub(super) fn meta_of(response: &reqwest::Response) -> ResponseMeta {
 #[async_trait]
 impl Fetcher for HttpFetcher {
     async fn fetch(&self, request: FetchRequest) -> Result<Fetched, FetchError> {
+        self.fetch_holding(request, None).await
+    }
+}
+
+/// The fetcher of one request's fill: [`HttpFetcher`], with the permit the request took
+/// under the fill limits. It is used only if the fill is this request's own (a request that
+/// joins a running fill never fetches), and then held until the body's last byte.
+#[derive(Debug, Clone)]
+pub(crate) struct LimitedFetch {
+    inner: HttpFetcher,
+    permit: Arc<std::sync::Mutex<Option<Result<FillPermit, Busy>>>>,
+}
+
+impl LimitedFetch {
+    pub(crate) fn new(inner: &HttpFetcher, permit: Result<FillPermit, Busy>) -> Self {
+        Self { inner: inner.clone(), permit: Arc::new(std::sync::Mutex::new(Some(permit))) }
+    }
+}
+
+#[async_trait]
+impl Fetcher for LimitedFetch {
+    async fn fetch(&self, request: FetchRequest) -> Result<Fetched, FetchError> {
+        let permit = self.permit.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
+        let permit = permit.transpose().map_err(Box::new)?;
+        self.inner.fetch_holding(request, permit).await
+    }
+}
+
+impl HttpFetcher {
+    /// Fetch `request`, holding `permit` (if any) until the body ends.
+    async fn fetch_holding(
+        &self,
+        request: FetchRequest,
+        permit: Option<FillPermit>,
+    ) -> Result<Fetched, FetchError> {
         let response = self.get(request.url(), request.validators()).await?;
         let status = response.status();
         if status == StatusCode::NOT_MODIFIED {
@@ -195,7 +231,14 @@ impl Fetcher for HttpFetcher {
         }
         let meta = meta_of(&response);
         let stream = crate::upstream::body(response, &self.upstream_bytes).map_err(std::io::Error::other);
-        Ok(Fetched::body(tokio_util::io::StreamReader::new(stream), meta))
+        let reader = match permit {
+            Some(permit) => {
+                Box::pin(tokio_util::io::StreamReader::new(crate::limits::holding(stream, permit)))
+                    as std::pin::Pin<Box<dyn tokio::io::AsyncRead + Send>>
+            }
+            None => Box::pin(tokio_util::io::StreamReader::new(stream)),
+        };
+        Ok(Fetched::body(reader, meta))
     }
 }
 

@@ -26,11 +26,13 @@ use dunite_core::{ContentDigest, Database, EntryCache, EvictionPolicy, FillOptio
 use dunite_download::{DownloadCache, DownloadRequest, Lookup, Source};
 
 use crate::config::Config;
+use crate::limits::FillLimits;
 use crate::metrics::{CacheOutcome, Metrics};
+use crate::peer::Peer;
 use crate::start::StartError;
 
 pub(crate) use error::Error;
-pub(crate) use fetch::{HttpFetcher, PrivateNetworks};
+pub(crate) use fetch::{HttpFetcher, LimitedFetch, PrivateNetworks};
 pub(crate) use target::Target;
 
 /// The download proxy's state: its cache (with its fills) and its fetcher.
@@ -44,6 +46,8 @@ pub(crate) struct Proxy {
     allow: Vec<String>,
     /// The server's counters.
     metrics: Arc<Metrics>,
+    /// The limits on concurrent fills (shared with the mirror).
+    limits: Arc<FillLimits>,
 }
 
 impl Proxy {
@@ -57,6 +61,7 @@ impl Proxy {
         config: &Config,
         database: &Database,
         metrics: Arc<Metrics>,
+        limits: Arc<FillLimits>,
     ) -> Result<Self, StartError> {
         let downloads = DownloadCache::new(
             DownloadCache::options(
@@ -77,7 +82,7 @@ impl Proxy {
         let fetcher =
             HttpFetcher::new(config.dl_allow.clone(), private, config.upstream_timeout, upstream_bytes)
                 .map_err(|e| StartError::Upstream(crate::upstream::UpstreamError::Http(e)))?;
-        Ok(Self { downloads, fetcher, allow: config.dl_allow.clone(), metrics })
+        Ok(Self { downloads, fetcher, allow: config.dl_allow.clone(), metrics, limits })
     }
 
     /// `/dl/...`, with the proxy as state.
@@ -92,19 +97,27 @@ impl Proxy {
 }
 
 /// `GET /dl/<url>` or `GET /dl/sha256:<hex>/<url>`.
-async fn download(State(proxy): State<Arc<Proxy>>, uri: Uri, RawQuery(query): RawQuery) -> Response {
-    match serve(&proxy, &uri, query.as_deref()).await {
+async fn download(
+    State(proxy): State<Arc<Proxy>>,
+    peer: Peer,
+    uri: Uri,
+    RawQuery(query): RawQuery,
+) -> Response {
+    match serve(&proxy, peer, &uri, query.as_deref()).await {
         Ok(response) => response,
         Err(error) => {
-            if error.status().is_server_error() {
+            let status = error.status();
+            if status.is_server_error() {
                 proxy.metrics.errors.fetch_add(1, Ordering::Relaxed);
+            } else if status == axum::http::StatusCode::TOO_MANY_REQUESTS {
+                proxy.metrics.fills_refused.fetch_add(1, Ordering::Relaxed);
             }
             error.into_response()
         }
     }
 }
 
-async fn serve(proxy: &Arc<Proxy>, uri: &Uri, query: Option<&str>) -> Result<Response, Error> {
+async fn serve(proxy: &Arc<Proxy>, peer: Peer, uri: &Uri, query: Option<&str>) -> Result<Response, Error> {
     // The path as sent, not percent-decoded: `%2F`, `%3F` or `%23` in the target URL belong
     // to it (`group%2Fproject` is one segment), so they are handed on as they came.
     let rest = uri.path().strip_prefix("/dl/").unwrap_or_default();
@@ -120,7 +133,7 @@ async fn serve(proxy: &Arc<Proxy>, uri: &Uri, query: Option<&str>) -> Result<Res
     // revalidates a stale entry, or fetches), streamed.
     match proxy.downloads.lookup(&request).await? {
         Lookup::Fresh(download) => Ok(serve_hit(proxy, *download).await),
-        seen => stream_fill(proxy, &request, &seen).await,
+        seen => stream_fill(proxy, peer, &request, &seen).await,
     }
 }
 
@@ -144,10 +157,13 @@ async fn serve_hit(proxy: &Proxy, download: dunite_download::Download) -> Respon
 /// an error; nothing is cached.
 async fn stream_fill(
     proxy: &Arc<Proxy>,
+    peer: Peer,
     request: &DownloadRequest,
     seen: &Lookup,
 ) -> Result<Response, Error> {
-    let mut joined = proxy.downloads.fill(request, seen, &proxy.fetcher)?;
+    // Taken now, used only if this request starts the fill (joining one costs nothing).
+    let fetcher = LimitedFetch::new(&proxy.fetcher, proxy.limits.try_start(peer.ip()));
+    let mut joined = proxy.downloads.fill(request, seen, &fetcher)?;
     let started = joined.started().await.map_err(|e| dunite_download::Error::from_fill(request.url(), e))?;
     let head = started.head();
     let outcome = match head.source() {

@@ -14,13 +14,14 @@ use dunite_oci::Digest;
 
 use super::{Error, Mirror, header_value, set_digest};
 use crate::metrics::CacheOutcome;
+use crate::peer::Peer;
 
 pub(super) async fn blob(
     mirror: &Arc<Mirror>,
     method: &Method,
-    host: &str,
-    name: &str,
+    (host, name): (&str, &str),
     digest: &Digest,
+    peer: Peer,
     headers: &HeaderMap,
 ) -> Result<Response, Error> {
     if let Some(blob) = mirror.blobs.open(digest).await? {
@@ -46,7 +47,10 @@ pub(super) async fn blob(
     }
     let (fill_mirror, fill_host) = (Arc::clone(mirror), host.to_owned());
     let upstream_bytes = Arc::clone(&mirror.metrics.upstream_bytes);
+    // Taken now, used only if this request starts the fill (joining one costs nothing).
+    let permit = mirror.limits.try_start(peer.ip());
     let mut joined = mirror.blobs.fill(digest, move || async move {
+        let permit = permit.map_err(FillError::other)?;
         let answer = fill_mirror
             .registries
             .send(&fill_host, &upstream_name, Method::GET, &path, None)
@@ -55,7 +59,9 @@ pub(super) async fn blob(
         if !answer.status().is_success() {
             return Err(FillError::Refused { status: answer.status().as_u16() });
         }
-        Ok((answer.content_length(), crate::upstream::body(answer, &upstream_bytes)))
+        let answer_length = answer.content_length();
+        let body = crate::upstream::body(answer, &upstream_bytes);
+        Ok((answer_length, crate::limits::holding(body, permit)))
     })?;
     let total = match joined.started().await {
         Ok(started) => started.total(),

@@ -7,6 +7,7 @@ use axum::response::{IntoResponse, Response};
 use dunite_core::FillError;
 use dunite_oci::{Digest, DigestError};
 
+use crate::limits::Busy;
 use crate::spec::{ReferenceError, SpecError};
 use crate::upstream::UpstreamError;
 
@@ -75,6 +76,14 @@ pub(crate) enum Error {
     /// A cache failed locally (or its metadata pool was busy).
     #[error(transparent)]
     Cache(#[from] dunite_oci::Error),
+    /// Pass-through authorisation: the upstream does not let anonymous clients pull this
+    /// repository; answered `401` with the challenge, so the client logs in.
+    #[error("authentication required")]
+    LoginRequired,
+    /// Pass-through authorisation: the upstream refuses this client's credentials for the
+    /// repository.
+    #[error("requested access to the resource is denied")]
+    Denied,
 }
 
 impl Error {
@@ -111,7 +120,11 @@ impl Error {
             Self::UnknownEndpoint | Self::UnknownRegistry(_) | Self::BlobUnknown | Self::ManifestUnknown => {
                 StatusCode::NOT_FOUND
             }
-            Self::Unauthorized => StatusCode::UNAUTHORIZED,
+            Self::Unauthorized | Self::LoginRequired => StatusCode::UNAUTHORIZED,
+            Self::Denied => StatusCode::FORBIDDEN,
+            Self::Fill(FillError::Other(source)) if source.downcast_ref::<Busy>().is_some() => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
             Self::Upstream(UpstreamError::Http(e)) if e.is_timeout() => StatusCode::GATEWAY_TIMEOUT,
             Self::Fill(FillError::TimedOut { .. }) => StatusCode::GATEWAY_TIMEOUT,
             Self::Fill(FillError::Local(_)) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -147,7 +160,11 @@ impl Error {
             Self::UnknownRegistry(_) => "NAME_UNKNOWN",
             Self::BlobUnknown => "BLOB_UNKNOWN",
             Self::ManifestUnknown => "MANIFEST_UNKNOWN",
-            Self::Unauthorized => "UNAUTHORIZED",
+            Self::Unauthorized | Self::LoginRequired => "UNAUTHORIZED",
+            Self::Denied => "DENIED",
+            Self::Fill(FillError::Other(source)) if source.downcast_ref::<Busy>().is_some() => {
+                "TOOMANYREQUESTS"
+            }
             Self::ManifestTooLarge => "MANIFEST_INVALID",
             _ => "UNKNOWN",
         }
@@ -156,6 +173,9 @@ impl Error {
 
 impl IntoResponse for Error {
     fn into_response(self) -> Response {
+        if matches!(self, Self::LoginRequired) {
+            return crate::auth::unauthorized(crate::auth::Area::Pull);
+        }
         let status = self.status();
         let message = crate::error_chain(&self);
         match status {
@@ -167,7 +187,13 @@ impl IntoResponse for Error {
             }
             _ => {}
         }
-        SpecError::new(status, self.code(), message).into_response()
+        let mut response = SpecError::new(status, self.code(), message).into_response();
+        if status == StatusCode::TOO_MANY_REQUESTS {
+            response
+                .headers_mut()
+                .insert(axum::http::header::RETRY_AFTER, crate::limits::RETRY_AFTER_SECS.into());
+        }
+        response
     }
 }
 

@@ -17,6 +17,7 @@ use dunite_oci::{Digest, DigestError, Manifest, ManifestHead, ManifestRef, TagKe
 use super::accept::{accept_header, accepted_types, upstream_accept};
 use super::{Error, Mirror, header_value, set_digest};
 use crate::metrics::CacheOutcome;
+use crate::peer::Peer;
 use crate::spec::Reference;
 
 /// Every manifest type, for a fetch by digest.
@@ -28,9 +29,9 @@ const EVERY_MANIFEST_TYPE: &str = "application/vnd.oci.image.index.v1+json, appl
 pub(super) async fn manifest(
     mirror: &Arc<Mirror>,
     method: &Method,
-    host: &str,
-    name: &str,
+    (host, name): (&str, &str),
     reference: Reference,
+    peer: Peer,
     headers: &HeaderMap,
 ) -> Result<Response, Error> {
     let accept = accept_header(headers);
@@ -47,7 +48,7 @@ pub(super) async fn manifest(
             // `Accept` (registries refuse an index to a client that does not accept one).
             let every_type = HeaderValue::from_static(EVERY_MANIFEST_TYPE);
             let asked = (&*digest.to_string(), ManifestRef::Digest(&digest));
-            let (manifest, _) = fetch(mirror, host, &upstream_name, asked, Some(&every_type)).await?;
+            let (manifest, _) = fetch(mirror, (host, &upstream_name), peer, asked, Some(&every_type)).await?;
             Ok(respond(method, manifest, &digest, CacheOutcome::Miss))
         }
         Reference::Tag(tag) => {
@@ -63,7 +64,9 @@ pub(super) async fn manifest(
             // The upstream is asked for exactly the types the record is keyed on, so what it
             // answers is right for every client that shares the key.
             let asked = upstream_accept(key.types());
-            match fetch(mirror, host, &upstream_name, (&tag, ManifestRef::Tag(&key)), asked.as_ref()).await {
+            match fetch(mirror, (host, &upstream_name), peer, (&tag, ManifestRef::Tag(&key)), asked.as_ref())
+                .await
+            {
                 // The fill recorded the tag's answer itself (`with_tag_records`).
                 Ok((manifest, digest)) => Ok(respond(method, manifest, &digest, CacheOutcome::Miss)),
                 Err(error) if error.is_upstream_fault() => {
@@ -88,15 +91,18 @@ pub(super) async fn manifest(
 /// the manifest and its digest.
 async fn fetch(
     mirror: &Arc<Mirror>,
-    host: &str,
-    upstream_name: &str,
+    (host, upstream_name): (&str, &str),
+    peer: Peer,
     (reference, asked): (&str, ManifestRef<'_>),
     accept: Option<&HeaderValue>,
 ) -> Result<(Manifest, Digest), Error> {
     let path = format!("{upstream_name}/manifests/{reference}");
     let (fill_mirror, host, upstream_name) = (Arc::clone(mirror), host.to_owned(), upstream_name.to_owned());
     let (accept, upstream_bytes) = (accept.cloned(), Arc::clone(&mirror.metrics.upstream_bytes));
+    // Taken now, used only if this request starts the fill.
+    let permit = mirror.limits.try_start(peer.ip());
     let joined = mirror.manifests.fill(asked, move || async move {
+        let permit = permit.map_err(FillError::other)?;
         let answer = fill_mirror
             .registries
             .send(&host, &upstream_name, Method::GET, &path, accept.as_ref())
@@ -124,7 +130,8 @@ async fn fetch(
             }
         };
         let total = answer.content_length();
-        Ok((ManifestHead::new(media_type, announced), total, crate::upstream::body(answer, &upstream_bytes)))
+        let body = crate::limits::holding(crate::upstream::body(answer, &upstream_bytes), permit);
+        Ok((ManifestHead::new(media_type, announced), total, body))
     })?;
     let digest = match asked {
         ManifestRef::Digest(digest) => Some(digest),

@@ -9,10 +9,12 @@ mod accept;
 mod blobs;
 mod error;
 mod manifests;
+mod passthrough;
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
+use axum::Extension;
 use axum::Router;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, Method};
@@ -23,8 +25,11 @@ use serde::Deserialize;
 use dunite_core::{Database, EntryCache, EvictionPolicy, FillOptions};
 use dunite_oci::{BlobCache, Digest, ManifestCache, TagCache};
 
+use crate::auth::UpstreamLogin;
 use crate::config::Config;
+use crate::limits::FillLimits;
 use crate::metrics::Metrics;
+use crate::peer::Peer;
 use crate::spec::{Reference, is_valid_name};
 use crate::start::StartError;
 use crate::upstream::Registries;
@@ -51,6 +56,10 @@ pub(crate) struct Mirror {
     default_registry: String,
     /// The server's counters.
     metrics: Arc<Metrics>,
+    /// The limits on concurrent fills (shared with the download proxy).
+    limits: Arc<FillLimits>,
+    /// With `--pass-through-auth`: the upstream's remembered answers.
+    pass_through: Option<passthrough::PassThrough>,
 }
 
 /// `?ns=<registry host>`, as containerd sends it to a mirror.
@@ -70,6 +79,7 @@ impl Mirror {
         config: &Config,
         database: &Database,
         metrics: Arc<Metrics>,
+        limits: Arc<FillLimits>,
     ) -> Result<Self, StartError> {
         let dir = &config.data_dir;
         let blobs = BlobCache::new(
@@ -101,6 +111,11 @@ impl Mirror {
             registries,
             default_registry: config.default_registry.clone(),
             metrics,
+            limits,
+            pass_through: config
+                .auth
+                .pass_through
+                .then(|| passthrough::PassThrough::new(config.pass_through_ttl)),
         })
     }
 
@@ -136,17 +151,31 @@ async fn dispatch(
     method: Method,
     Path(rest): Path<String>,
     Query(query): Query<NsQuery>,
+    peer: Peer,
+    login: Option<Extension<UpstreamLogin>>,
     headers: HeaderMap,
 ) -> Response {
-    match route(&mirror, &method, &rest, query, &headers).await {
+    let client = Client { peer, login: login.map(|Extension(login)| login) };
+    match route(&mirror, &method, &rest, query, &client, &headers).await {
         Ok(response) => response,
         Err(error) => {
-            if error.status().is_server_error() {
+            let status = error.status();
+            if status.is_server_error() {
                 mirror.metrics.errors.fetch_add(1, Ordering::Relaxed);
+            } else if status == axum::http::StatusCode::TOO_MANY_REQUESTS {
+                mirror.metrics.fills_refused.fetch_add(1, Ordering::Relaxed);
             }
             error.into_response()
         }
     }
+}
+
+/// Who is asking: the connection's address (for the fill limits) and, with
+/// `--pass-through-auth`, the upstream credentials the client sent.
+#[derive(Debug)]
+struct Client {
+    peer: Peer,
+    login: Option<UpstreamLogin>,
 }
 
 async fn route(
@@ -154,6 +183,7 @@ async fn route(
     method: &Method,
     rest: &str,
     query: NsQuery,
+    client: &Client,
     headers: &HeaderMap,
 ) -> Result<Response, Error> {
     if *method != Method::GET && *method != Method::HEAD {
@@ -171,14 +201,23 @@ async fn route(
     if !mirror.registries.knows(&host) {
         return Err(Error::UnknownRegistry(host));
     }
+    if !matches!(kind, "blobs" | "manifests") {
+        return Err(Error::UnknownEndpoint);
+    }
+    if let Some(checks) = &mirror.pass_through {
+        let anonymous = UpstreamLogin(None);
+        passthrough::authorise(mirror, checks, &host, name, client.login.as_ref().unwrap_or(&anonymous))
+            .await?;
+    }
+    let peer = client.peer;
     match kind {
         "blobs" => {
             let digest: Digest = reference.parse().map_err(Error::DigestInvalid)?;
-            blobs::blob(mirror, method, &host, name, &digest, headers).await
+            blobs::blob(mirror, method, (&host, name), &digest, peer, headers).await
         }
         "manifests" => {
             let reference = Reference::parse(reference)?;
-            manifests::manifest(mirror, method, &host, name, reference, headers).await
+            manifests::manifest(mirror, method, (&host, name), reference, peer, headers).await
         }
         _ => Err(Error::UnknownEndpoint),
     }

@@ -1,0 +1,390 @@
+//! Client authentication and access per area.
+//!
+//! Clients authenticate with HTTP Basic (users of an htpasswd file, `--htpasswd`; or a token's
+//! name and the token as the password) or `Authorization: Bearer <token>` (a static token,
+//! `--client-token-file`). A request without acceptable credentials for its area is answered
+//! `401` with `WWW-Authenticate: Basic realm="dunite"`, as registries answer, so `docker
+//! login`, `skopeo --creds`, containerd and podman authenticate with their usual settings; an
+//! authenticated client without a grant for the area gets `403`. Grants (`--access
+//! AREA=WHO`) are per [`Area`]: `pull` (`/v2/`), `download` (`/dl/`), `metrics`, `admin`.
+//!
+//! bcrypt is slow on purpose: a verified password is remembered (by a digest of the pair, for
+//! [`VERIFIED_FOR`]) and verifications run on blocking threads, at most
+//! [`CONCURRENT_VERIFICATIONS`] at once, so a flood of wrong passwords queues behind itself
+//! and cannot starve the runtime.
+//!
+//! With `--pass-through-auth`, `/v2/` is not checked here: the client's Basic credentials are
+//! handed on ([`UpstreamLogin`]) and the mirror asks the upstream whether they may pull the
+//! repository (`oci::passthrough`).
+
+mod access;
+mod htpasswd;
+mod tokens;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use base64::Engine as _;
+use sha2::Digest as _;
+
+pub(crate) use access::Rule;
+pub use access::{Area, Grants, Who};
+use htpasswd::Htpasswd;
+use tokens::Tokens;
+
+use crate::peer::Peer;
+
+/// How long a verified password is accepted without running bcrypt again.
+pub(crate) const VERIFIED_FOR: Duration = Duration::from_secs(300);
+/// The most bcrypt verifications running at once.
+pub(crate) const CONCURRENT_VERIFICATIONS: usize = 2;
+/// The most verified passwords remembered.
+const MAX_VERIFIED: usize = 4096;
+
+/// The challenge every `401` carries.
+const CHALLENGE: &str = r#"Basic realm="dunite", charset="UTF-8""#;
+
+/// A user or token file that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum AuthFileError {
+    /// The file cannot be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// A line is not an entry.
+    #[error("{path}, line {line}: {message}")]
+    Line {
+        /// The file.
+        path: PathBuf,
+        /// The line number, from 1.
+        line: usize,
+        /// What is wrong (never the secret).
+        message: String,
+    },
+}
+
+impl AuthFileError {
+    fn line(path: &Path, line: usize, message: &str) -> Self {
+        Self::Line { path: path.to_owned(), line, message: message.to_owned() }
+    }
+}
+
+/// The `name:secret` entries of a user or token file, with their line numbers (from 1);
+/// `#` comments and blank lines are skipped.
+///
+/// # Errors
+///
+/// [`AuthFileError`] if the file cannot be read, or a line is not `name:secret` with a name.
+fn entries(path: &Path) -> Result<Vec<(usize, String, String)>, AuthFileError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|source| AuthFileError::Read { path: path.to_owned(), source })?;
+    let mut entries = Vec::new();
+    for (number, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        match line.split_once(':') {
+            Some((name, secret)) if !name.is_empty() => {
+                entries.push((number + 1, name.to_owned(), secret.to_owned()));
+            }
+            _ => return Err(AuthFileError::line(path, number + 1, "not `name:secret` with a name")),
+        }
+    }
+    Ok(entries)
+}
+
+/// The client's own upstream credentials, for `--pass-through-auth`: what it sent as Basic
+/// auth, handed to the `/v2/` handlers in the request's extensions.
+#[derive(Clone)]
+pub(crate) struct UpstreamLogin(pub(crate) Option<(String, String)>);
+
+impl std::fmt::Debug for UpstreamLogin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("UpstreamLogin").field(&self.0.as_ref().map(|(user, _)| user)).finish()
+    }
+}
+
+/// What a request presents in `Authorization`.
+enum Presented {
+    None,
+    Basic {
+        user: String,
+        password: String,
+    },
+    Bearer(String),
+    /// Something unreadable: refused like wrong credentials.
+    Malformed,
+}
+
+impl Presented {
+    fn of(headers: &HeaderMap) -> Self {
+        let Some(value) = headers.get(header::AUTHORIZATION) else { return Self::None };
+        let Ok(value) = value.to_str() else { return Self::Malformed };
+        let (scheme, rest) = value.split_once(' ').unwrap_or((value, ""));
+        let rest = rest.trim();
+        if scheme.eq_ignore_ascii_case("basic") {
+            let decoded = base64::engine::general_purpose::STANDARD
+                .decode(rest)
+                .ok()
+                .and_then(|bytes| String::from_utf8(bytes).ok());
+            match decoded.as_deref().and_then(|pair| pair.split_once(':')) {
+                Some((user, password)) => {
+                    Self::Basic { user: user.to_owned(), password: password.to_owned() }
+                }
+                None => Self::Malformed,
+            }
+        } else if scheme.eq_ignore_ascii_case("bearer") && !rest.is_empty() {
+            Self::Bearer(rest.to_owned())
+        } else {
+            Self::Malformed
+        }
+    }
+}
+
+/// Client authentication: the users and tokens, the grants, and what was verified lately.
+#[derive(Debug)]
+pub(crate) struct ClientAuth {
+    users: Htpasswd,
+    tokens: Tokens,
+    /// Whether any client authentication is configured (users, tokens or pass-through).
+    enabled: bool,
+    /// `/v2/` is authorised by the upstream.
+    pass_through: bool,
+    rules: HashMap<Area, Rule>,
+    verified: Mutex<HashMap<[u8; 32], (String, Instant)>>,
+    verifying: tokio::sync::Semaphore,
+}
+
+/// How client authentication is configured (the `Config` fields it reads).
+#[derive(Debug, Clone, Default)]
+pub struct AuthConfig {
+    /// `--htpasswd`.
+    pub htpasswd: Option<PathBuf>,
+    /// `--client-token-file`.
+    pub token_file: Option<PathBuf>,
+    /// `--access`.
+    pub grants: Grants,
+    /// `--pass-through-auth`.
+    pub pass_through: bool,
+}
+
+impl AuthConfig {
+    /// Whether clients authenticate at all (a user file, a token file, or pass-through).
+    #[must_use]
+    pub fn enabled(&self) -> bool {
+        self.htpasswd.is_some() || self.token_file.is_some() || self.pass_through
+    }
+
+    /// Whether a client without credentials may pull whatever the mirror holds: `/v2/` is
+    /// anonymous and not authorised by the upstream.
+    #[must_use]
+    pub fn anonymous_pulls(&self) -> bool {
+        !self.pass_through && self.grants.is_anonymous(Area::Pull, self.enabled())
+    }
+}
+
+impl ClientAuth {
+    /// Read the user and token files of `config`.
+    ///
+    /// # Errors
+    ///
+    /// [`AuthFileError`] if a file cannot be read or has a bad entry.
+    pub(crate) fn load(config: &AuthConfig) -> Result<Self, AuthFileError> {
+        let users = config.htpasswd.as_deref().map(Htpasswd::load).transpose()?.unwrap_or_default();
+        let tokens = config.token_file.as_deref().map(Tokens::load).transpose()?.unwrap_or_default();
+        let enabled = config.enabled();
+        let rules = Area::ALL.into_iter().map(|area| (area, config.grants.resolve(area, enabled))).collect();
+        if config.htpasswd.is_some() || config.token_file.is_some() {
+            tracing::info!(users = users.len(), tokens = tokens.len(), "client authentication on");
+        }
+        Ok(Self {
+            users,
+            tokens,
+            enabled,
+            pass_through: config.pass_through,
+            rules,
+            verified: Mutex::default(),
+            verifying: tokio::sync::Semaphore::new(CONCURRENT_VERIFICATIONS),
+        })
+    }
+
+    /// Who presented `presented`: `Ok(None)` for no credentials, `Err` for wrong ones.
+    async fn identify(&self, presented: Presented) -> Result<Option<String>, ()> {
+        match presented {
+            Presented::None => Ok(None),
+            Presented::Malformed => Err(()),
+            Presented::Bearer(token) => self.tokens.name(&token).map(|name| Some(name.to_owned())).ok_or(()),
+            Presented::Basic { user, password } => {
+                // A token's name and the token, for clients that only speak Basic.
+                if self.tokens.name(&password) == Some(user.as_str()) {
+                    return Ok(Some(user));
+                }
+                self.verify_password(user, password).await.map(Some)
+            }
+        }
+    }
+
+    /// Check `password` against the user file, remembering a success for [`VERIFIED_FOR`].
+    async fn verify_password(&self, user: String, password: String) -> Result<String, ()> {
+        let key: [u8; 32] = {
+            let mut hasher = sha2::Sha256::new();
+            hasher.update(user.as_bytes());
+            hasher.update([0]);
+            hasher.update(password.as_bytes());
+            hasher.finalize().into()
+        };
+        let now = Instant::now();
+        {
+            let verified = self.verified.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            if let Some((name, until)) = verified.get(&key)
+                && *until > now
+            {
+                return Ok(name.clone());
+            }
+        }
+        let _permit = self.verifying.acquire().await.map_err(|_| ())?;
+        let users = self.users.clone();
+        let checked = user.clone();
+        let ok =
+            tokio::task::spawn_blocking(move || users.verify(&checked, &password)).await.unwrap_or(false);
+        if !ok {
+            return Err(());
+        }
+        let mut verified = self.verified.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        verified.retain(|_, (_, until)| *until > now);
+        if verified.len() >= MAX_VERIFIED
+            && let Some(oldest) = verified.iter().min_by_key(|(_, (_, until))| *until).map(|(k, _)| *k)
+        {
+            verified.remove(&oldest);
+        }
+        verified.insert(key, (user.clone(), now + VERIFIED_FOR));
+        Ok(user)
+    }
+
+    /// Let `request` into `area`, or answer it `401`/`403`.
+    async fn admit(&self, area: Area, peer: Peer, mut request: Request, next: Next) -> Response {
+        let presented = Presented::of(request.headers());
+        if area == Area::Pull && self.pass_through {
+            let login = match presented {
+                Presented::Basic { user, password } => Some((user, password)),
+                Presented::None => None,
+                Presented::Bearer(_) | Presented::Malformed => return refuse(area, Refusal::Unauthenticated),
+            };
+            request.extensions_mut().insert(UpstreamLogin(login));
+            return next.run(request).await;
+        }
+        let Ok(name) = self.identify(presented).await else {
+            tracing::info!(%area, "wrong client credentials");
+            return refuse(area, Refusal::Unauthenticated);
+        };
+        let rule = &self.rules[&area];
+        if rule.permits(name.as_deref(), peer.is_loopback()) {
+            return next.run(request).await;
+        }
+        match (&name, rule) {
+            (None, Rule::Grants(_)) if self.enabled => refuse(area, Refusal::Unauthenticated),
+            _ => refuse(area, Refusal::Denied),
+        }
+    }
+}
+
+/// Why a request was not let in.
+enum Refusal {
+    /// No credentials, or wrong ones: `401` with the challenge.
+    Unauthenticated,
+    /// Credentials (or an address) without a grant for the area: `403`.
+    Denied,
+}
+
+/// The answer to a refused request: for `/v2/`, the distribution spec's error body.
+fn refuse(area: Area, refusal: Refusal) -> Response {
+    let (status, code, message) = match refusal {
+        Refusal::Unauthenticated => (StatusCode::UNAUTHORIZED, "UNAUTHORIZED", "authentication required"),
+        Refusal::Denied => (StatusCode::FORBIDDEN, "DENIED", "requested access to the resource is denied"),
+    };
+    let mut response = if area == Area::Pull {
+        let body = serde_json::json!({ "errors": [{ "code": code, "message": message }] }).to_string();
+        let mut response = (status, body).into_response();
+        let headers = response.headers_mut();
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        headers.insert("docker-distribution-api-version", HeaderValue::from_static("registry/2.0"));
+        response
+    } else {
+        (status, format!("{message}\n")).into_response()
+    };
+    if status == StatusCode::UNAUTHORIZED {
+        response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static(CHALLENGE));
+    }
+    response
+}
+
+/// The unauthenticated answer for `area`, for handlers that refuse after their own check
+/// (the pass-through authorisation).
+pub(crate) fn unauthorized(area: Area) -> Response {
+    refuse(area, Refusal::Unauthenticated)
+}
+
+/// Middleware guarding one area (`axum::middleware::from_fn_with_state`).
+pub(crate) async fn guard(
+    State((auth, area)): State<(Arc<ClientAuth>, Area)>,
+    peer: Peer,
+    request: Request,
+    next: Next,
+) -> Response {
+    auth.admit(area, peer, request, next).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn basic(user: &str, password: &str) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        let value = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
+        headers.insert(header::AUTHORIZATION, HeaderValue::from_str(&format!("Basic {value}")).unwrap());
+        headers
+    }
+
+    #[tokio::test]
+    async fn users_and_tokens_are_identified_and_a_verification_is_remembered() {
+        let dir = tempfile::tempdir().unwrap();
+        let htpasswd = dir.path().join("htpasswd");
+        std::fs::write(&htpasswd, "alice:$2y$05$REhSfycUQ4.X1f6OChDt/.axc..E8YRgOBBfTduMfGo6/4.6Di.VW\n")
+            .unwrap();
+        let token_file = dir.path().join("tokens");
+        std::fs::write(&token_file, "ci:0123456789abcdef-ci\n").unwrap();
+        let config = AuthConfig {
+            htpasswd: Some(htpasswd.clone()),
+            token_file: Some(token_file),
+            ..AuthConfig::default()
+        };
+        let auth = ClientAuth::load(&config).unwrap();
+        let who = |headers: HeaderMap| auth.identify(Presented::of(&headers));
+        assert_eq!(who(basic("alice", "secret-pass")).await, Ok(Some("alice".to_owned())));
+        assert_eq!(who(basic("alice", "wrong")).await, Err(()));
+        assert_eq!(who(basic("ci", "0123456789abcdef-ci")).await, Ok(Some("ci".to_owned())));
+        let mut bearer = HeaderMap::new();
+        bearer.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer 0123456789abcdef-ci"));
+        assert_eq!(who(bearer).await, Ok(Some("ci".to_owned())));
+        assert_eq!(who(HeaderMap::new()).await, Ok(None));
+        let mut garbage = HeaderMap::new();
+        garbage.insert(header::AUTHORIZATION, HeaderValue::from_static("Basic !!!"));
+        assert_eq!(who(garbage).await, Err(()));
+        // Remembered: with the user file emptied, the verified pair still passes (and only it).
+        let auth = ClientAuth { users: Htpasswd::default(), ..auth };
+        let who = |headers: HeaderMap| auth.identify(Presented::of(&headers));
+        assert_eq!(who(basic("alice", "secret-pass")).await, Ok(Some("alice".to_owned())));
+        assert_eq!(who(basic("alice", "secret-pass2")).await, Err(()));
+    }
+}

@@ -1,0 +1,331 @@
+//! Client authentication, access per area, pass-through authorisation and fill limits, with
+//! real clients: skopeo logging in with `--src-creds`, curl with Basic and Bearer
+//! credentials, and `htpasswd -B` writing the user file.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use sha2::Digest as _;
+use tokio::io::AsyncWriteExt as _;
+
+use super::harness::{Dunite, Image, Registry, assert_same_copy, skopeo, tool};
+use super::origin::{Head, Origin};
+
+const ALICE: (&str, &str) = ("alice", "secret-pass");
+const CI_TOKEN: &str = "ci-token-0123456789abcdef";
+const PROMETHEUS_TOKEN: &str = "prom-token-fedcba9876543210";
+
+/// What curl got: status, headers (lower-cased names), body.
+struct Got {
+    status: u16,
+    headers: String,
+    body: Vec<u8>,
+}
+
+/// `curl -s URL` with `args` (credentials), keeping the status, headers and body.
+async fn curl(url: &str, args: &[&str]) -> Got {
+    let dir = tempfile::tempdir().unwrap();
+    let (head, body) = (dir.path().join("head"), dir.path().join("body"));
+    let run = tokio::process::Command::new(tool("curl"))
+        .args(["-s", "--max-time", "60", "-D"])
+        .arg(&head)
+        .arg("-o")
+        .arg(&body)
+        .args(["-w", "%{http_code}"])
+        .args(args)
+        .arg(url)
+        .output();
+    let output = tokio::time::timeout(Duration::from_secs(90), run).await.unwrap().unwrap();
+    Got {
+        status: String::from_utf8_lossy(&output.stdout).trim().parse().unwrap(),
+        headers: std::fs::read_to_string(&head).unwrap_or_default().to_ascii_lowercase(),
+        body: std::fs::read(&body).unwrap_or_default(),
+    }
+}
+
+/// An htpasswd file written by Apache's own tool (`htpasswd -B`), with alice and bob.
+fn htpasswd(dir: &Path) -> String {
+    let file = dir.join("htpasswd");
+    for (i, (user, password)) in [ALICE, ("bob", "bobs-password")].into_iter().enumerate() {
+        let create = if i == 0 { "-cbB" } else { "-bB" };
+        let htpasswd =
+            dunite_testkit::peers::tool("htpasswd", "apache2-utils").unwrap_or_else(|e| panic!("{e}"));
+        let status = std::process::Command::new(htpasswd)
+            .args([create, file.to_str().unwrap(), user, password])
+            .output()
+            .unwrap();
+        assert!(status.status.success(), "{}", String::from_utf8_lossy(&status.stderr));
+    }
+    file.display().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_log_in_with_htpasswd_users_and_tokens_and_each_area_has_its_grants() {
+    let dir = tempfile::tempdir().unwrap();
+    let users = htpasswd(dir.path());
+    let tokens = dir.path().join("tokens");
+    std::fs::write(&tokens, format!("ci:{CI_TOKEN}\nprometheus:{PROMETHEUS_TOKEN}\n")).unwrap();
+    let registry = Registry::start().await;
+    let image = Image::build(41, 2, 300_000);
+    image.push(registry.addr, "team/app").await;
+    let origin = Origin::serve(|_: &Head, _| {
+        b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello".to_vec()
+    })
+    .await;
+    let allow = format!("127.0.0.1:{}", origin.addr.port());
+    let dunite = Dunite::start(
+        registry.addr,
+        "64MiB",
+        &[
+            "--htpasswd",
+            &users,
+            "--client-token-file",
+            tokens.to_str().unwrap(),
+            "--access",
+            "metrics=prometheus",
+            "--access",
+            "download=ci",
+            "--dl-allow",
+            "127.0.0.1",
+            "--dl-allow",
+            &allow,
+        ],
+    )
+    .await;
+    let base = format!("http://{}", dunite.addr);
+    let alice = format!("{}:{}", ALICE.0, ALICE.1);
+
+    // Anonymous: refused with the challenge registries send, so clients log in.
+    let root = curl(&format!("{base}/v2/"), &[]).await;
+    assert_eq!(root.status, 401);
+    assert!(root.headers.contains("www-authenticate: basic realm=\"dunite\""), "{}", root.headers);
+    assert!(String::from_utf8_lossy(&root.body).contains("UNAUTHORIZED"));
+    for area in ["/metrics", &format!("/dl/http://{}/f", origin.addr)] {
+        let got = curl(&format!("{base}{area}"), &[]).await;
+        assert_eq!(got.status, 401, "{area}");
+        assert!(got.headers.contains("www-authenticate: basic"), "{area}: {}", got.headers);
+    }
+    assert_eq!(curl(&format!("{base}/healthz"), &[]).await.status, 200, "liveness stays open");
+    assert_eq!(curl(&format!("{base}/v2/"), &["-u", &alice]).await.status, 200);
+    assert_eq!(curl(&format!("{base}/v2/"), &["-u", "alice:wrong"]).await.status, 401);
+    assert_eq!(curl(&format!("{base}/v2/"), &["-u", "mallory:secret-pass"]).await.status, 401);
+
+    // skopeo logs in as a docker client does, and gets the image.
+    let source = format!("docker://{}/team/app:v1", dunite.addr);
+    let out = tempfile::tempdir().unwrap();
+    let target = format!("dir:{}", out.path().display());
+    let anonymous = skopeo(&["copy", "--src-tls-verify=false", &source, &target]).await;
+    assert!(anonymous.is_err(), "an anonymous pull went through");
+    let wrong =
+        skopeo(&["copy", "--src-tls-verify=false", "--src-creds", "alice:nope", &source, &target]).await;
+    assert!(wrong.is_err(), "a wrong password pulled");
+    let expected = super::harness::pull(registry.addr, "team/app").await.unwrap();
+    skopeo(&["copy", "--src-tls-verify=false", "--src-creds", &alice, &source, &target]).await.unwrap();
+    assert_same_copy(expected.path(), out.path());
+
+    // Metrics only for the prometheus token; downloads only for ci (Bearer, or Basic with
+    // the token as the password).
+    let metrics = format!("{base}/metrics");
+    assert_eq!(curl(&metrics, &["-u", &alice]).await.status, 403, "alice has no metrics grant");
+    let bearer = format!("Authorization: Bearer {PROMETHEUS_TOKEN}");
+    let got = curl(&metrics, &["-H", &bearer]).await;
+    assert_eq!(got.status, 200);
+    assert!(String::from_utf8_lossy(&got.body).contains("dunite_blob_misses_total"));
+    let download = format!("{base}/dl/http://{}/f", origin.addr);
+    assert_eq!(curl(&download, &["-u", &alice]).await.status, 403);
+    assert_eq!(curl(&download, &["-H", &format!("Authorization: Bearer {CI_TOKEN}")]).await.body, b"hello");
+    assert_eq!(curl(&download, &["-u", &format!("ci:{CI_TOKEN}")]).await.status, 200);
+    assert_eq!(curl(&download, &["-H", "Authorization: Bearer not-a-token-at-all"]).await.status, 401);
+
+    let log = dunite.log_text();
+    for secret in [ALICE.1, CI_TOKEN, PROMETHEUS_TOKEN] {
+        assert!(!log.contains(secret), "a secret reached the log:\n{log}");
+    }
+}
+
+const MANIFEST: &[u8] = br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"sha256:44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a","size":2},"layers":[]}"#;
+
+/// base64 of `user:password`, for the upstream's side of Basic auth.
+fn basic(user: &str, password: &str) -> String {
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let bytes = format!("{user}:{password}").into_bytes();
+    let mut out = String::new();
+    for chunk in bytes.chunks(3) {
+        let n = chunk.iter().enumerate().fold(0u32, |n, (i, b)| n | (u32::from(*b) << (16 - 8 * i)));
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(ALPHABET[(n >> (18 - 6 * i)) as usize & 63] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    format!("Basic {out}")
+}
+
+/// An upstream with a private repository (`private/app`: the mirror's account and bob may
+/// pull it) and a public one (`public/app`: anyone), behind a token service on its own host.
+async fn private_upstream(bob_checks: Arc<AtomicU64>) -> Origin {
+    Origin::serve(move |head, addr| {
+        let respond = |status: &str, extra: &str, body: &[u8]| {
+            let mut r = format!(
+                "HTTP/1.1 {status}\r\n{extra}Content-Length: {}\r\nConnection: close\r\n\r\n",
+                body.len()
+            )
+            .into_bytes();
+            r.extend_from_slice(body);
+            r
+        };
+        if head.path.starts_with("/token?") {
+            let auth = head.headers.get("authorization").cloned();
+            let token = match auth {
+                None => "anon",
+                Some(a) if a == basic("mirror", "mirror-password") => "mirror",
+                Some(a) if a == basic("bob", "bobs-upstream-password") => {
+                    bob_checks.fetch_add(1, Ordering::SeqCst);
+                    "bob"
+                }
+                Some(_) => return respond("401 Unauthorized", "", b""),
+            };
+            let body = format!(r#"{{"token":"{token}","expires_in":300}}"#);
+            return respond("200 OK", "Content-Type: application/json\r\n", body.as_bytes());
+        }
+        let token = head.headers.get("authorization").and_then(|a| a.strip_prefix("Bearer ").map(str::to_owned));
+        let private = head.path.starts_with("/v2/private/");
+        let allowed = match token.as_deref() {
+            Some("mirror" | "bob") => true,
+            Some("anon") => !private,
+            _ => false,
+        };
+        if !allowed {
+            let challenge = format!(
+                "WWW-Authenticate: Bearer realm=\"http://{addr}/token\",service=\"up\",scope=\"repository:x:pull\"\r\n"
+            );
+            return respond("401 Unauthorized", &challenge, b"");
+        }
+        if head.path.ends_with("/tags/list?n=1") {
+            return respond("200 OK", "Content-Type: application/json\r\n", br#"{"name":"x","tags":["v1"]}"#);
+        }
+        if head.path.ends_with("/manifests/v1") {
+            return respond("200 OK", "Content-Type: application/vnd.oci.image.manifest.v1+json\r\n", MANIFEST);
+        }
+        respond("404 Not Found", "", b"")
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pass_through_serves_the_cache_only_to_clients_the_upstream_lets_pull() {
+    let bob_checks = Arc::new(AtomicU64::new(0));
+    let upstream = private_upstream(Arc::clone(&bob_checks)).await;
+    let config = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(
+        config.path(),
+        "[credentials.local]\nusername = \"mirror\"\npassword = \"mirror-password\"\n",
+    )
+    .unwrap();
+    let dunite = Dunite::start(
+        upstream.addr,
+        "64MiB",
+        &["--config", config.path().to_str().unwrap(), "--pass-through-auth", "--tag-ttl", "1h"],
+    )
+    .await;
+    let private = format!("http://{}/v2/private/app/manifests/v1", dunite.addr);
+    let bob = ["-u", "bob:bobs-upstream-password"];
+
+    let anonymous = curl(&private, &[]).await;
+    assert_eq!(anonymous.status, 401, "an anonymous client got a private manifest");
+    assert!(anonymous.headers.contains("www-authenticate: basic realm=\"dunite\""), "{}", anonymous.headers);
+    let got = curl(&private, &bob).await;
+    assert_eq!((got.status, &got.body[..]), (200, MANIFEST), "bob may pull it upstream");
+    // Cached now, with the mirror's own account: still nobody else's.
+    assert_eq!(curl(&private, &[]).await.status, 401);
+    assert_eq!(curl(&private, &["-u", "carol:guess"]).await.status, 403);
+    for _ in 0..3 {
+        assert_eq!(curl(&private, &bob).await.status, 200);
+    }
+    assert_eq!(bob_checks.load(Ordering::SeqCst), 1, "bob's access is remembered for the TTL");
+    // A public repository: anyone the upstream lets in.
+    let public = format!("http://{}/v2/public/app/manifests/v1", dunite.addr);
+    assert_eq!(curl(&public, &[]).await.status, 200);
+    assert!(!dunite.log_text().contains("bobs-upstream-password"));
+}
+
+/// A blob upstream that sends `body`'s head and length at once, then the rest only when
+/// `release` is notified; any other digest is answered at once.
+async fn stalling_upstream(
+    stalled: String,
+    body: Vec<u8>,
+    release: Arc<tokio::sync::Notify>,
+) -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let body = Arc::new(body);
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((mut socket, _)) = listener.accept().await else { return };
+            let (stalled, body, release) = (stalled.clone(), Arc::clone(&body), Arc::clone(&release));
+            tokio::spawn(async move {
+                let Some(head) = Head::read(&mut socket).await else { return };
+                let this = head.path.rsplit('/').next().unwrap_or_default().to_owned();
+                let answer: Vec<u8> =
+                    if this == stalled { body.to_vec() } else { format!("other {this}").into_bytes() };
+                let notified = release.notified();
+                let mut out = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                    answer.len()
+                )
+                .into_bytes();
+                let half = answer.len() / 2;
+                out.extend_from_slice(&answer[..half]);
+                let _ = socket.write_all(&out).await;
+                if this == stalled {
+                    notified.await;
+                }
+                let _ = socket.write_all(&answer[half..]).await;
+                let _ = socket.shutdown().await;
+            });
+        }
+    });
+    (addr, task)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_past_its_fill_limit_gets_429_while_joining_a_running_fill_is_free() {
+    let body = dunite_testkit::pseudo_random_bytes(77, 256 << 10);
+    let slow = format!("sha256:{}", hex::encode(sha2::Sha256::digest(&body)));
+    let release = Arc::new(tokio::sync::Notify::new());
+    let (upstream, task) = stalling_upstream(slow.clone(), body.clone(), Arc::clone(&release)).await;
+    let dunite = Dunite::start(upstream, "64MiB", &["--max-fills-per-client", "1"]).await;
+    let blob = |digest: &str| format!("http://{}/v2/lim/app/blobs/{digest}", dunite.addr);
+    let client = reqwest::Client::new();
+
+    // The first request starts the fill, which stalls mid-body: its head has come.
+    let first = client.get(blob(&slow)).send().await.unwrap();
+    assert_eq!(first.status(), 200);
+    // Joining the running fill takes no permit.
+    let joiner = client.get(blob(&slow)).send().await.unwrap();
+    assert_eq!(joiner.status(), 200, "a client joining a running fill was limited");
+    // A second fill by the same client is refused, with Retry-After.
+    let other = format!("sha256:{}", "ab".repeat(32));
+    let refused = client.get(blob(&other)).send().await.unwrap();
+    assert_eq!(refused.status(), 429);
+    assert_eq!(refused.headers()["retry-after"], "1");
+    assert!(refused.text().await.unwrap().contains("TOOMANYREQUESTS"));
+    assert_eq!(dunite.metric("dunite_fills_refused_total").await, 1);
+    assert_eq!(dunite.metric("dunite_fills_in_flight").await, 1);
+
+    release.notify_waiters();
+    assert!(first.bytes().await.unwrap() == body && joiner.bytes().await.unwrap() == body);
+    // The fill's permit is given back once its body ended: the other digest may start. (Its
+    // upstream answers bytes that are not that digest: a 502 then, not a 429.)
+    dunite_testkit::poll_until(Duration::from_secs(30), "the permit given back", async || {
+        dunite.metric("dunite_fills_in_flight").await == 0
+    })
+    .await;
+    let status = client.get(blob(&other)).send().await.unwrap().status();
+    assert_ne!(status, 429);
+    task.abort();
+}
