@@ -35,6 +35,7 @@ mod dl;
 #[cfg(feature = "fuzzing")]
 pub mod fuzzing;
 mod metrics;
+pub mod net;
 mod oci;
 pub mod spec;
 mod start;
