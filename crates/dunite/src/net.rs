@@ -1,4 +1,4 @@
-//! Where dunite's outgoing requests may go: which addresses are public ([`is_public`]), a
+//! Where dunite's outgoing requests may go: which addresses are public (`is_public`), a
 //! resolver that keeps host names off the others (`PublicOnly`), and the download
 //! allowlist ([`AllowList`]: hosts and ports).
 //!

@@ -5,10 +5,10 @@
 //! caches it until it expires, and retries once. Tokens and passwords are never logged.
 //!
 //! An upstream chooses where the client goes next (a redirect, a token realm), so those
-//! destinations are checked ([`Destinations`]): off loopback, private and link-local
+//! destinations are checked (`Destinations`): off loopback, private and link-local
 //! addresses unless they are the upstream's own host and port, or the operator allowed it
 //! (`--upstream-allow-private`). Credentials go only to a realm on the upstream's own host or
-//! to an https realm the config names ([`may_send_credentials`]).
+//! to an https realm the config names (`may_send_credentials`).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -32,7 +32,7 @@ const MAX_REDIRECTS: usize = 5;
 const DOCKER_HUB: &str = "registry-1.docker.io";
 
 /// Docker Hub's token service: the realm its challenges name, so the default `realms` of an
-/// upstream on [`DOCKER_HUB`].
+/// upstream on `DOCKER_HUB`.
 const DOCKER_HUB_AUTH: &str = "https://auth.docker.io";
 
 /// The HTTP client set-up every upstream request shares: dunite's user agent, and `timeout`

@@ -42,7 +42,7 @@ impl HttpFetcher {
             } else if allow.permits(attempt.url()) {
                 attempt.follow()
             } else {
-                attempt.error("redirect to a host outside the download allowlist")
+                attempt.error("redirect to a host or port outside the download allowlist")
             }
         });
         let client = crate::upstream::http_client(timeout)
