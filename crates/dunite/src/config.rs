@@ -440,6 +440,19 @@ mod tests {
     }
 
     #[test]
+    fn upstream_allow_private_comes_from_the_flag_or_the_file() {
+        assert!(!Config::resolve(ServeArgs::default()).unwrap().upstream_allow_private);
+        let args = ServeArgs { upstream_allow_private: true, ..ServeArgs::default() };
+        assert!(Config::resolve(args).unwrap().upstream_allow_private);
+        let file = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(file.path(), "upstream_allow_private = true\ndl_allow = [\"[::1]:8080\"]\n").unwrap();
+        let args = ServeArgs { config: Some(file.path().to_owned()), ..ServeArgs::default() };
+        let config = Config::resolve(args).unwrap();
+        assert!(config.upstream_allow_private);
+        assert!(config.dl_allow.permits(&url::Url::parse("http://[::1]:8080/f").unwrap()));
+    }
+
+    #[test]
     fn realms_are_https_origins() {
         let realm: Realm = "https://Auth.Docker.io".parse().unwrap();
         assert_eq!(realm.origin(), &url::Url::parse("https://auth.docker.io/token").unwrap().origin());
