@@ -32,11 +32,12 @@ async fn origin() -> (Origin, Vec<Vec<u8>>) {
     (Origin::start(answers).await, files)
 }
 
-/// Start dunite for a trial: downloads allowed from the loopback origin, capped below the
-/// files' total so they evict too.
-async fn serve(upstream: &Upstream, data: &Path, cap: u64, log: &Path) -> Server {
+/// Start dunite for a trial: downloads allowed from the loopback origin at `origin`, capped
+/// below the files' total so they evict too.
+async fn serve(upstream: &Upstream, origin: SocketAddr, data: &Path, cap: u64, log: &Path) -> Server {
     let dl_cap = (FILES * FILE_SIZE as u64 * 2 / 3).to_string();
-    Server::start_with(upstream.addr, data, cap, log, &["--dl-allow", "127.0.0.1", "--dl-max-bytes", &dl_cap])
+    let allow = origin.to_string();
+    Server::start_with(upstream.addr, data, cap, log, &["--dl-allow", &allow, "--dl-max-bytes", &dl_cap])
         .await
 }
 
@@ -123,7 +124,7 @@ async fn chaos_kill_9_mid_pull_then_restart_leaves_a_consistent_cache_and_identi
         let extra =
             splitmix(&mut rng).is_multiple_of(2).then(|| splitmix(&mut rng) as usize % upstream.direct.len());
 
-        let server = serve(&upstream, &data, cap, &log).await;
+        let server = serve(&upstream, origin.addr, &data, cap, &log).await;
         let mut pulls = tokio::task::JoinSet::new();
         let repos = upstream.direct.keys().cloned().chain(extra.map(|i| format!("chaos/img{i}")));
         for repo in repos {
@@ -143,7 +144,7 @@ async fn chaos_kill_9_mid_pull_then_restart_leaves_a_consistent_cache_and_identi
         pulls.shutdown().await;
 
         // The restart reconciles; stop it cleanly and look at what it left.
-        let server = serve(&upstream, &data, cap, &log).await;
+        let server = serve(&upstream, origin.addr, &data, cap, &log).await;
         let status = server.stop().await;
         if !status.success() {
             violations.push(format!("trial {trial}: dunite exited with {status} on SIGTERM"));
@@ -153,7 +154,7 @@ async fn chaos_kill_9_mid_pull_then_restart_leaves_a_consistent_cache_and_identi
         downloads_verified += checked.downloads_verified;
         violations.extend(checked.violations.into_iter().map(|v| format!("trial {trial}: {v}")));
 
-        let server = serve(&upstream, &data, cap, &log).await;
+        let server = serve(&upstream, origin.addr, &data, cap, &log).await;
         let failures = pull_all_and_compare(&upstream, (&origin, &files), &server, &log).await;
         violations
             .extend(failures.into_iter().map(|v| format!("trial {trial} (kill after {kill_after:?}): {v}")));

@@ -70,7 +70,9 @@ pub struct ServeArgs {
     /// dropped and resolved upstream again when next asked for) [default: 4MiB].
     #[arg(long, env = "DUNITE_TAG_MAX_BYTES")]
     pub tag_max_bytes: Option<String>,
-    /// Host the download proxy may fetch from (repeatable); none by default.
+    /// Host the download proxy may fetch from, as `HOST` (its scheme's default port: 80 for
+    /// http, 443 for https) or `HOST:PORT` (that port only; IPv6 as `[::1]:8080`); repeatable,
+    /// none by default.
     #[arg(long = "dl-allow", env = "DUNITE_DL_ALLOW", value_delimiter = ',')]
     pub dl_allow: Vec<String>,
     /// Let allowlisted host names resolve to loopback, private or link-local addresses
@@ -118,6 +120,10 @@ pub struct ServeArgs {
     /// Most upstream fills one client address may run at once; past it, `429` [default: 64].
     #[arg(long, env = "DUNITE_MAX_FILLS_PER_CLIENT")]
     pub max_fills_per_client: Option<usize>,
+    /// Let upstream registries redirect to, and name token realms on, loopback, private or
+    /// link-local addresses other than their own host and port (refused by default).
+    #[arg(long, env = "DUNITE_UPSTREAM_ALLOW_PRIVATE")]
+    pub upstream_allow_private: bool,
 }
 
 /// The config file: the same settings as the flags, plus credentials.
@@ -141,7 +147,9 @@ struct FileConfig {
     dl_freshness: Option<String>,
     shutdown_grace: Option<String>,
     upstream_timeout: Option<String>,
-    /// `host -> { username, password }` for upstream token authentication.
+    #[serde(default)]
+    upstream_allow_private: bool,
+    /// `host -> { username, password, realms }` for upstream token authentication.
     #[serde(default)]
     credentials: BTreeMap<String, Credentials>,
     htpasswd: Option<PathBuf>,
@@ -158,13 +166,62 @@ struct FileConfig {
     max_fills_per_client: Option<usize>,
 }
 
-/// Credentials for one upstream registry.
+/// Credentials for one upstream registry (`[credentials.HOST]` in the config file).
 #[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Credentials {
     /// User name.
     pub username: String,
     /// Password or token.
     pub password: String,
+    /// The https token realms, besides the upstream's own host, that may receive these
+    /// credentials (`realms = ["https://auth.docker.io"]`). `None` (not given): the built-in
+    /// default, which is `https://auth.docker.io` for Docker Hub's `registry-1.docker.io`
+    /// and nothing for any other upstream (see `upstream::Registries`).
+    #[serde(default)]
+    pub realms: Option<Vec<Realm>>,
+}
+
+/// A token realm's origin (`https://host[:port]`), as `realms` names it: https only, no
+/// path, query or credentials, so it names a server and nothing else.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub struct Realm(url::Origin);
+
+impl Realm {
+    /// The realm's origin, to compare with a challenge's realm URL's.
+    #[must_use]
+    pub fn origin(&self) -> &url::Origin {
+        &self.0
+    }
+}
+
+impl std::str::FromStr for Realm {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        let wrong =
+            |why: &str| format!("realm {text:?} is not an https origin like https://auth.docker.io: {why}");
+        let url = url::Url::parse(text).map_err(|e| wrong(&e.to_string()))?;
+        if url.scheme() != "https" {
+            return Err(wrong("not https"));
+        }
+        if !url.username().is_empty() || url.password().is_some() {
+            return Err(wrong("credentials in it"));
+        }
+        if url.path() != "/" || url.query().is_some() || url.fragment().is_some() {
+            return Err(wrong("a path, query or fragment"));
+        }
+        Ok(Self(url.origin()))
+    }
+}
+
+impl TryFrom<String> for Realm {
+    type Error = String;
+
+    fn try_from(text: String) -> Result<Self, String> {
+        text.parse()
+    }
 }
 
 impl std::fmt::Debug for Credentials {
@@ -173,6 +230,7 @@ impl std::fmt::Debug for Credentials {
         f.debug_struct("Credentials")
             .field("username", &self.username)
             .field("password", &"<redacted>")
+            .field("realms", &self.realms)
             .finish()
     }
 }
@@ -212,8 +270,8 @@ pub struct Config {
     pub tag_ttl: Duration,
     /// Cap of the tag records.
     pub tag_max_bytes: u64,
-    /// Hosts the download proxy may fetch from.
-    pub dl_allow: Vec<String>,
+    /// Hosts (and ports) the download proxy may fetch from.
+    pub dl_allow: crate::net::AllowList,
     /// Whether allowlisted host names may resolve to non-public addresses.
     pub dl_allow_private_networks: bool,
     /// Download revalidation age.
@@ -232,6 +290,9 @@ pub struct Config {
     pub max_fills: usize,
     /// Most upstream fills at once per client address.
     pub max_fills_per_client: usize,
+    /// Whether upstream registries may send the mirror (redirects, token realms) to
+    /// non-public addresses other than their own host and port.
+    pub upstream_allow_private: bool,
 }
 
 impl Config {
@@ -253,7 +314,7 @@ impl Config {
             default_registry: "docker.io".to_owned(),
             tag_ttl: Duration::from_secs(300),
             tag_max_bytes: 4 << 20,
-            dl_allow: Vec::new(),
+            dl_allow: crate::net::AllowList::default(),
             dl_allow_private_networks: false,
             dl_freshness: Duration::from_secs(3600),
             credentials: BTreeMap::new(),
@@ -263,6 +324,7 @@ impl Config {
             pass_through_ttl: Duration::from_secs(60),
             max_fills: 1024,
             max_fills_per_client: 64,
+            upstream_allow_private: false,
         }
     }
 
@@ -330,8 +392,9 @@ impl Config {
                 return Err(bad("upstream-timeout", "must be positive"));
             }
         }
-        config.dl_allow = if args.dl_allow.is_empty() { file.dl_allow } else { args.dl_allow };
-        config.dl_allow.iter_mut().for_each(|h| *h = h.to_ascii_lowercase());
+        let dl_allow = if args.dl_allow.is_empty() { file.dl_allow } else { args.dl_allow };
+        config.dl_allow = crate::net::AllowList::parse(&dl_allow).map_err(|m| bad("dl-allow", m))?;
+        config.upstream_allow_private = args.upstream_allow_private || file.upstream_allow_private;
         config.dl_allow_private_networks = args.dl_allow_private_networks || file.dl_allow_private_networks;
         config.credentials = file.credentials;
         config.auth.htpasswd = args.htpasswd.or(file.htpasswd);
@@ -480,6 +543,44 @@ mod tests {
         assert_eq!(Config::resolve(args).unwrap_err().setting, "upstream");
         let args = ServeArgs { default_registry: Some("nowhere.example".into()), ..ServeArgs::default() };
         assert_eq!(Config::resolve(args).unwrap_err().setting, "default-registry");
+        let args = ServeArgs { dl_allow: vec!["files.example:ssh".into()], ..ServeArgs::default() };
+        let error = Config::resolve(args).unwrap_err();
+        assert_eq!(error.setting, "dl-allow");
+        assert!(error.to_string().contains("files.example:ssh"), "{error}");
+    }
+
+    #[test]
+    fn upstream_allow_private_comes_from_the_flag_or_the_file() {
+        assert!(!Config::resolve(ServeArgs::default()).unwrap().upstream_allow_private);
+        let args = ServeArgs { upstream_allow_private: true, ..ServeArgs::default() };
+        assert!(Config::resolve(args).unwrap().upstream_allow_private);
+        let file = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(file.path(), "upstream_allow_private = true\ndl_allow = [\"[::1]:8080\"]\n").unwrap();
+        let args = ServeArgs { config: Some(file.path().to_owned()), ..ServeArgs::default() };
+        let config = Config::resolve(args).unwrap();
+        assert!(config.upstream_allow_private);
+        assert!(config.dl_allow.permits(&url::Url::parse("http://[::1]:8080/f").unwrap()));
+    }
+
+    #[test]
+    fn realms_are_https_origins() {
+        let realm: Realm = "https://Auth.Docker.io".parse().unwrap();
+        assert_eq!(realm.origin(), &url::Url::parse("https://auth.docker.io/token").unwrap().origin());
+        for bad in
+            ["http://auth.docker.io", "https://auth.docker.io/token", "https://u:p@auth.example", "auth"]
+        {
+            assert!(bad.parse::<Realm>().is_err(), "{bad}");
+        }
+        let file: FileConfig = toml::from_str(
+            "[credentials.\"docker.io\"]\nusername = \"u\"\npassword = \"p\"\nrealms = [\"https://auth.docker.io\"]\n",
+        )
+        .unwrap();
+        assert_eq!(file.credentials["docker.io"].realms.as_deref(), Some(&[realm][..]));
+        let error = toml::from_str::<FileConfig>(
+            "[credentials.h]\nusername = \"u\"\npassword = \"p\"\nrealms = [\"http://auth.example\"]\n",
+        )
+        .unwrap_err();
+        assert!(error.to_string().contains("not https"), "{error}");
     }
 
     fn with_credentials(extra: &str) -> tempfile::NamedTempFile {
@@ -538,7 +639,7 @@ mod tests {
 
     #[test]
     fn credentials_never_print_their_secret() {
-        let c = Credentials { username: "u".into(), password: "hunter2".into() };
+        let c = Credentials { username: "u".into(), password: "hunter2".into(), realms: None };
         assert!(!format!("{c:?}").contains("hunter2"));
     }
 }

@@ -133,8 +133,8 @@ pub fn url_key(data: &[u8]) {
 }
 
 /// The download proxy's request (`/dl/<rest>?<query>`; the bytes are split at the first `?`):
-/// what it accepts is a URL key with a host, no credentials, and the host the allowlist is
-/// checked against is the host of the key; a pin is 32 bytes. What it refuses, it refuses
+/// what it accepts is a URL key with a host, no credentials, and the URL the allowlist is
+/// checked against is the key's; a pin is 32 bytes. What it refuses, it refuses
 /// with a message.
 pub fn download_target(data: &[u8]) {
     let Some(input) = text(data) else { return };
@@ -146,7 +146,7 @@ pub fn download_target(data: &[u8]) {
         Ok(target) => {
             url_key(target.url.as_str().as_bytes());
             let url = url::Url::parse(target.url.as_str()).expect("a key is a URL");
-            assert_eq!(url.host_str().map(str::to_ascii_lowercase).as_deref(), Some(target.host.as_str()));
+            assert_eq!(url, target.address, "the allowlist checks another URL than the key: {input:?}");
             assert!(url.username().is_empty() && url.password().is_none(), "credentials kept: {input:?}");
             if let Some(pin) = &target.pin {
                 assert_eq!(pin.as_bytes().len(), 32, "{input:?}");

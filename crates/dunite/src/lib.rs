@@ -37,6 +37,7 @@ mod dl;
 pub mod fuzzing;
 mod limits;
 mod metrics;
+pub mod net;
 mod oci;
 mod peer;
 pub mod spec;

@@ -3,19 +3,37 @@
 //! On a `401` carrying `WWW-Authenticate: Bearer realm=..,service=..,scope=..`, the client
 //! asks the realm for a token (anonymously, or with the host's configured credentials),
 //! caches it until it expires, and retries once. Tokens and passwords are never logged.
+//!
+//! An upstream chooses where the client goes next (a redirect, a token realm), so those
+//! destinations are checked (`Destinations`): off loopback, private and link-local
+//! addresses unless they are the upstream's own host and port, or the operator allowed it
+//! (`--upstream-allow-private`). Credentials go only to a realm on the upstream's own host or
+//! to an https realm the config names (`may_send_credentials`).
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use reqwest::header::{ACCEPT, AUTHORIZATION, HeaderMap, HeaderValue, WWW_AUTHENTICATE};
 use reqwest::{Method, StatusCode};
 use serde::Deserialize;
 
-use crate::config::Credentials;
+use crate::config::{Config, Credentials};
+use crate::net::{PrivateNetworks, PublicOnly, is_public};
 
 /// Tokens are dropped this long before their stated expiry, to absorb clock skew.
 const EXPIRY_MARGIN: Duration = Duration::from_secs(10);
+
+/// The most redirects followed for one request: Docker Hub and GHCR send blobs to a CDN in
+/// one hop.
+const MAX_REDIRECTS: usize = 5;
+
+/// Docker Hub's registry host, as an upstream URL names it.
+const DOCKER_HUB: &str = "registry-1.docker.io";
+
+/// Docker Hub's token service: the realm its challenges name, so the default `realms` of an
+/// upstream on `DOCKER_HUB`.
+const DOCKER_HUB_AUTH: &str = "https://auth.docker.io";
 
 /// The HTTP client set-up every upstream request shares: dunite's user agent, and `timeout`
 /// both to connect and between two reads of an answer, so a stalled upstream fails its
@@ -49,14 +67,96 @@ fn remember_token(
 }
 
 /// Whether the configured credentials of `upstream` may go to the token `realm` its challenge
-/// names: over https, or, for an upstream the operator configured as plain http, to that
-/// upstream's own host (a registry that issues its own tokens). Never in clear text to a host
-/// the operator did not name, nor in clear text for an https upstream.
-fn may_send_credentials(upstream: &url::Url, realm: &url::Url) -> bool {
-    realm.scheme() == "https"
-        || (realm.scheme() == "http"
-            && upstream.scheme() == "http"
-            && realm.host_str() == upstream.host_str())
+/// names: "credentials go only to a realm on the upstream's own host, or to an https realm
+/// named in the config". On the upstream's own host (any port: a registry that issues its
+/// own tokens), over https for an https upstream (no downgrade), over either scheme for an
+/// upstream the operator configured as plain http; anywhere else only an https realm whose
+/// origin is in `named` (the host's `realms`). A challenge is whatever the upstream, or
+/// anyone on the path to a plain-http upstream, says: it must not be able to send the
+/// credentials to a host of its choosing.
+fn may_send_credentials(upstream: &url::Url, realm: &url::Url, named: &[url::Origin]) -> bool {
+    let own_host = realm.host().is_some() && realm.host() == upstream.host();
+    let own = own_host
+        && match upstream.scheme() {
+            "https" => realm.scheme() == "https",
+            "http" => matches!(realm.scheme(), "http" | "https"),
+            _ => false,
+        };
+    own || (realm.scheme() == "https" && named.contains(&realm.origin()))
+}
+
+/// The https realms besides `upstream`'s own host that `credentials` may go to: the
+/// configured `realms`, or, when none are given, Docker Hub's token service for Docker Hub
+/// (whose challenges name `https://auth.docker.io`) and nothing for any other upstream.
+fn named_realms(upstream: &url::Url, credentials: &Credentials) -> Vec<url::Origin> {
+    match &credentials.realms {
+        Some(realms) => realms.iter().map(|r| r.origin().clone()).collect(),
+        None if upstream.host_str() == Some(DOCKER_HUB) => {
+            url::Url::parse(DOCKER_HUB_AUTH).map(|u| u.origin()).into_iter().collect()
+        }
+        None => Vec::new(),
+    }
+}
+
+/// Where the registry client may be sent by what an upstream answers (a redirect's
+/// `Location`, a challenge's realm): anywhere public, each configured upstream's own host and
+/// port, and, only with `--upstream-allow-private`, any other address.
+///
+/// An IP literal is judged here; a host name is judged when it is resolved (`PublicOnly`,
+/// which lets the configured upstreams' names resolve to any address, since the operator
+/// named them). So a name of a configured upstream on another port is refused here: the
+/// resolver would let it reach a private address (`localhost:6379` behind an upstream on
+/// `localhost:5000`).
+#[derive(Debug, Clone)]
+struct Destinations {
+    /// Each configured upstream's host and port (its scheme's default if the URL has none).
+    own: Vec<(url::Host<String>, u16)>,
+    private: PrivateNetworks,
+}
+
+impl Destinations {
+    fn new<'a>(upstreams: impl IntoIterator<Item = &'a url::Url>, private: PrivateNetworks) -> Self {
+        let own = upstreams
+            .into_iter()
+            .filter_map(|u| Some((u.host()?.to_owned(), u.port_or_known_default()?)))
+            .collect();
+        Self { own, private }
+    }
+
+    /// The configured upstreams' host names (not IP literals), for the resolver to trust.
+    fn names(&self) -> impl Iterator<Item = String> + '_ {
+        self.own.iter().filter_map(|(host, _)| match host {
+            url::Host::Domain(name) => Some(name.clone()),
+            url::Host::Ipv4(_) | url::Host::Ipv6(_) => None,
+        })
+    }
+
+    /// Why the client may not go to `url`, or `None` if it may.
+    fn refusal(&self, url: &url::Url) -> Option<&'static str> {
+        if !matches!(url.scheme(), "http" | "https") {
+            return Some("not http or https");
+        }
+        if self.private == PrivateNetworks::Allowed {
+            return None;
+        }
+        let (Some(host), Some(port)) = (url.host(), url.port_or_known_default()) else {
+            return Some("no host");
+        };
+        let host = host.to_owned();
+        if self.own.iter().any(|(h, p)| *h == host && *p == port) {
+            return None;
+        }
+        let private = "a non-public address other than the upstream's own host and port";
+        match host {
+            url::Host::Ipv4(ip) => (!is_public(ip.into())).then_some(private),
+            url::Host::Ipv6(ip) => (!is_public(ip.into())).then_some(private),
+            url::Host::Domain(_) => self
+                .own
+                .iter()
+                .any(|(h, _)| *h == host)
+                .then_some("another port of an upstream's host name, which may be private"),
+        }
+    }
 }
 
 /// The largest token endpoint answer read (Docker Hub's are a few KiB).
@@ -92,6 +192,9 @@ pub struct Registries {
     http: reqwest::Client,
     upstreams: BTreeMap<String, url::Url>,
     credentials: BTreeMap<String, Credentials>,
+    /// Per host with credentials, the https realms beyond its own host they may go to.
+    realms: BTreeMap<String, Vec<url::Origin>>,
+    destinations: Destinations,
     tokens: Mutex<HashMap<(String, String), (String, Instant)>>,
 }
 
@@ -110,6 +213,9 @@ pub enum UpstreamError {
     /// The token endpoint refused the credentials (`401` or `403`).
     #[error("the upstream token endpoint refused the credentials ({0})")]
     TokenRefused(StatusCode),
+    /// The upstream named a destination the client may not go to (see `Destinations`).
+    #[error("upstream named a destination the mirror refuses: {0}")]
+    Refused(String),
 }
 
 impl UpstreamError {
@@ -134,7 +240,7 @@ impl From<reqwest::Error> for UpstreamError {
 /// into `received` (`dunite_upstream_bytes_total`). One for registries and download hosts.
 pub(crate) fn body(
     response: reqwest::Response,
-    received: &std::sync::Arc<std::sync::atomic::AtomicU64>,
+    received: &Arc<std::sync::atomic::AtomicU64>,
 ) -> impl futures_util::Stream<Item = Result<bytes::Bytes, reqwest::Error>> + Send + 'static + use<> {
     use futures_util::TryStreamExt as _;
     crate::metrics::metered(response.bytes_stream().map_err(redact), received)
@@ -161,19 +267,47 @@ struct TokenAnswer {
 }
 
 impl Registries {
-    /// A client for `upstreams` (host -> base URL), whose requests fail when an upstream goes
-    /// silent for `timeout` (see [`http_client`]).
+    /// A client for `config`'s upstreams (host -> base URL) with its credentials, whose
+    /// requests fail when an upstream goes silent for `upstream_timeout` (see
+    /// [`http_client`]). It follows up to 5 redirects, each to a destination `Destinations`
+    /// accepts (`upstream_allow_private` lifts the address check).
     ///
     /// # Errors
     ///
     /// If the HTTP client cannot be built (TLS set-up).
-    pub fn new(
-        upstreams: BTreeMap<String, url::Url>,
-        credentials: BTreeMap<String, Credentials>,
-        timeout: Duration,
-    ) -> Result<Self, UpstreamError> {
-        let http = http_client(timeout).build()?;
-        Ok(Self { http, upstreams, credentials, tokens: Mutex::default() })
+    pub fn new(config: &Config) -> Result<Self, UpstreamError> {
+        let private = PrivateNetworks::allowed_if(config.upstream_allow_private);
+        let destinations = Destinations::new(config.upstreams.values(), private);
+        let checked = Arc::new(destinations.clone());
+        let policy = reqwest::redirect::Policy::custom(move |attempt| {
+            if attempt.previous().len() >= MAX_REDIRECTS {
+                return attempt.error("too many redirects");
+            }
+            match checked.refusal(attempt.url()) {
+                Some(why) => attempt.error(format!("redirect refused: {why}")),
+                None => attempt.follow(),
+            }
+        });
+        let http = http_client(config.upstream_timeout)
+            // No proxy from the environment (HTTPS_PROXY and such): a proxy would resolve the
+            // host itself, past the resolver's check.
+            .no_proxy()
+            .redirect(policy)
+            .dns_resolver(Arc::new(PublicOnly::new(private).trusting(destinations.names())))
+            .build()?;
+        let realms = config
+            .credentials
+            .iter()
+            .filter_map(|(host, c)| Some((host.clone(), named_realms(config.upstreams.get(host)?, c))))
+            .collect();
+        Ok(Self {
+            http,
+            upstreams: config.upstreams.clone(),
+            credentials: config.credentials.clone(),
+            realms,
+            destinations,
+            tokens: Mutex::default(),
+        })
     }
 
     /// Whether `host` has an upstream.
@@ -187,11 +321,7 @@ impl Registries {
     #[must_use]
     pub fn upstream_name(&self, host: &str, name: &str) -> String {
         let hub = host == "docker.io"
-            || self
-                .upstreams
-                .get(host)
-                .and_then(|u| u.host_str())
-                .is_some_and(|h| h == "registry-1.docker.io");
+            || self.upstreams.get(host).and_then(|u| u.host_str()).is_some_and(|h| h == DOCKER_HUB);
         if hub && !name.contains('/') { format!("library/{name}") } else { name.to_owned() }
     }
 
@@ -312,15 +442,21 @@ impl Registries {
             }
             query.append_pair("scope", challenge.get("scope").map_or(scope, String::as_str));
         }
+        let realm_origin = url.origin().ascii_serialization();
+        if let Some(why) = self.destinations.refusal(&url) {
+            return Err(UpstreamError::Refused(format!("token realm {realm_origin}: {why}")));
+        }
         let mut request = self.http.get(url.clone());
         if let Some(credentials) = credentials {
-            if self.upstreams.get(host).is_some_and(|upstream| may_send_credentials(upstream, &url)) {
+            let named = self.realms.get(host).map_or(&[][..], Vec::as_slice);
+            if self.upstreams.get(host).is_some_and(|upstream| may_send_credentials(upstream, &url, named)) {
                 request = request.basic_auth(&credentials.username, Some(&credentials.password));
             } else {
                 tracing::warn!(
                     host,
-                    realm = %url.origin().ascii_serialization(),
-                    "token realm would get the credentials in clear text; asking it without them"
+                    realm = %realm_origin,
+                    "token realm is neither on the upstream's own host nor in its `realms`; \
+                     asking it without the credentials"
                 );
             }
         }
@@ -414,18 +550,83 @@ mod tests {
         assert!(bearer_challenge(&headers).is_none());
     }
 
+    fn url(s: &str) -> url::Url {
+        url::Url::parse(s).unwrap()
+    }
+
     #[test]
-    fn credentials_go_to_a_realm_only_over_https_or_to_a_plain_http_upstream_itself() {
-        let url = |s: &str| url::Url::parse(s).unwrap();
+    fn credentials_go_only_to_the_upstreams_own_host_or_to_an_https_realm_the_config_names() {
+        let auth = [url("https://auth.docker.io").origin()];
         let hub = url("https://registry-1.docker.io");
-        assert!(may_send_credentials(&hub, &url("https://auth.docker.io/token")));
-        assert!(!may_send_credentials(&hub, &url("http://auth.docker.io/token")), "no downgrade");
-        assert!(!may_send_credentials(&hub, &url("http://registry-1.docker.io/token")), "no downgrade");
+        assert!(may_send_credentials(&hub, &url("https://auth.docker.io/token"), &auth));
+        assert!(!may_send_credentials(&hub, &url("https://auth.docker.io/token"), &[]), "not named");
+        assert!(!may_send_credentials(&hub, &url("http://auth.docker.io/token"), &auth), "no downgrade");
+        assert!(!may_send_credentials(&hub, &url("https://auth.docker.io:8443/token"), &auth), "origin");
+        assert!(may_send_credentials(&hub, &url("https://registry-1.docker.io/token"), &[]), "own host");
+        assert!(!may_send_credentials(&hub, &url("http://registry-1.docker.io/token"), &[]), "no downgrade");
         let local = url("http://127.0.0.1:5000");
-        assert!(may_send_credentials(&local, &url("http://127.0.0.1:5001/token")));
-        assert!(!may_send_credentials(&local, &url("http://169.254.169.254/token")));
-        assert!(!may_send_credentials(&local, &url("http://localhost:5000/token")), "another host name");
-        assert!(!may_send_credentials(&local, &url("ftp://127.0.0.1/token")));
+        assert!(may_send_credentials(&local, &url("http://127.0.0.1:5001/token"), &[]));
+        assert!(may_send_credentials(&local, &url("https://127.0.0.1/token"), &[]));
+        assert!(!may_send_credentials(&local, &url("http://169.254.169.254/token"), &[]));
+        assert!(!may_send_credentials(&local, &url("http://localhost:5000/token"), &[]), "another host name");
+        assert!(!may_send_credentials(&local, &url("ftp://127.0.0.1/token"), &[]));
+        assert!(!may_send_credentials(&local, &url("http://auth.docker.io/token"), &auth), "https only");
+        assert!(may_send_credentials(&local, &url("https://auth.docker.io/token"), &auth));
+    }
+
+    #[test]
+    fn credentials_never_go_to_an_https_realm_on_another_host_the_config_does_not_name() {
+        let local = url("http://127.0.0.1:5000");
+        assert!(!may_send_credentials(&local, &url("https://evil.example/token"), &[]));
+        let ghcr = url("https://ghcr.io");
+        assert!(!may_send_credentials(&ghcr, &url("https://auth.attacker.example/token"), &[]));
+    }
+
+    #[test]
+    fn docker_hub_credentials_go_to_its_token_service_by_default_and_no_one_elses() {
+        let credentials = |realms: Option<&str>| Credentials {
+            username: "u".into(),
+            password: "p".into(),
+            realms: realms.map(|r| vec![r.parse().unwrap()]),
+        };
+        let auth = url("https://auth.docker.io").origin();
+        assert_eq!(named_realms(&url("https://registry-1.docker.io"), &credentials(None)), [auth]);
+        assert!(named_realms(&url("https://ghcr.io"), &credentials(None)).is_empty());
+        let other = url("https://auth.example").origin();
+        let named =
+            named_realms(&url("https://registry-1.docker.io"), &credentials(Some("https://auth.example")));
+        assert_eq!(named, [other], "configured realms replace the default");
+    }
+
+    #[test]
+    fn upstreams_send_the_client_only_to_public_addresses_or_to_themselves() {
+        let upstreams = [url("http://127.0.0.1:5000"), url("http://localhost:5001"), url("https://ghcr.io")];
+        let strict = Destinations::new(&upstreams, PrivateNetworks::Refused);
+        for fine in [
+            "http://127.0.0.1:5000/v2/x",
+            "http://localhost:5001/token",
+            "https://ghcr.io/token",
+            "https://pkg-containers.githubusercontent.com/blob",
+            "https://93.184.216.34/blob",
+        ] {
+            assert_eq!(strict.refusal(&url(fine)), None, "{fine}");
+        }
+        for refused in [
+            "http://127.0.0.1:5001/",
+            "http://127.0.0.2:5000/",
+            "http://169.254.169.254/latest/meta-data/",
+            "http://[::1]:5000/",
+            "http://10.0.0.1/",
+            "http://localhost:6379/",
+            "http://ghcr.io/token",
+            "ftp://93.184.216.34/",
+        ] {
+            assert!(strict.refusal(&url(refused)).is_some(), "{refused}");
+        }
+        assert_eq!(strict.names().collect::<Vec<_>>(), ["localhost", "ghcr.io"]);
+        let open = Destinations::new(&upstreams, PrivateNetworks::Allowed);
+        assert_eq!(open.refusal(&url("http://169.254.169.254/")), None);
+        assert!(open.refusal(&url("ftp://127.0.0.1/")).is_some());
     }
 
     #[test]
@@ -450,10 +651,10 @@ mod tests {
 
     #[test]
     fn docker_hub_names_get_library() {
-        let mut upstreams = BTreeMap::new();
-        upstreams.insert("docker.io".to_owned(), url::Url::parse("https://registry-1.docker.io").unwrap());
-        upstreams.insert("local".to_owned(), url::Url::parse("http://127.0.0.1:1").unwrap());
-        let r = Registries::new(upstreams, BTreeMap::new(), Duration::from_secs(1)).unwrap();
+        let mut config = Config::new(std::path::PathBuf::new());
+        config.upstreams.insert("docker.io".to_owned(), url("https://registry-1.docker.io"));
+        config.upstreams.insert("local".to_owned(), url("http://127.0.0.1:1"));
+        let r = Registries::new(&config).unwrap();
         assert_eq!(r.upstream_name("docker.io", "alpine"), "library/alpine");
         assert_eq!(r.upstream_name("docker.io", "me/app"), "me/app");
         assert_eq!(r.upstream_name("local", "alpine"), "alpine");

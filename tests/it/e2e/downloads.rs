@@ -44,7 +44,8 @@ async fn downloads_go_through_the_allowlist_and_are_cached() {
     let origin = Origin::start(answers).await;
     // The registry is not used here, but `dunite serve` needs an upstream to start.
     let registry = Registry::start().await;
-    let dunite = Dunite::start(registry.addr, "64MiB", &["--dl-allow", "127.0.0.1"]).await;
+    let allow = origin.addr.to_string();
+    let dunite = Dunite::start(registry.addr, "64MiB", &["--dl-allow", &allow]).await;
     let base = format!("http://{}/dl", dunite.addr);
     let origin_url = format!("http://{}", origin.addr);
 
@@ -104,7 +105,8 @@ async fn concurrent_download_misses_share_one_transfer_and_a_bad_pin_caches_noth
     answers.insert("/pinned.bin".to_owned(), Answer::File { body: body.clone(), etag: "p1".into() });
     let origin = Origin::start(answers).await;
     let registry = Registry::start().await;
-    let dunite = Dunite::start(registry.addr, "64MiB", &["--dl-allow", "127.0.0.1"]).await;
+    let allow = origin.addr.to_string();
+    let dunite = Dunite::start(registry.addr, "64MiB", &["--dl-allow", &allow]).await;
     let url = format!("http://{}/dl/http://{}/big.bin", dunite.addr, origin.addr);
 
     let mut clients = tokio::task::JoinSet::new();
@@ -141,17 +143,44 @@ async fn allowlisted_names_must_resolve_to_public_addresses_unless_private_netwo
     answers.insert("/f".to_owned(), Answer::File { body: body.clone(), etag: "f1".into() });
     let origin = Origin::start(answers).await;
     let registry = Registry::start().await;
-    let by_name = format!("http://localhost:{}/f", origin.addr.port());
+    let allow = format!("localhost:{}", origin.addr.port());
+    let by_name = format!("http://{allow}/f");
 
-    let strict = Dunite::start(registry.addr, "64MiB", &["--dl-allow", "localhost"]).await;
+    let strict = Dunite::start(registry.addr, "64MiB", &["--dl-allow", &allow]).await;
     let (status, _) = curl(&format!("http://{}/dl/{by_name}", strict.addr)).await;
     assert_eq!(status, 502, "localhost resolves to loopback: refused by default");
     assert_eq!(origin.requests.load(Ordering::SeqCst), 0, "nothing reached the origin");
 
     let open =
-        Dunite::start(registry.addr, "64MiB", &["--dl-allow", "localhost", "--dl-allow-private-networks"])
-            .await;
+        Dunite::start(registry.addr, "64MiB", &["--dl-allow", &allow, "--dl-allow-private-networks"]).await;
     let (status, got) = curl(&format!("http://{}/dl/{by_name}", open.addr)).await;
     assert_eq!(status, 200);
     assert!(got == body);
+}
+
+/// The allowlist names ports: a bare host is its scheme's default port only, `host:port`
+/// exactly that port, for the request and for every redirect.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_allowlist_names_ports_not_only_hosts() {
+    let body = dunite_testkit::pseudo_random_bytes(9, 10_000);
+    let mut answers = HashMap::new();
+    answers.insert("/f".to_owned(), Answer::File { body: body.clone(), etag: "f1".into() });
+    let other = Origin::start(answers.clone()).await;
+    answers.insert("/away".to_owned(), Answer::Redirect(format!("http://{}/f", other.addr)));
+    let origin = Origin::start(answers).await;
+    let registry = Registry::start().await;
+
+    let bare = Dunite::start(registry.addr, "64MiB", &["--dl-allow", "127.0.0.1"]).await;
+    let (status, _) = curl(&format!("http://{}/dl/http://{}/f", bare.addr, origin.addr)).await;
+    assert_eq!(status, 403, "a bare host allows port 80 only, not {}", origin.addr.port());
+    assert_eq!(origin.requests.load(Ordering::SeqCst), 0);
+
+    let allowed = origin.addr.to_string();
+    let exact = Dunite::start(registry.addr, "64MiB", &["--dl-allow", &allowed]).await;
+    let (status, got) = curl(&format!("http://{}/dl/http://{}/f", exact.addr, origin.addr)).await;
+    assert_eq!(status, 200);
+    assert!(got == body);
+    let (status, _) = curl(&format!("http://{}/dl/http://{}/away", exact.addr, origin.addr)).await;
+    assert_eq!(status, 502, "a redirect to another port of an allowlisted host is refused");
+    assert_eq!(other.requests.load(Ordering::SeqCst), 0);
 }

@@ -107,7 +107,11 @@ async fn signed_urls_in_failed_fetches_reach_no_log_and_no_client() {
         }
     })
     .await;
-    let dunite = Dunite::start(upstream.addr, "64MiB", &["--dl-allow", "127.0.0.1"]).await;
+    // The closed port is another loopback address than the upstream's: allowed explicitly,
+    // so the fetches fail by the connection refused, not by the address checks.
+    let allow = format!("127.0.0.1:{closed}");
+    let dunite =
+        Dunite::start(upstream.addr, "64MiB", &["--dl-allow", &allow, "--upstream-allow-private"]).await;
     let base = format!("http://{}", dunite.addr);
     let mut answers = String::new();
     for path in [

@@ -126,7 +126,8 @@ async fn serve_downloads(
     data: &std::path::Path,
     extra: &[&str],
 ) -> (Dunite, reqwest::Client) {
-    let flags: Vec<&str> = ["--dl-allow", "127.0.0.1"].into_iter().chain(extra.iter().copied()).collect();
+    let allow = upstream.addr.to_string();
+    let flags: Vec<&str> = ["--dl-allow", &allow].into_iter().chain(extra.iter().copied()).collect();
     let dunite = Dunite::start_with_data(upstream.addr, "64MiB", &flags, "info", data).await;
     (dunite, reqwest::Client::builder().timeout(Duration::from_secs(30)).build().unwrap())
 }

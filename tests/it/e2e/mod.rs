@@ -13,3 +13,4 @@ pub(crate) mod origin;
 mod pg_restart;
 mod pinned_race;
 mod pulls;
+mod upstream_redirects;

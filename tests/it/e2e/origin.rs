@@ -86,8 +86,17 @@ impl Origin {
     /// Serve whatever `handler` answers (a whole HTTP/1.1 response); it also gets the
     /// server's own address.
     pub async fn serve(handler: impl Fn(&Head, SocketAddr) -> Vec<u8> + Send + Sync + 'static) -> Self {
+        Self::serve_on([127, 0, 0, 1], handler).await
+    }
+
+    /// As [`serve`](Self::serve), on a free port of the loopback address `ip` (any of
+    /// 127.0.0.0/8: a second address stands for "another host" without leaving the machine).
+    pub async fn serve_on(
+        ip: [u8; 4],
+        handler: impl Fn(&Head, SocketAddr) -> Vec<u8> + Send + Sync + 'static,
+    ) -> Self {
         let handler: Arc<Handler> = Arc::new(handler);
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let listener = tokio::net::TcpListener::bind(SocketAddr::from((ip, 0))).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let requests = Arc::new(AtomicU64::new(0));
         let counter = Arc::clone(&requests);

@@ -155,7 +155,8 @@ async fn a_pinned_miss_never_completes_with_bytes_off_its_pin_when_another_fill_
     assert_ne!(sha256_hex(&b), pin);
     let mut origin = GatedOrigin::start(b.clone(), a.clone()).await;
     // The upstream registry is never asked here; `dunite serve` only needs one named.
-    let dunite = Dunite::start(origin.addr, "64MiB", &["--dl-allow", "127.0.0.1"]).await;
+    let allow = origin.addr.to_string();
+    let dunite = Dunite::start(origin.addr, "64MiB", &["--dl-allow", &allow]).await;
     let target = format!("http://{}{PATH}", origin.addr);
     let pinned_url = format!("http://{}/dl/sha256:{pin}/{target}", dunite.addr);
     let unpinned_url = format!("http://{}/dl/{target}", dunite.addr);

@@ -18,7 +18,7 @@ pub struct DuniteOptions {
     pub oci_max_bytes: u64,
     /// `DUNITE_LOG`.
     pub log_level: String,
-    /// More flags (`--dl-allow 127.0.0.1`, ...).
+    /// More flags (`--dl-allow 127.0.0.1:8080`, ...).
     pub extra: Vec<String>,
 }
 

@@ -1,5 +1,5 @@
 //! How downloads are fetched: an HTTP client that stays on the allowlist and off private
-//! networks.
+//! networks (both defined in `crate::net`).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,19 +12,12 @@ use reqwest::header::{IF_MODIFIED_SINCE, IF_NONE_MATCH};
 use crate::limits::{Busy, FillPermit};
 use dunite_download::{FetchError, FetchRequest, Fetched, Fetcher, ResponseMeta, UrlKey};
 
+use crate::net::{AllowList, PrivateNetworks, PublicOnly};
+
 /// An upstream answer that is not a body: relayed to the client with its status.
 #[derive(Debug, thiserror::Error)]
 #[error("upstream answered {0}")]
 pub(super) struct UpstreamStatus(pub(super) StatusCode);
-
-/// Whether the download proxy may reach private networks through allowlisted host names.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum PrivateNetworks {
-    /// Host names must resolve to public addresses (the default).
-    Refused,
-    /// Host names may resolve to loopback or private addresses.
-    Allowed,
-}
 
 /// Fetches over HTTP(S) with reqwest, conditionally when given validators.
 #[derive(Debug, Clone)]
@@ -34,101 +27,23 @@ pub(crate) struct HttpFetcher {
     upstream_bytes: Arc<std::sync::atomic::AtomicU64>,
 }
 
-/// Resolves host names for the download proxy, refusing loopback, private, link-local and
-/// other non-public addresses unless private networks are allowed. (A URL with a literal IP
-/// never reaches the resolver: it must be on the allowlist itself, which is explicit.)
-#[derive(Debug)]
-struct PublicOnly {
-    allow_private: bool,
-}
-
-/// Whether `ip` is an address the proxy may reach without explicit permission: a globally
-/// routed unicast address. IPv6 forms that carry an IPv4 address (mapped, compatible, NAT64,
-/// 6to4) are judged by that address.
-pub(crate) fn is_public(ip: std::net::IpAddr) -> bool {
-    match ip {
-        std::net::IpAddr::V4(v4) => {
-            let [a, b, c, _] = v4.octets();
-            !(v4.is_loopback()
-                || v4.is_private()
-                || v4.is_link_local()
-                || v4.is_unspecified()
-                || v4.is_broadcast()
-                || v4.is_multicast()
-                || v4.is_documentation()
-                || a == 0
-                || (a == 100 && (64..128).contains(&b)) // shared address space (CGNAT)
-                || (a == 192 && b == 0 && c == 0) // IETF protocol assignments
-                || (a == 198 && (18..20).contains(&b)) // benchmarking
-                || a >= 240) // reserved
-        }
-        std::net::IpAddr::V6(v6) => {
-            let segments = v6.segments();
-            let embedded = |hi: u16, lo: u16| {
-                let [h1, h2] = hi.to_be_bytes();
-                let [l1, l2] = lo.to_be_bytes();
-                std::net::IpAddr::V4(std::net::Ipv4Addr::new(h1, h2, l1, l2))
-            };
-            if let Some(v4) = v6.to_ipv4_mapped() {
-                return is_public(std::net::IpAddr::V4(v4));
-            }
-            // IPv4-compatible (::a.b.c.d, deprecated) and NAT64 (64:ff9b::/96).
-            if segments[..6] == [0; 6] || segments[..6] == [0x64, 0xff9b, 0, 0, 0, 0] {
-                return !v6.is_loopback()
-                    && !v6.is_unspecified()
-                    && is_public(embedded(segments[6], segments[7]));
-            }
-            // 6to4 (2002:a.b.c.d::/48).
-            if segments[0] == 0x2002 {
-                return is_public(embedded(segments[1], segments[2]));
-            }
-            let first = segments[0];
-            !(v6.is_multicast()
-                || (first & 0xfe00) == 0xfc00 // unique local
-                || (first & 0xffc0) == 0xfe80 // link-local
-                || (first & 0xffc0) == 0xfec0 // site-local (deprecated)
-                || (first == 0x2001 && segments[1] == 0x0db8)) // documentation
-        }
-    }
-}
-
-impl reqwest::dns::Resolve for PublicOnly {
-    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
-        let allow_private = self.allow_private;
-        let host = name.as_str().to_owned();
-        Box::pin(async move {
-            let addrs: Vec<std::net::SocketAddr> =
-                tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
-            let usable: Vec<_> = addrs.into_iter().filter(|a| allow_private || is_public(a.ip())).collect();
-            if usable.is_empty() {
-                return Err(format!(
-                    "{host} resolves to no public address (private networks are not allowed)"
-                )
-                .into());
-            }
-            Ok(Box::new(usable.into_iter()) as reqwest::dns::Addrs)
-        })
-    }
-}
-
 impl HttpFetcher {
-    /// A client that follows redirects only within `allow` and, unless `private` allows it,
-    /// reaches only public addresses through host names.
+    /// A client that follows redirects only within `allow` (host and port) and, unless
+    /// `private` allows it, reaches only public addresses through host names.
     pub(crate) fn new(
-        allow: Vec<String>,
+        allow: AllowList,
         private: PrivateNetworks,
         timeout: Duration,
         upstream_bytes: Arc<std::sync::atomic::AtomicU64>,
     ) -> Result<Self, reqwest::Error> {
         let allow = Arc::new(allow);
         let policy = reqwest::redirect::Policy::custom(move |attempt| {
-            let host = attempt.url().host_str().map(str::to_ascii_lowercase);
             if attempt.previous().len() >= 5 {
                 attempt.error("too many redirects")
-            } else if host.is_some_and(|h| allow.contains(&h)) {
+            } else if allow.permits(attempt.url()) {
                 attempt.follow()
             } else {
-                attempt.error("redirect to a host outside the download allowlist")
+                attempt.error("redirect to a host or port outside the download allowlist")
             }
         });
         let client = crate::upstream::http_client(timeout)
@@ -136,7 +51,7 @@ impl HttpFetcher {
             // host itself, past the public-only resolver below.
             .no_proxy()
             .redirect(policy)
-            .dns_resolver(Arc::new(PublicOnly { allow_private: private == PrivateNetworks::Allowed }))
+            .dns_resolver(Arc::new(PublicOnly::new(private)))
             .build()?;
         Ok(Self { client, upstream_bytes })
     }
@@ -239,47 +154,5 @@ impl HttpFetcher {
             None => Box::pin(tokio_util::io::StreamReader::new(stream)),
         };
         Ok(Fetched::body(reader, meta))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn only_public_addresses_are_public() {
-        for private in [
-            "127.0.0.1",
-            "10.1.2.3",
-            "172.16.0.1",
-            "192.168.1.1",
-            "169.254.1.1",
-            "0.0.0.0",
-            "100.64.0.1",
-            "::1",
-            "fc00::1",
-            "fe80::1",
-            "::ffff:127.0.0.1",
-            "::",
-            "::127.0.0.1",
-            "::10.0.0.1",
-            "64:ff9b::a9fe:a9fe",
-            "64:ff9b::7f00:1",
-            "2002:c0a8:0101::1",
-            "2002:7f00:1::",
-            "fec0::1",
-            "2001:db8::1",
-            "198.18.0.1",
-            "192.0.0.8",
-            "240.0.0.1",
-            "255.255.255.255",
-        ] {
-            assert!(!is_public(private.parse().unwrap()), "{private}");
-        }
-        for public in
-            ["93.184.216.34", "1.1.1.1", "2606:4700::1111", "64:ff9b::5db8:d822", "2002:5db8:d822::1"]
-        {
-            assert!(is_public(public.parse().unwrap()), "{public}");
-        }
     }
 }

@@ -1,7 +1,7 @@
 //! The download proxy: `GET /dl/<url>` and `GET /dl/sha256:<hex>/<url>`. [`Proxy`] owns the
 //! download cache (and its fills) and the fetcher.
 //!
-//! Only hosts on the allowlist (`--dl-allow`) are fetched, redirects that leave it are
+//! Only hosts (and ports) on the allowlist (`--dl-allow`) are fetched, redirects that leave it are
 //! refused, and nothing else is reachable: this is not an open proxy. An entry past its
 //! freshness is revalidated with its ETag / Last-Modified.
 //!
@@ -28,11 +28,12 @@ use dunite_download::{DownloadCache, DownloadRequest, Lookup, Source};
 use crate::config::Config;
 use crate::limits::FillLimits;
 use crate::metrics::{CacheOutcome, Metrics};
+use crate::net::{AllowList, PrivateNetworks};
 use crate::peer::Peer;
 use crate::start::StartError;
 
 pub(crate) use error::Error;
-pub(crate) use fetch::{HttpFetcher, LimitedFetch, PrivateNetworks};
+pub(crate) use fetch::{HttpFetcher, LimitedFetch};
 pub(crate) use target::Target;
 
 /// The download proxy's state: its cache (with its fills) and its fetcher.
@@ -42,8 +43,8 @@ pub(crate) struct Proxy {
     downloads: DownloadCache,
     /// How downloads are fetched.
     fetcher: HttpFetcher,
-    /// The hosts downloads may come from.
-    allow: Vec<String>,
+    /// The hosts (and ports) downloads may come from.
+    allow: AllowList,
     /// The server's counters.
     metrics: Arc<Metrics>,
     /// The limits on concurrent fills (shared with the mirror).
@@ -73,11 +74,7 @@ impl Proxy {
         )
         .await?
         .with_fill_options(FillOptions::new().with_idle_timeout(config.upstream_timeout));
-        let private = if config.dl_allow_private_networks {
-            PrivateNetworks::Allowed
-        } else {
-            PrivateNetworks::Refused
-        };
+        let private = PrivateNetworks::allowed_if(config.dl_allow_private_networks);
         let upstream_bytes = Arc::clone(&metrics.upstream_bytes);
         let fetcher =
             HttpFetcher::new(config.dl_allow.clone(), private, config.upstream_timeout, upstream_bytes)
@@ -121,8 +118,8 @@ async fn serve(proxy: &Arc<Proxy>, peer: Peer, uri: &Uri, query: Option<&str>) -
     // The path as sent, not percent-decoded: `%2F`, `%3F` or `%23` in the target URL belong
     // to it (`group%2Fproject` is one segment), so they are handed on as they came.
     let rest = uri.path().strip_prefix("/dl/").unwrap_or_default();
-    let Target { url, host, pin } = Target::parse(rest, query)?;
-    if !proxy.allow.contains(&host) {
+    let Target { url, address, pin } = Target::parse(rest, query)?;
+    if !proxy.allow.permits(&address) {
         return Err(Error::NotAllowed);
     }
     let mut request = DownloadRequest::new(url);

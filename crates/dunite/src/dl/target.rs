@@ -3,13 +3,14 @@
 use dunite_core::{ContentDigest, DigestAlgorithm};
 use dunite_download::UrlKey;
 
-/// What `GET /dl/<rest>?<query>` asks for: a URL (with the query), its host as the allowlist
-/// sees it, and an optional sha256 pin.
+/// What `GET /dl/<rest>?<query>` asks for: a URL (with the query), the same parsed as the
+/// allowlist sees it, and an optional sha256 pin.
 #[derive(Debug)]
 pub(crate) struct Target {
     pub(crate) url: UrlKey,
-    /// Lower-case; the host the fetch connects to (the same parser reads both).
-    pub(crate) host: String,
+    /// `url` parsed: what the allowlist checks (host and port) is what the fetch connects to
+    /// (the same parser reads both). It has a host and no credentials.
+    pub(crate) address: url::Url,
     pub(crate) pin: Option<ContentDigest>,
 }
 
@@ -42,10 +43,10 @@ impl Target {
         if !parsed.username().is_empty() || parsed.password().is_some() {
             return Err(TargetError::Credentials);
         }
-        let Some(host) = parsed.host_str().map(str::to_ascii_lowercase) else {
+        if parsed.host().is_none() {
             return Err(TargetError::NoHost);
-        };
-        Ok(Self { url, host, pin })
+        }
+        Ok(Self { url, address: parsed, pin })
     }
 }
 
@@ -81,7 +82,7 @@ mod tests {
         let target =
             Target::parse(&format!("sha256:{hex}/https://Files.Example/a/../f"), Some("v=1")).unwrap();
         assert_eq!(target.url.as_str(), "https://files.example/f?v=1");
-        assert_eq!(target.host, "files.example");
+        assert_eq!(target.address.host_str(), Some("files.example"));
         assert_eq!(target.pin.map(|p| p.hex()), Some(hex));
         for refused in ["http://user:secret@h.example/f", "http://user@h.example/f", "http://:pw@h.example/f"]
         {

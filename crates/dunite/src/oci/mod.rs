@@ -102,8 +102,7 @@ impl Mirror {
         .await?
         .with_fill_options(FillOptions::new().with_idle_timeout(config.upstream_timeout))
         .with_tag_records(tags.clone());
-        let registries =
-            Registries::new(config.upstreams.clone(), config.credentials.clone(), config.upstream_timeout)?;
+        let registries = Registries::new(config)?;
         Ok(Self {
             blobs,
             manifests,

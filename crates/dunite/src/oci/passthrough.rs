@@ -60,10 +60,11 @@ pub(super) async fn authorise(
     name: &str,
     login: &UpstreamLogin,
 ) -> Result<(), Error> {
-    let credentials = login
-        .0
-        .as_ref()
-        .map(|(username, password)| Credentials { username: username.clone(), password: password.clone() });
+    let credentials = login.0.as_ref().map(|(username, password)| Credentials {
+        username: username.clone(),
+        password: password.clone(),
+        realms: None,
+    });
     let digest: [u8; 32] = match &credentials {
         Some(c) => {
             let mut hasher = sha2::Sha256::new();

@@ -154,7 +154,9 @@ impl Rig {
                 oci_max_bytes: 16 << 30,
                 // Access logs are off for every server compared (see the registry's config).
                 log_level: "warn".to_owned(),
-                extra: ["--dl-allow", "127.0.0.1", "--dl-max-bytes", "16GiB"].map(str::to_owned).to_vec(),
+                extra: ["--dl-allow", &nginx.static_addr.to_string(), "--dl-max-bytes", "16GiB"]
+                    .map(str::to_owned)
+                    .to_vec(),
             },
         )
         .await?;
