@@ -1,7 +1,8 @@
 //! The server: the features' routes merged, request logging, `/metrics`, `/healthz` and
-//! graceful shutdown. Each feature (`oci::Mirror`, `dl::Proxy`) owns its state; this file
+//! graceful shutdown, over plain HTTP or TLS. Each feature (`oci::Mirror`, `dl::Proxy`) owns its state; this file
 //! only opens them on one database and serves them.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -12,7 +13,8 @@ use axum::http::StatusCode;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use axum::serve::ListenerExt as _;
+use axum::serve::{Listener, ListenerExt as _};
+use tokio::net::TcpStream;
 
 use dunite_core::{Database, DatabaseOptions};
 
@@ -21,6 +23,7 @@ use crate::dl::Proxy;
 use crate::metrics::{CacheGauges, CacheOutcome, Metrics};
 use crate::oci::Mirror;
 use crate::start::StartError;
+use crate::tls::{ServerTls, TlsListener};
 
 /// The server: each feature with its own state, and what they share.
 #[derive(Debug)]
@@ -144,8 +147,8 @@ async fn log_request(State(metrics): State<Arc<Metrics>>, request: Request, next
     response
 }
 
-/// Serve on `listener` until `shutdown` resolves, then let in-flight responses finish for up
-/// to the configured grace period.
+/// Serve plain HTTP on `listener` until `shutdown` resolves, then let in-flight responses
+/// finish for up to the configured grace period. Requires a Tokio runtime.
 ///
 /// # Errors
 ///
@@ -155,17 +158,51 @@ pub async fn serve(
     listener: tokio::net::TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let grace = app.config.shutdown_grace;
-    let router = app.router();
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    // TCP_NODELAY: a response's head and its body's chunks are separate writes, and with
-    // Nagle's algorithm the second small write waits for the client's (delayed, up to 40 ms)
-    // ACK of the first: a 40 ms stall on small blobs, manifests and downloads.
-    let listener = listener.tap_io(|tcp| {
+    serve_on(app, nodelay(listener), shutdown).await
+}
+
+/// As [`serve`], over TLS: each connection's handshake runs in a task of its own, bounded by
+/// [`HANDSHAKE_TIMEOUT`](crate::tls::HANDSHAKE_TIMEOUT), with the certificate `tls` holds at
+/// that moment (a [`ServerTls::reload`] changes it for the handshakes after it, not for the
+/// connections already open). A client that fails its handshake (a plain-HTTP request
+/// among them) is closed without an answer. Requires a Tokio runtime.
+///
+/// # Errors
+///
+/// If serving fails.
+pub async fn serve_tls(
+    app: Arc<App>,
+    listener: tokio::net::TcpListener,
+    tls: &ServerTls,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    serve_on(app, TlsListener::new(nodelay(listener), tls), shutdown).await
+}
+
+/// TCP_NODELAY on every accepted socket: a response's head and its body's chunks are separate
+/// writes, and with Nagle's algorithm the second small write waits for the client's (delayed,
+/// up to 40 ms) ACK of the first: a 40 ms stall on small blobs, manifests and downloads.
+fn nodelay(listener: tokio::net::TcpListener) -> impl Listener<Io = TcpStream, Addr = SocketAddr> {
+    listener.tap_io(|tcp| {
         if let Err(error) = tcp.set_nodelay(true) {
             tracing::debug!(%error, "cannot set TCP_NODELAY on a connection");
         }
-    });
+    })
+}
+
+/// The server, whatever the connections are: the router, graceful shutdown, the grace
+/// period's deadline.
+async fn serve_on<L>(
+    app: Arc<App>,
+    listener: L,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()>
+where
+    L: Listener<Addr = SocketAddr>,
+{
+    let grace = app.config.shutdown_grace;
+    let router = app.router();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let server = axum::serve(listener, router).with_graceful_shutdown(async move {
         shutdown.await;
         tracing::info!(
@@ -229,10 +266,10 @@ const POLL: Duration = Duration::from_millis(20);
 /// # Errors
 ///
 /// If nothing listens by then.
-pub async fn wait_until_listening(addr: std::net::SocketAddr, deadline: Duration) -> std::io::Result<()> {
+pub async fn wait_until_listening(addr: SocketAddr, deadline: Duration) -> std::io::Result<()> {
     let give_up = Instant::now() + deadline;
     loop {
-        match tokio::net::TcpStream::connect(addr).await {
+        match TcpStream::connect(addr).await {
             Ok(_) => return Ok(()),
             Err(e) if Instant::now() >= give_up => return Err(e),
             Err(_) => tokio::time::sleep(POLL).await,

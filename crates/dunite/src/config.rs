@@ -12,6 +12,8 @@ use std::time::Duration;
 use clap::Parser;
 use serde::Deserialize;
 
+use crate::tls::TlsFiles;
+
 /// The `dunite` command line.
 #[derive(Debug, Parser)]
 #[command(
@@ -85,6 +87,13 @@ pub struct ServeArgs {
     /// connection or stay silent mid-answer before the request fails, e.g. 30s [default: 60s].
     #[arg(long, env = "DUNITE_UPSTREAM_TIMEOUT")]
     pub upstream_timeout: Option<String>,
+    /// Serve HTTPS with this certificate chain (PEM, leaf first); needs --tls-key. Re-read on
+    /// SIGHUP.
+    #[arg(long, env = "DUNITE_TLS_CERT", value_name = "FILE")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM: PKCS#8, RSA or EC). Re-read on SIGHUP.
+    #[arg(long, env = "DUNITE_TLS_KEY", value_name = "FILE")]
+    pub tls_key: Option<PathBuf>,
 }
 
 /// The config file: the same settings as the flags, plus credentials.
@@ -111,6 +120,8 @@ struct FileConfig {
     /// `host -> { username, password }` for upstream token authentication.
     #[serde(default)]
     credentials: BTreeMap<String, Credentials>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
 }
 
 /// Credentials for one upstream registry.
@@ -179,6 +190,9 @@ pub struct Config {
     pub shutdown_grace: Duration,
     /// How long an upstream may stay silent (to connect, or mid-answer).
     pub upstream_timeout: Duration,
+    /// The certificate and key to serve HTTPS with; plain HTTP without. Only the paths:
+    /// [`ServerTls::load`](crate::tls::ServerTls::load) reads them.
+    pub tls: Option<TlsFiles>,
 }
 
 impl Config {
@@ -206,6 +220,7 @@ impl Config {
             credentials: BTreeMap::new(),
             shutdown_grace: Duration::from_secs(30),
             upstream_timeout: Duration::from_secs(60),
+            tls: None,
         }
     }
 
@@ -277,6 +292,12 @@ impl Config {
         config.dl_allow.iter_mut().for_each(|h| *h = h.to_ascii_lowercase());
         config.dl_allow_private_networks = args.dl_allow_private_networks || file.dl_allow_private_networks;
         config.credentials = file.credentials;
+        config.tls = match (args.tls_cert.or(file.tls_cert), args.tls_key.or(file.tls_key)) {
+            (Some(cert), Some(key)) => Some(TlsFiles { cert, key }),
+            (None, None) => None,
+            (Some(_), None) => return Err(bad("tls-key", "--tls-cert needs --tls-key (both or neither)")),
+            (None, Some(_)) => return Err(bad("tls-cert", "--tls-key needs --tls-cert (both or neither)")),
+        };
         for (setting, cap) in [
             ("oci-max-bytes", config.oci_max_bytes),
             ("dl-max-bytes", config.dl_max_bytes),
@@ -370,6 +391,29 @@ mod tests {
         assert_eq!(Config::resolve(args).unwrap_err().setting, "upstream");
         let args = ServeArgs { default_registry: Some("nowhere.example".into()), ..ServeArgs::default() };
         assert_eq!(Config::resolve(args).unwrap_err().setting, "default-registry");
+    }
+
+    #[test]
+    fn tls_takes_both_files_or_neither() {
+        let args = ServeArgs { tls_cert: Some("c.pem".into()), ..ServeArgs::default() };
+        let error = Config::resolve(args).unwrap_err();
+        assert_eq!(error.setting, "tls-key");
+        assert!(error.to_string().contains("both or neither"), "{error}");
+        let args = ServeArgs { tls_key: Some("k.pem".into()), ..ServeArgs::default() };
+        assert_eq!(Config::resolve(args).unwrap_err().setting, "tls-cert");
+        assert_eq!(Config::resolve(ServeArgs::default()).unwrap().tls, None);
+
+        // From the file, with a flag over its file value.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("dunite.toml");
+        std::fs::write(&path, "tls_cert = \"file-c.pem\"\ntls_key = \"file-k.pem\"\n").unwrap();
+        let args =
+            ServeArgs { config: Some(path.clone()), tls_key: Some("k.pem".into()), ..ServeArgs::default() };
+        let files = Config::resolve(args).unwrap().tls.unwrap();
+        assert_eq!(files, TlsFiles { cert: "file-c.pem".into(), key: "k.pem".into() });
+        std::fs::write(&path, "tls_key = \"file-k.pem\"\n").unwrap();
+        let args = ServeArgs { config: Some(path), ..ServeArgs::default() };
+        assert_eq!(Config::resolve(args).unwrap_err().setting, "tls-cert");
     }
 
     #[test]
