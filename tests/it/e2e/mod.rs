@@ -12,3 +12,4 @@ pub(crate) mod origin;
 mod pg_restart;
 mod pinned_race;
 mod pulls;
+mod tls;
