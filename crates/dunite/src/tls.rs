@@ -7,9 +7,11 @@
 //! connections into TLS streams. The handshakes run in tasks of their own (a slow client
 //! never holds up the next one), each bounded by [`HANDSHAKE_TIMEOUT`].
 //!
-//! Why a certificate resolver and not a new `ServerConfig` per reload: the config (ALPN,
-//! session tickets and cache) stays one, and only the certificate behind it changes; a
-//! handshake reads the current one once, so connections already open keep theirs.
+//! A reload builds a new `ServerConfig` and swaps it in; each handshake takes the one current
+//! when it starts, so connections already open keep theirs. A new configuration comes with a
+//! new session cache: a client cannot resume a session authenticated by the certificate
+//! before (if that certificate was replaced because its key leaked, old sessions must not
+//! live on), and sees the new certificate on its next connection.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -82,22 +84,27 @@ pub enum TlsError {
     Config(#[source] rustls::Error),
 }
 
-/// The server's TLS: a rustls [`ServerConfig`] (HTTP/1.1 by ALPN) whose certificate can be
-/// replaced while serving ([`reload`](Self::reload)). Cheap to clone; clones share the
-/// certificate.
+/// The server's TLS: a rustls [`ServerConfig`] (HTTP/1.1 by ALPN) for the certificate and
+/// key in [`TlsFiles`], which [`reload`](Self::reload) replaces while serving. Cheap to clone;
+/// clones share what is served.
 #[derive(Clone)]
 pub struct ServerTls {
     files: TlsFiles,
     provider: Arc<CryptoProvider>,
-    current: Arc<Current>,
+    current: Arc<RwLock<Served>>,
+}
+
+/// What handshakes get now.
+struct Served {
     config: Arc<ServerConfig>,
+    summary: CertificateSummary,
 }
 
 impl fmt::Debug for ServerTls {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ServerTls")
             .field("files", &self.files)
-            .field("certificate", &self.current.summary())
+            .field("certificate", &self.summary())
             .finish_non_exhaustive()
     }
 }
@@ -105,44 +112,38 @@ impl fmt::Debug for ServerTls {
 impl ServerTls {
     /// Read and check `files`: the certificate chain must parse, and the key must be one
     /// rustls signs with and match the leaf certificate. Blocking file I/O; the crypto is
-    /// aws-lc-rs, the provider reqwest and sqlx use too.
+    /// aws-lc-rs, the provider reqwest and sqlx use too (passed explicitly: nothing depends
+    /// on a process-wide default provider).
     ///
     /// # Errors
     ///
     /// A [`TlsError`] naming the file and what is wrong with it.
     pub fn load(files: TlsFiles) -> Result<Self, TlsError> {
         let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-        let key = load_key(&files, &provider)?;
-        let current = Arc::new(Current(RwLock::new(Arc::new(key))));
-        let mut config = ServerConfig::builder_with_provider(Arc::clone(&provider))
-            .with_safe_default_protocol_versions()
-            .map_err(TlsError::Config)?
-            .with_no_client_auth()
-            .with_cert_resolver(Arc::clone(&current) as Arc<dyn ResolvesServerCert>);
-        // The server speaks HTTP/1.1 only (axum's `http1`); a client offering h2 and
-        // HTTP/1.1 gets HTTP/1.1.
-        config.alpn_protocols = vec![b"http/1.1".to_vec()];
-        Ok(Self { files, provider, current, config: Arc::new(config) })
+        let served = build(&files, &provider)?;
+        Ok(Self { files, provider, current: Arc::new(RwLock::new(served)) })
     }
 
     /// Read the files again and, if they load, serve the new certificate on every handshake
-    /// from now on. Connections already open are not touched. If they do not load, the
-    /// certificate served stays the one before. Blocking file I/O.
+    /// from now on. Connections already open are not touched; TLS sessions from before the
+    /// reload are not resumed (a new configuration has a new session cache), so every client
+    /// sees the new certificate on its next connection. If the files do not load, what is
+    /// served stays as it was. Blocking file I/O.
     ///
     /// # Errors
     ///
-    /// As [`load`](Self::load); the certificate served is then unchanged.
+    /// As [`load`](Self::load); what is served is then unchanged.
     pub fn reload(&self) -> Result<CertificateSummary, TlsError> {
-        let key = load_key(&self.files, &self.provider)?;
-        let summary = CertificateSummary::of(&key);
-        *self.current.0.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(key);
+        let served = build(&self.files, &self.provider)?;
+        let summary = served.summary.clone();
+        *self.current.write().unwrap_or_else(PoisonError::into_inner) = served;
         Ok(summary)
     }
 
     /// What the certificate served now is (for logs).
     #[must_use]
     pub fn summary(&self) -> CertificateSummary {
-        self.current.summary()
+        self.current.read().unwrap_or_else(PoisonError::into_inner).summary.clone()
     }
 
     /// The files this was loaded from.
@@ -151,30 +152,35 @@ impl ServerTls {
         &self.files
     }
 
-    /// The rustls configuration handshakes use.
+    /// The rustls configuration of a handshake starting now.
     #[must_use]
     pub fn server_config(&self) -> Arc<ServerConfig> {
-        Arc::clone(&self.config)
+        Arc::clone(&self.current.read().unwrap_or_else(PoisonError::into_inner).config)
     }
 }
 
-/// The certificate served, behind a lock that a reload takes for a pointer swap.
+/// A configuration serving `files`' certificate.
+fn build(files: &TlsFiles, provider: &Arc<CryptoProvider>) -> Result<Served, TlsError> {
+    let key = Arc::new(load_key(files, provider)?);
+    let summary = CertificateSummary::of(&key);
+    let mut config = ServerConfig::builder_with_provider(Arc::clone(provider))
+        .with_safe_default_protocol_versions()
+        .map_err(TlsError::Config)?
+        .with_no_client_auth()
+        .with_cert_resolver(Arc::new(OneCertificate(key)));
+    // The server speaks HTTP/1.1 only (axum's `http1`); a client offering h2 and HTTP/1.1
+    // gets HTTP/1.1.
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Served { config: Arc::new(config), summary })
+}
+
+/// The one certificate, whatever the client hello says (no SNI-based choice).
 #[derive(Debug)]
-struct Current(RwLock<Arc<CertifiedKey>>);
+struct OneCertificate(Arc<CertifiedKey>);
 
-impl Current {
-    fn get(&self) -> Arc<CertifiedKey> {
-        Arc::clone(&self.0.read().unwrap_or_else(PoisonError::into_inner))
-    }
-
-    fn summary(&self) -> CertificateSummary {
-        CertificateSummary::of(&self.get())
-    }
-}
-
-impl ResolvesServerCert for Current {
+impl ResolvesServerCert for OneCertificate {
     fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        Some(self.get())
+        Some(Arc::clone(&self.0))
     }
 }
 
@@ -305,8 +311,7 @@ where
     pub fn with_handshake_timeout(inner: L, tls: &ServerTls, timeout: Duration) -> Self {
         let local_addr = inner.local_addr();
         let (send, ready) = mpsc::channel(16);
-        let acceptor = TlsAcceptor::from(tls.server_config());
-        let accepting = tokio::spawn(accept_loop(inner, acceptor, timeout, send));
+        let accepting = tokio::spawn(accept_loop(inner, tls.clone(), timeout, send));
         Self { ready, local_addr, accepting }
     }
 }
@@ -344,7 +349,7 @@ where
 
 async fn accept_loop<L>(
     mut inner: L,
-    acceptor: TlsAcceptor,
+    tls: ServerTls,
     timeout: Duration,
     ready: mpsc::Sender<(TlsStream<L::Io>, L::Addr)>,
 ) where
@@ -355,7 +360,8 @@ async fn accept_loop<L>(
     loop {
         tokio::select! {
             (io, addr) = inner.accept() => {
-                let acceptor = acceptor.clone();
+                // The configuration current as the handshake starts.
+                let acceptor = TlsAcceptor::from(tls.server_config());
                 let ready = ready.clone();
                 handshakes.spawn(async move {
                     match tokio::time::timeout(timeout, acceptor.accept(io)).await {
@@ -533,11 +539,15 @@ mod tests {
         let files = write(dir.path(), &a.cert, &a.key);
         let tls = ServerTls::load(files.clone()).unwrap();
         let clone = tls.clone();
+        let before = tls.server_config();
         write(dir.path(), &b.cert, &b.key);
         assert_eq!(tls.reload().unwrap().subject_cn.as_deref(), Some("b.test"));
+        assert!(!Arc::ptr_eq(&before, &clone.server_config()), "handshakes from now on get the new one");
         assert_eq!(clone.summary().subject_cn.as_deref(), Some("b.test"), "clones share it");
         write(dir.path(), &a.cert, &b.key);
+        let kept = tls.server_config();
         assert!(tls.reload().is_err());
+        assert!(Arc::ptr_eq(&kept, &tls.server_config()));
         assert_eq!(clone.summary().subject_cn.as_deref(), Some("b.test"), "a bad reload keeps the old one");
     }
 

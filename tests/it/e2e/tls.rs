@@ -110,7 +110,8 @@ async fn sighup_swaps_the_certificate_for_new_connections_and_keeps_open_ones() 
     let fresh_connection_trusts = async |pki: &Pki| pki.client().get(&healthz).send().await.is_ok();
 
     // A keep-alive connection that trusts A only: once B is served, a new connection of this
-    // client would fail verification, so its later successes are on this very connection.
+    // client would fail verification (a reload also ends the resumption of sessions from
+    // before it), so its later successes are on this very connection.
     let kept = a.client();
     assert_eq!(kept.get(&healthz).send().await.unwrap().text().await.unwrap(), "ok\n");
     assert!(!fresh_connection_trusts(&b).await, "B is not served yet");
