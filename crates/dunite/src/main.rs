@@ -40,6 +40,7 @@ async fn main() -> ExitCode {
         },
         None => None,
     };
+    #[cfg(unix)]
     if let Some(tls) = &tls {
         match dunite::tls::reload_on_sighup(tls.clone()) {
             Ok(reload) => drop(tokio::spawn(reload)),

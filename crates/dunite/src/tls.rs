@@ -1,6 +1,6 @@
 //! Serving over TLS (`--tls-cert`, `--tls-key`): the certificate and key loaded from PEM files
 //! into a rustls [`ServerConfig`], replaced on SIGHUP without touching open connections, and
-//! a listener that hands [`axum::serve`] connections whose handshake is done.
+//! a listener that hands [`axum::serve()`] connections whose handshake is done.
 //!
 //! Why a listener and not a server loop of our own: `axum::serve` already owns the connection
 //! tasks and their graceful shutdown; a [`TlsListener`] only has to turn accepted TCP
@@ -280,7 +280,7 @@ pub fn reload_on_sighup(tls: ServerTls) -> std::io::Result<impl Future<Output = 
 }
 
 /// A listener whose connections are TLS streams with their handshake done, for
-/// [`axum::serve`]. Dropping it stops accepting (and drops the handshakes in progress).
+/// [`axum::serve()`]. Dropping it stops accepting (and drops the handshakes in progress).
 pub struct TlsListener<L: Listener> {
     ready: mpsc::Receiver<(TlsStream<L::Io>, L::Addr)>,
     local_addr: std::io::Result<L::Addr>,
