@@ -1,18 +1,20 @@
 //! The server: the features' routes merged, request logging, `/metrics`, `/healthz` and
-//! graceful shutdown. Each feature (`oci::Mirror`, `dl::Proxy`) owns its state; this file
+//! graceful shutdown, over plain HTTP or TLS. Each feature (`oci::Mirror`, `dl::Proxy`) owns its state; this file
 //! only opens them on one database and serves them.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use axum::Router;
+use axum::extract::connect_info::Connected;
 use axum::extract::{Request, State};
 use axum::http::StatusCode;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use axum::serve::ListenerExt as _;
+use axum::serve::{IncomingStream, Listener};
 
 use dunite_core::{Database, DatabaseOptions};
 
@@ -22,7 +24,9 @@ use crate::dl::Proxy;
 use crate::limits::FillLimits;
 use crate::metrics::{CacheGauges, CacheOutcome, Metrics};
 use crate::oci::Mirror;
+use crate::peer::{NoDelay, PeerAddr};
 use crate::start::StartError;
+use crate::tls::{ServerTls, TlsListener};
 
 /// The server: each feature with its own state, and what they share.
 #[derive(Debug)]
@@ -161,8 +165,8 @@ async fn log_request(State(metrics): State<Arc<Metrics>>, request: Request, next
     response
 }
 
-/// Serve on `listener` until `shutdown` resolves, then let in-flight responses finish for up
-/// to the configured grace period.
+/// Serve plain HTTP on `listener` until `shutdown` resolves, then let in-flight responses
+/// finish for up to the configured grace period. Requires a Tokio runtime.
 ///
 /// # Errors
 ///
@@ -172,19 +176,43 @@ pub async fn serve(
     listener: tokio::net::TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    serve_on(app, NoDelay::new(listener), shutdown).await
+}
+
+/// As [`serve`], over TLS: each connection's handshake runs in a task of its own, bounded by
+/// [`HANDSHAKE_TIMEOUT`](crate::tls::HANDSHAKE_TIMEOUT), with the certificate `tls` holds at
+/// that moment (a [`ServerTls::reload`] changes it for the handshakes after it, not for the
+/// connections already open). A client that fails its handshake (a plain-HTTP request
+/// among them) is closed without an answer. Requires a Tokio runtime.
+///
+/// # Errors
+///
+/// If serving fails.
+pub async fn serve_tls(
+    app: Arc<App>,
+    listener: tokio::net::TcpListener,
+    tls: &ServerTls,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    serve_on(app, TlsListener::new(NoDelay::new(listener), tls), shutdown).await
+}
+
+/// The server, whatever the connections are: the router, graceful shutdown, the grace
+/// period's deadline.
+async fn serve_on<L>(
+    app: Arc<App>,
+    listener: L,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()>
+where
+    L: Listener<Addr = SocketAddr>,
+    for<'a> PeerAddr: Connected<IncomingStream<'a, L>>,
+{
     let grace = app.config.shutdown_grace;
     let router = app.router();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    // TCP_NODELAY: a response's head and its body's chunks are separate writes, and with
-    // Nagle's algorithm the second small write waits for the client's (delayed, up to 40 ms)
-    // ACK of the first: a 40 ms stall on small blobs, manifests and downloads.
-    let listener = listener.tap_io(|tcp| {
-        if let Err(error) = tcp.set_nodelay(true) {
-            tracing::debug!(%error, "cannot set TCP_NODELAY on a connection");
-        }
-    });
     // The peer's address reaches handlers (`Peer`): fill limits per client, loopback checks.
-    let service = router.into_make_service_with_connect_info::<std::net::SocketAddr>();
+    let service = router.into_make_service_with_connect_info::<PeerAddr>();
     let server = axum::serve(listener, service).with_graceful_shutdown(async move {
         shutdown.await;
         tracing::info!(
@@ -248,7 +276,7 @@ const POLL: Duration = Duration::from_millis(20);
 /// # Errors
 ///
 /// If nothing listens by then.
-pub async fn wait_until_listening(addr: std::net::SocketAddr, deadline: Duration) -> std::io::Result<()> {
+pub async fn wait_until_listening(addr: SocketAddr, deadline: Duration) -> std::io::Result<()> {
     let give_up = Instant::now() + deadline;
     loop {
         match tokio::net::TcpStream::connect(addr).await {

@@ -13,6 +13,7 @@ use clap::Parser;
 use serde::Deserialize;
 
 use crate::auth::{Area, AuthConfig};
+use crate::tls::TlsFiles;
 
 /// The `dunite` command line.
 #[derive(Debug, Parser)]
@@ -124,6 +125,13 @@ pub struct ServeArgs {
     /// link-local addresses other than their own host and port (refused by default).
     #[arg(long, env = "DUNITE_UPSTREAM_ALLOW_PRIVATE")]
     pub upstream_allow_private: bool,
+    /// Serve HTTPS with this certificate chain (PEM, leaf first); needs --tls-key. Re-read on
+    /// SIGHUP.
+    #[arg(long, env = "DUNITE_TLS_CERT", value_name = "FILE")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM: PKCS#8, RSA or EC). Re-read on SIGHUP.
+    #[arg(long, env = "DUNITE_TLS_KEY", value_name = "FILE")]
+    pub tls_key: Option<PathBuf>,
 }
 
 /// The config file: the same settings as the flags, plus credentials.
@@ -164,6 +172,8 @@ struct FileConfig {
     allow_anonymous_private: bool,
     max_fills: Option<usize>,
     max_fills_per_client: Option<usize>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
 }
 
 /// Credentials for one upstream registry (`[credentials.HOST]` in the config file).
@@ -293,6 +303,9 @@ pub struct Config {
     /// Whether upstream registries may send the mirror (redirects, token realms) to
     /// non-public addresses other than their own host and port.
     pub upstream_allow_private: bool,
+    /// The certificate and key to serve HTTPS with; plain HTTP without. Only the paths:
+    /// [`ServerTls::load`](crate::tls::ServerTls::load) reads them.
+    pub tls: Option<TlsFiles>,
 }
 
 impl Config {
@@ -325,6 +338,7 @@ impl Config {
             max_fills: 1024,
             max_fills_per_client: 64,
             upstream_allow_private: false,
+            tls: None,
         }
     }
 
@@ -432,6 +446,12 @@ impl Config {
                  --allow-anonymous-private",
             ));
         }
+        config.tls = match (args.tls_cert.or(file.tls_cert), args.tls_key.or(file.tls_key)) {
+            (Some(cert), Some(key)) => Some(TlsFiles { cert, key }),
+            (None, None) => None,
+            (Some(_), None) => return Err(bad("tls-key", "--tls-cert needs --tls-key (both or neither)")),
+            (None, Some(_)) => return Err(bad("tls-cert", "--tls-key needs --tls-cert (both or neither)")),
+        };
         for (setting, cap) in [
             ("oci-max-bytes", config.oci_max_bytes),
             ("dl-max-bytes", config.dl_max_bytes),
@@ -635,6 +655,29 @@ mod tests {
         assert_eq!(config.exposure_warnings().len(), 1);
         config.auth.token_file = Some("tokens".into());
         assert!(config.exposure_warnings().is_empty());
+    }
+
+    #[test]
+    fn tls_takes_both_files_or_neither() {
+        let args = ServeArgs { tls_cert: Some("c.pem".into()), ..ServeArgs::default() };
+        let error = Config::resolve(args).unwrap_err();
+        assert_eq!(error.setting, "tls-key");
+        assert!(error.to_string().contains("both or neither"), "{error}");
+        let args = ServeArgs { tls_key: Some("k.pem".into()), ..ServeArgs::default() };
+        assert_eq!(Config::resolve(args).unwrap_err().setting, "tls-cert");
+        assert_eq!(Config::resolve(ServeArgs::default()).unwrap().tls, None);
+
+        // From the file, with a flag over its file value.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("dunite.toml");
+        std::fs::write(&path, "tls_cert = \"file-c.pem\"\ntls_key = \"file-k.pem\"\n").unwrap();
+        let args =
+            ServeArgs { config: Some(path.clone()), tls_key: Some("k.pem".into()), ..ServeArgs::default() };
+        let files = Config::resolve(args).unwrap().tls.unwrap();
+        assert_eq!(files, TlsFiles { cert: "file-c.pem".into(), key: "k.pem".into() });
+        std::fs::write(&path, "tls_key = \"file-k.pem\"\n").unwrap();
+        let args = ServeArgs { config: Some(path), ..ServeArgs::default() };
+        assert_eq!(Config::resolve(args).unwrap_err().setting, "tls-cert");
     }
 
     #[test]

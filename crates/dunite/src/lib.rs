@@ -2,7 +2,8 @@
 //!
 //! The binary's library half, so tests and embedders can run the server in-process:
 //! [`Config`] (flags, `DUNITE_*` variables, a TOML file), [`App::open`] (the caches on one
-//! metadata database, the upstream client) and [`serve`].
+//! metadata database, the upstream client) and [`serve`] (or [`serve_tls`] with a
+//! [`tls::ServerTls`]).
 //!
 //! Request flow (see `docs/server.md`): a client asks `GET /v2/<name>/blobs/<digest>`; a hit
 //! streams the cached file (with `Range`); a miss joins the one upstream fill of that digest
@@ -42,9 +43,10 @@ mod oci;
 mod peer;
 pub mod spec;
 mod start;
+pub mod tls;
 pub mod upstream;
 
-pub use app::{App, serve, shutdown_signal, wait_until_listening};
+pub use app::{App, serve, serve_tls, shutdown_signal, wait_until_listening};
 pub use metrics::CacheOutcome;
 pub use start::StartError;
 

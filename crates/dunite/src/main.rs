@@ -5,7 +5,8 @@ use std::process::ExitCode;
 use clap::Parser as _;
 use tracing_subscriber::EnvFilter;
 
-use dunite::{App, Cli, Command, Config, serve, shutdown_signal};
+use dunite::tls::ServerTls;
+use dunite::{App, Cli, Command, Config, serve, serve_tls, shutdown_signal};
 
 #[tokio::main]
 async fn main() -> ExitCode {
@@ -24,6 +25,31 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // Read and checked before anything slow; SIGHUP (which would otherwise end the process)
+    // reloads them from here on.
+    let tls = match &config.tls {
+        Some(files) => match ServerTls::load(files.clone()) {
+            Ok(tls) => {
+                tracing::info!(certificate = %tls.summary(), "serving HTTPS");
+                Some(tls)
+            }
+            Err(error) => {
+                tracing::error!(error = %dunite::error_chain(&error), "cannot load the TLS certificate");
+                return ExitCode::from(2);
+            }
+        },
+        None => None,
+    };
+    #[cfg(unix)]
+    if let Some(tls) = &tls {
+        match dunite::tls::reload_on_sighup(tls.clone()) {
+            Ok(reload) => drop(tokio::spawn(reload)),
+            Err(error) => {
+                tracing::error!(%error, "cannot handle SIGHUP (TLS reload)");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
     let listener = match tokio::net::TcpListener::bind(config.listen).await {
         Ok(listener) => listener,
         Err(error) => {
@@ -39,8 +65,12 @@ async fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    tracing::info!(%addr, "dunite listening");
-    match serve(app, listener, shutdown).await {
+    tracing::info!(%addr, tls = tls.is_some(), "dunite listening");
+    let served = match &tls {
+        Some(tls) => serve_tls(app, listener, tls, shutdown).await,
+        None => serve(app, listener, shutdown).await,
+    };
+    match served {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             tracing::error!(%error, "server failed");

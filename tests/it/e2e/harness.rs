@@ -96,6 +96,79 @@ pub struct Dunite {
     /// Holds the log, and the data directory when the instance owns it.
     _dir: tempfile::TempDir,
     pub log: PathBuf,
+    /// `http://ADDR`, or `https://ADDR` when it serves TLS.
+    pub base: String,
+    /// A client of this instance (trusting the CAs given to [`start_tls`](Self::start_tls)).
+    pub client: reqwest::Client,
+}
+
+/// A test CA and a leaf certificate it signed for `127.0.0.1` and `localhost`, as PEM.
+pub struct Pki {
+    pub ca: String,
+    pub cert: String,
+    pub key: String,
+}
+
+impl Pki {
+    /// A new CA named `{name} CA` and a leaf with the common name `name` (each call makes new
+    /// keys: two `Pki`s never trust each other's certificates).
+    pub fn generate(name: &str) -> Self {
+        use rcgen::{
+            BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+            KeyUsagePurpose,
+        };
+        let ca_key = KeyPair::generate().unwrap();
+        let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        ca.distinguished_name.push(DnType::CommonName, format!("{name} CA"));
+        let ca_cert = ca.self_signed(&ca_key).unwrap();
+        let issuer = Issuer::new(ca, ca_key);
+        let key = KeyPair::generate().unwrap();
+        let mut leaf = CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()]).unwrap();
+        leaf.distinguished_name.push(DnType::CommonName, name);
+        leaf.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        let cert = leaf.signed_by(&key, &issuer).unwrap();
+        Self { ca: ca_cert.pem(), cert: cert.pem(), key: key.serialize_pem() }
+    }
+
+    /// Write the leaf's certificate and key where a dunite reads them, each by rename (a
+    /// reader never sees half a file).
+    pub fn install(&self, files: &TlsFiles) {
+        for (path, text) in [(&files.cert, &self.cert), (&files.key, &self.key)] {
+            let tmp = path.with_extension("tmp");
+            std::fs::write(&tmp, text).unwrap();
+            std::fs::rename(&tmp, path).unwrap();
+        }
+    }
+
+    /// A client trusting this CA only, which keeps its connections alive.
+    pub fn client(&self) -> reqwest::Client {
+        client_trusting(&[&self.ca])
+    }
+}
+
+/// Where a TLS dunite reads its certificate and key (in a temporary directory of its own).
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl TlsFiles {
+    /// `pki`'s leaf installed in a new temporary directory.
+    pub fn of(pki: &Pki) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let files = Self { cert: dir.path().join("cert.pem"), key: dir.path().join("key.pem"), _dir: dir };
+        pki.install(&files);
+        files
+    }
+}
+
+/// A reqwest client whose only roots are the CAs in `roots` (PEM).
+pub fn client_trusting(roots: &[&str]) -> reqwest::Client {
+    let roots = roots.iter().map(|pem| reqwest::Certificate::from_pem(pem.as_bytes()).unwrap());
+    reqwest::Client::builder().tls_certs_only(roots).build().unwrap()
 }
 
 impl Dunite {
@@ -113,7 +186,15 @@ impl Dunite {
     ) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let data_dir = dir.path().join("cache");
-        Self::spawn(upstream, oci_max_bytes, extra, level, &data_dir, dir).await
+        Self::spawn(upstream, oci_max_bytes, extra, level, &data_dir, dir, None).await
+    }
+
+    /// As [`start`](Self::start), serving HTTPS with the certificate and key in `files`; the
+    /// harness's own requests (readiness, [`metric`](Self::metric)) trust the CAs in `roots`.
+    pub async fn start_tls(upstream: SocketAddr, extra: &[&str], files: &TlsFiles, roots: &[&str]) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let data_dir = dir.path().join("cache");
+        Self::spawn(upstream, "64MiB", extra, "info", &data_dir, dir, Some((files, roots))).await
     }
 
     /// As [`start_logging`](Self::start_logging), on the caller's `data_dir` (which several
@@ -125,7 +206,7 @@ impl Dunite {
         level: &str,
         data_dir: &Path,
     ) -> Self {
-        Self::spawn(upstream, oci_max_bytes, extra, level, data_dir, tempfile::tempdir().unwrap()).await
+        Self::spawn(upstream, oci_max_bytes, extra, level, data_dir, tempfile::tempdir().unwrap(), None).await
     }
 
     /// Start the process on `data_dir`, logging to `dunite.log` in `dir` (kept as long as this).
@@ -136,11 +217,23 @@ impl Dunite {
         level: &str,
         data_dir: &Path,
         dir: tempfile::TempDir,
+        tls: Option<(&TlsFiles, &[&str])>,
     ) -> Self {
         let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let log = dir.path().join("dunite.log");
-        let mut child = Command::new(dunite_binary())
-            .args(["serve", "--listen", &addr.to_string()])
+        let mut command = Command::new(dunite_binary());
+        let (base, client) = match tls {
+            Some((files, roots)) => {
+                command.arg("serve").arg("--tls-cert").arg(&files.cert).arg("--tls-key").arg(&files.key);
+                (format!("https://{addr}"), client_trusting(roots))
+            }
+            None => {
+                command.arg("serve");
+                (format!("http://{addr}"), reqwest::Client::new())
+            }
+        };
+        let mut child = command
+            .args(["--listen", &addr.to_string()])
             .arg("--data-dir")
             .arg(data_dir)
             .args(["--upstream", &format!("local=http://{upstream}"), "--default-registry", "local"])
@@ -157,9 +250,9 @@ impl Dunite {
         // It binds before it opens the caches: listening is not serving yet, and it may still
         // fail to start.
         let give_up = tokio::time::Instant::now() + Duration::from_secs(30);
-        let healthz = format!("http://{addr}/healthz");
+        let healthz = format!("{base}/healthz");
         let ready = || async {
-            let answer = tokio::time::timeout(Duration::from_secs(1), reqwest::get(&healthz)).await;
+            let answer = tokio::time::timeout(Duration::from_secs(1), client.get(&healthz).send()).await;
             answer.is_ok_and(|answer| answer.is_ok_and(|response| response.status().is_success()))
         };
         while !ready().await {
@@ -171,12 +264,22 @@ impl Dunite {
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        Self { child, addr, _dir: dir, log }
+        Self { child, addr, _dir: dir, log, base, client }
     }
 
-    /// One sample from `GET /metrics`; see [`metric`].
+    /// One sample from `GET /metrics` (over TLS when it serves TLS); see [`metric`].
     pub async fn metric(&self, series: &str) -> u64 {
-        metric(self.addr, series).await
+        metric_from(&self.client, &self.base, series).await
+    }
+
+    /// Send `signal` (`HUP`, `TERM`, ...) to the process.
+    pub fn signal(&self, signal: &str) {
+        let pid = self.child.id().unwrap();
+        let status = std::process::Command::new("kill")
+            .args([&format!("-{signal}"), &pid.to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
     }
 
     pub fn log_text(&self) -> String {
@@ -201,7 +304,12 @@ impl Dunite {
 /// One sample from a dunite's `GET /metrics`, e.g. `dunite_blob_misses_total` or
 /// `dunite_cache_bytes{cache="blobs"}`.
 pub async fn metric(addr: SocketAddr, series: &str) -> u64 {
-    let text = reqwest::get(format!("http://{addr}/metrics")).await.unwrap().text().await.unwrap();
+    metric_from(&reqwest::Client::new(), &format!("http://{addr}"), series).await
+}
+
+/// As [`metric`], from the dunite at `base` (`http://...` or `https://...`) through `client`.
+async fn metric_from(client: &reqwest::Client, base: &str, series: &str) -> u64 {
+    let text = client.get(format!("{base}/metrics")).send().await.unwrap().text().await.unwrap();
     text.lines()
         .find_map(|line| line.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')))
         .unwrap_or_else(|| panic!("no series {series} in:\n{text}"))

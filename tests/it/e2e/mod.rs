@@ -13,4 +13,5 @@ pub(crate) mod origin;
 mod pg_restart;
 mod pinned_race;
 mod pulls;
+mod tls;
 mod upstream_redirects;
