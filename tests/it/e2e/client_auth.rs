@@ -10,7 +10,7 @@ use std::time::Duration;
 use sha2::Digest as _;
 use tokio::io::AsyncWriteExt as _;
 
-use super::harness::{Dunite, Image, Registry, assert_same_copy, skopeo, tool};
+use super::harness::{Dunite, Image, Pki, Registry, TlsFiles, assert_same_copy, skopeo, tool};
 use super::origin::{Head, Origin};
 
 const ALICE: (&str, &str) = ("alice", "secret-pass");
@@ -26,6 +26,11 @@ struct Got {
 
 /// `curl -s URL` with `args` (credentials), keeping the status, headers and body.
 async fn curl(url: &str, args: &[&str]) -> Got {
+    curl_with(None, url, args).await
+}
+
+/// As [`curl`], trusting the CA certificate file `ca` (for a TLS mirror) if given.
+async fn curl_with(ca: Option<&Path>, url: &str, args: &[&str]) -> Got {
     let dir = tempfile::tempdir().unwrap();
     let (head, body) = (dir.path().join("head"), dir.path().join("body"));
     let run = tokio::process::Command::new(tool("curl"))
@@ -34,6 +39,7 @@ async fn curl(url: &str, args: &[&str]) -> Got {
         .arg("-o")
         .arg(&body)
         .args(["-w", "%{http_code}"])
+        .args(ca.map(|ca| ["--cacert".as_ref(), ca.as_os_str()]).into_iter().flatten())
         .args(args)
         .arg(url)
         .output();
@@ -61,6 +67,8 @@ fn htpasswd(dir: &Path) -> String {
     file.display().to_string()
 }
 
+/// Over TLS with a private CA, as a mirror beyond loopback is reached: skopeo with
+/// `--src-creds` and `--src-cert-dir`, curl with `--cacert`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clients_log_in_with_htpasswd_users_and_tokens_and_each_area_has_its_grants() {
     let dir = tempfile::tempdir().unwrap();
@@ -75,9 +83,14 @@ async fn clients_log_in_with_htpasswd_users_and_tokens_and_each_area_has_its_gra
     })
     .await;
     let allow = format!("127.0.0.1:{}", origin.addr.port());
-    let dunite = Dunite::start(
+    let pki = Pki::generate("dunite.test");
+    let files = TlsFiles::of(&pki);
+    let certs = tempfile::tempdir().unwrap();
+    let ca = certs.path().join("ca.crt");
+    std::fs::write(&ca, &pki.ca).unwrap();
+    let cert_dir = certs.path().to_str().unwrap();
+    let dunite = Dunite::start_tls(
         registry.addr,
-        "64MiB",
         &[
             "--htpasswd",
             &users,
@@ -92,25 +105,35 @@ async fn clients_log_in_with_htpasswd_users_and_tokens_and_each_area_has_its_gra
             "--dl-allow",
             &allow,
         ],
+        &files,
+        &[&pki.ca],
     )
     .await;
-    let base = format!("http://{}", dunite.addr);
+    let base = dunite.base.clone();
+    assert!(base.starts_with("https://"));
     let alice = format!("{}:{}", ALICE.0, ALICE.1);
 
     // Anonymous: refused with the challenge registries send, so clients log in.
-    let root = curl(&format!("{base}/v2/"), &[]).await;
+    let root = curl_with(Some(&ca), &format!("{base}/v2/"), &[]).await;
     assert_eq!(root.status, 401);
     assert!(root.headers.contains("www-authenticate: basic realm=\"dunite\""), "{}", root.headers);
     assert!(String::from_utf8_lossy(&root.body).contains("UNAUTHORIZED"));
     for area in ["/metrics", &format!("/dl/http://{}/f", origin.addr)] {
-        let got = curl(&format!("{base}{area}"), &[]).await;
+        let got = curl_with(Some(&ca), &format!("{base}{area}"), &[]).await;
         assert_eq!(got.status, 401, "{area}");
         assert!(got.headers.contains("www-authenticate: basic"), "{area}: {}", got.headers);
     }
-    assert_eq!(curl(&format!("{base}/healthz"), &[]).await.status, 200, "liveness stays open");
-    assert_eq!(curl(&format!("{base}/v2/"), &["-u", &alice]).await.status, 200);
-    assert_eq!(curl(&format!("{base}/v2/"), &["-u", "alice:wrong"]).await.status, 401);
-    assert_eq!(curl(&format!("{base}/v2/"), &["-u", "mallory:secret-pass"]).await.status, 401);
+    assert_eq!(
+        curl_with(Some(&ca), &format!("{base}/healthz"), &[]).await.status,
+        200,
+        "liveness stays open"
+    );
+    assert_eq!(curl_with(Some(&ca), &format!("{base}/v2/"), &["-u", &alice]).await.status, 200);
+    assert_eq!(curl_with(Some(&ca), &format!("{base}/v2/"), &["-u", "alice:wrong"]).await.status, 401);
+    assert_eq!(
+        curl_with(Some(&ca), &format!("{base}/v2/"), &["-u", "mallory:secret-pass"]).await.status,
+        401
+    );
 
     // skopeo logs in as a docker client does, and gets the image.
     let source = format!("docker://{}/team/app:v1", dunite.addr);
@@ -128,16 +151,26 @@ async fn clients_log_in_with_htpasswd_users_and_tokens_and_each_area_has_its_gra
     // Metrics only for the prometheus token; downloads only for ci (Bearer, or Basic with
     // the token as the password).
     let metrics = format!("{base}/metrics");
-    assert_eq!(curl(&metrics, &["-u", &alice]).await.status, 403, "alice has no metrics grant");
+    assert_eq!(
+        curl_with(Some(&ca), &metrics, &["-u", &alice]).await.status,
+        403,
+        "alice has no metrics grant"
+    );
     let bearer = format!("Authorization: Bearer {PROMETHEUS_TOKEN}");
-    let got = curl(&metrics, &["-H", &bearer]).await;
+    let got = curl_with(Some(&ca), &metrics, &["-H", &bearer]).await;
     assert_eq!(got.status, 200);
     assert!(String::from_utf8_lossy(&got.body).contains("dunite_blob_misses_total"));
     let download = format!("{base}/dl/http://{}/f", origin.addr);
-    assert_eq!(curl(&download, &["-u", &alice]).await.status, 403);
-    assert_eq!(curl(&download, &["-H", &format!("Authorization: Bearer {CI_TOKEN}")]).await.body, b"hello");
-    assert_eq!(curl(&download, &["-u", &format!("ci:{CI_TOKEN}")]).await.status, 200);
-    assert_eq!(curl(&download, &["-H", "Authorization: Bearer not-a-token-at-all"]).await.status, 401);
+    assert_eq!(curl_with(Some(&ca), &download, &["-u", &alice]).await.status, 403);
+    assert_eq!(
+        curl_with(Some(&ca), &download, &["-H", &format!("Authorization: Bearer {CI_TOKEN}")]).await.body,
+        b"hello"
+    );
+    assert_eq!(curl_with(Some(&ca), &download, &["-u", &format!("ci:{CI_TOKEN}")]).await.status, 200);
+    assert_eq!(
+        curl_with(Some(&ca), &download, &["-H", "Authorization: Bearer not-a-token-at-all"]).await.status,
+        401
+    );
 
     let log = dunite.log_text();
     for secret in [ALICE.1, CI_TOKEN, PROMETHEUS_TOKEN] {
