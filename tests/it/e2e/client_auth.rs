@@ -139,13 +139,22 @@ async fn clients_log_in_with_htpasswd_users_and_tokens_and_each_area_has_its_gra
     let source = format!("docker://{}/team/app:v1", dunite.addr);
     let out = tempfile::tempdir().unwrap();
     let target = format!("dir:{}", out.path().display());
-    let anonymous = skopeo(&["copy", "--src-tls-verify=false", &source, &target]).await;
-    assert!(anonymous.is_err(), "an anonymous pull went through");
-    let wrong =
-        skopeo(&["copy", "--src-tls-verify=false", "--src-creds", "alice:nope", &source, &target]).await;
-    assert!(wrong.is_err(), "a wrong password pulled");
+    let tls = ["--src-tls-verify=true", "--src-cert-dir", cert_dir];
+    let copy = |extra: &[&str]| {
+        let args: Vec<String> = ["copy"]
+            .iter()
+            .chain(&tls)
+            .chain(extra)
+            .chain(&[source.as_str(), target.as_str()])
+            .map(|s| (*s).to_owned())
+            .collect();
+        async move { skopeo(&args.iter().map(String::as_str).collect::<Vec<_>>()).await }
+    };
+    let anonymous = copy(&[]).await.unwrap_err();
+    assert!(anonymous.contains("unauthorized"), "refused for want of credentials: {anonymous}");
+    assert!(copy(&["--src-creds", "alice:nope"]).await.is_err(), "a wrong password pulled");
     let expected = super::harness::pull(registry.addr, "team/app").await.unwrap();
-    skopeo(&["copy", "--src-tls-verify=false", "--src-creds", &alice, &source, &target]).await.unwrap();
+    copy(&["--src-creds", &alice]).await.unwrap_or_else(|e| panic!("{e}\n{}", dunite.log_text()));
     assert_same_copy(expected.path(), out.path());
 
     // Metrics only for the prometheus token; downloads only for ci (Bearer, or Basic with
