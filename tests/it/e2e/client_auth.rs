@@ -371,3 +371,28 @@ async fn a_client_past_its_fill_limit_gets_429_while_joining_a_running_fill_is_f
     assert_ne!(status, 429);
     task.abort();
 }
+
+/// The request-head limits `docs/security.md` documents (hyper's, as `axum::serve` sets them):
+/// a path over 64 KiB is `414`, more than 100 headers or a head over about 400 KiB `431`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_heads_past_the_documented_limits_are_refused() {
+    use tokio::io::AsyncReadExt as _;
+    let registry = Registry::start().await;
+    let dunite = Dunite::start(registry.addr, "64MiB", &[]).await;
+    let status_of = |head: String| async move {
+        let mut socket = tokio::net::TcpStream::connect(dunite.addr).await.unwrap();
+        // The server may answer and close before it has read all of a large head.
+        let _ = socket.write_all(head.as_bytes()).await;
+        let mut answer = vec![0; 64];
+        let n =
+            tokio::time::timeout(Duration::from_secs(30), socket.read(&mut answer)).await.unwrap().unwrap();
+        String::from_utf8_lossy(&answer[..n]).split_whitespace().nth(1).unwrap_or_default().to_owned()
+    };
+    let request = |path: &str, headers: &str| format!("GET {path} HTTP/1.1\r\nHost: m\r\n{headers}\r\n");
+    assert_eq!(status_of(request("/healthz", "")).await, "200");
+    assert_eq!(status_of(request(&format!("/v2/{}", "a".repeat(70_000)), "")).await, "414");
+    let many: String = (0..101).map(|i| format!("X-H{i}: v\r\n")).collect();
+    assert_eq!(status_of(request("/healthz", &many)).await, "431");
+    let large = format!("X-Large: {}\r\n", "b".repeat(500_000));
+    assert_eq!(status_of(request("/healthz", &large)).await, "431");
+}

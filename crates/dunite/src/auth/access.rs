@@ -86,6 +86,17 @@ pub struct Grants {
 impl Grants {
     /// Parse `AREA=WHO` (one grant; repeat to grant an area to several).
     ///
+    /// ```
+    /// use dunite::auth::{Area, Grants};
+    ///
+    /// let mut grants = Grants::default();
+    /// grants.add("metrics=prometheus").unwrap();
+    /// grants.add("pull=anonymous").unwrap();
+    /// assert!(grants.is_anonymous(Area::Pull, true));
+    /// assert!(!grants.is_anonymous(Area::Metrics, true));
+    /// assert!(grants.add("push=alice").is_err(), "no such area");
+    /// ```
+    ///
     /// # Errors
     ///
     /// A message naming what is wrong.
