@@ -83,6 +83,40 @@ impl App {
         Ok(Arc::new(Self { config, mirror, proxy, metrics, auth, limits }))
     }
 
+    /// On every SIGHUP, read the client user and token files again (`--htpasswd`,
+    /// `--client-token-file`); a file that does not load is logged and the ones before stay
+    /// in use. `None` when no such file is configured. Requires a Tokio runtime; the handler
+    /// is registered when this is called.
+    ///
+    /// # Errors
+    ///
+    /// If the signal handler cannot be registered.
+    #[cfg(unix)]
+    pub fn reload_client_auth_on_sighup(
+        self: &Arc<Self>,
+    ) -> std::io::Result<Option<impl Future<Output = ()> + Send + 'static + use<>>> {
+        if !self.auth.has_files() {
+            return Ok(None);
+        }
+        let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+        let auth = Arc::clone(&self.auth);
+        Ok(Some(async move {
+            while hangup.recv().await.is_some() {
+                let reloading = Arc::clone(&auth);
+                match tokio::task::spawn_blocking(move || reloading.reload()).await {
+                    Ok(Ok((users, tokens))) => {
+                        tracing::info!(users, tokens, "SIGHUP: client users and tokens reloaded");
+                    }
+                    Ok(Err(error)) => tracing::error!(
+                        error = %crate::error_chain(&error),
+                        "SIGHUP: cannot reload the client users and tokens; still using the ones before"
+                    ),
+                    Err(error) => tracing::error!(%error, "SIGHUP: the client credentials reload failed"),
+                }
+            }
+        }))
+    }
+
     /// The routes: each feature's and `/metrics`, each behind its area's access check, and
     /// `/healthz` (open to all), all behind the request log.
     pub fn router(self: &Arc<Self>) -> Router {

@@ -65,6 +65,15 @@ async fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    #[cfg(unix)]
+    match app.reload_client_auth_on_sighup() {
+        Ok(Some(reload)) => drop(tokio::spawn(reload)),
+        Ok(None) => {}
+        Err(error) => {
+            tracing::error!(%error, "cannot handle SIGHUP (client credentials reload)");
+            return ExitCode::FAILURE;
+        }
+    }
     tracing::info!(%addr, tls = tls.is_some(), "dunite listening");
     let served = match &tls {
         Some(tls) => serve_tls(app, listener, tls, shutdown).await,

@@ -396,3 +396,36 @@ async fn request_heads_past_the_documented_limits_are_refused() {
     let large = format!("X-Large: {}\r\n", "b".repeat(500_000));
     assert_eq!(status_of(request("/healthz", &large)).await, "431");
 }
+
+/// SIGHUP re-reads the user file: an added user gets in, a removed one (whose password was
+/// verified and remembered) is refused at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_the_client_users() {
+    let dir = tempfile::tempdir().unwrap();
+    let users = htpasswd(dir.path());
+    let registry = Registry::start().await;
+    let dunite = Dunite::start(registry.addr, "64MiB", &["--htpasswd", &users]).await;
+    let root = format!("{}/v2/", dunite.base);
+    let alice = format!("{}:{}", ALICE.0, ALICE.1);
+    assert_eq!(curl(&root, &["-u", &alice]).await.status, 200);
+    assert_eq!(curl(&root, &["-u", "carol:carols-password"]).await.status, 401);
+    let htpasswd = dunite_testkit::peers::tool("htpasswd", "apache2-utils").unwrap_or_else(|e| panic!("{e}"));
+    for args in [vec!["-D", &users, "alice"], vec!["-bB", &users, "carol", "carols-password"]] {
+        assert!(std::process::Command::new(&htpasswd).args(args).output().unwrap().status.success());
+    }
+    dunite.signal("HUP");
+    dunite_testkit::poll_until(Duration::from_secs(30), "carol let in after SIGHUP", async || {
+        curl(&root, &["-u", "carol:carols-password"]).await.status == 200
+    })
+    .await;
+    assert_eq!(curl(&root, &["-u", &alice]).await.status, 401, "a removed user is refused at once");
+    // A broken file at the next SIGHUP: logged, and the users before stay.
+    std::fs::write(&users, "carol:not-bcrypt\n").unwrap();
+    dunite.signal("HUP");
+    dunite_testkit::poll_until(Duration::from_secs(30), "the failed reload logged", async || {
+        dunite.log_text().contains("cannot reload the client users")
+    })
+    .await;
+    assert_eq!(curl(&root, &["-u", "carol:carols-password"]).await.status, 200);
+    assert!(dunite.stop().await.success(), "SIGHUP did not end the process");
+}

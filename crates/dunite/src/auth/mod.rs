@@ -152,17 +152,35 @@ impl Presented {
     }
 }
 
+/// The users and tokens as last read; replaced whole by [`ClientAuth::reload`].
+#[derive(Debug, Default)]
+struct Known {
+    users: Arc<Htpasswd>,
+    tokens: Tokens,
+    /// Counts reloads: a verification remembered under another generation is not trusted.
+    generation: u64,
+}
+
+impl Known {
+    fn load(config: &AuthConfig, generation: u64) -> Result<Self, AuthFileError> {
+        let users = config.htpasswd.as_deref().map(Htpasswd::load).transpose()?.unwrap_or_default();
+        let tokens = config.token_file.as_deref().map(Tokens::load).transpose()?.unwrap_or_default();
+        Ok(Self { users: Arc::new(users), tokens, generation })
+    }
+}
+
 /// Client authentication: the users and tokens, the grants, and what was verified lately.
 #[derive(Debug)]
 pub(crate) struct ClientAuth {
-    users: Htpasswd,
-    tokens: Tokens,
+    config: AuthConfig,
+    known: std::sync::RwLock<Arc<Known>>,
     /// Whether any client authentication is configured (users, tokens or pass-through).
     enabled: bool,
     /// `/v2/` is authorised by the upstream.
     pass_through: bool,
     rules: HashMap<Area, Rule>,
-    verified: Mutex<HashMap<[u8; 32], (String, Instant)>>,
+    /// Verified passwords: digest of the pair -> (user, until, generation of `known`).
+    verified: Mutex<HashMap<[u8; 32], (String, Instant, u64)>>,
     verifying: tokio::sync::Semaphore,
 }
 
@@ -201,16 +219,19 @@ impl ClientAuth {
     ///
     /// [`AuthFileError`] if a file cannot be read or has a bad entry.
     pub(crate) fn load(config: &AuthConfig) -> Result<Self, AuthFileError> {
-        let users = config.htpasswd.as_deref().map(Htpasswd::load).transpose()?.unwrap_or_default();
-        let tokens = config.token_file.as_deref().map(Tokens::load).transpose()?.unwrap_or_default();
+        let known = Known::load(config, 0)?;
         let enabled = config.enabled();
         let rules = Area::ALL.into_iter().map(|area| (area, config.grants.resolve(area, enabled))).collect();
         if config.htpasswd.is_some() || config.token_file.is_some() {
-            tracing::info!(users = users.len(), tokens = tokens.len(), "client authentication on");
+            tracing::info!(
+                users = known.users.len(),
+                tokens = known.tokens.len(),
+                "client authentication on"
+            );
         }
         Ok(Self {
-            users,
-            tokens,
+            config: config.clone(),
+            known: std::sync::RwLock::new(Arc::new(known)),
             enabled,
             pass_through: config.pass_through,
             rules,
@@ -219,24 +240,50 @@ impl ClientAuth {
         })
     }
 
+    /// Whether a user or token file is configured (what [`reload`](Self::reload) re-reads).
+    pub(crate) fn has_files(&self) -> bool {
+        self.config.htpasswd.is_some() || self.config.token_file.is_some()
+    }
+
+    /// Read the user and token files again and use them from now on; every remembered
+    /// verification is forgotten (a removed user or changed password stops working at once).
+    /// On an error nothing changes. Blocking (file reads): call it off the runtime's threads.
+    ///
+    /// # Errors
+    ///
+    /// [`AuthFileError`] if a file cannot be read or has a bad entry.
+    pub(crate) fn reload(&self) -> Result<(usize, usize), AuthFileError> {
+        let mut known = self.known.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let fresh = Known::load(&self.config, known.generation + 1)?;
+        let counts = (fresh.users.len(), fresh.tokens.len());
+        *known = Arc::new(fresh);
+        self.verified.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clear();
+        Ok(counts)
+    }
+
+    fn known(&self) -> Arc<Known> {
+        Arc::clone(&self.known.read().unwrap_or_else(std::sync::PoisonError::into_inner))
+    }
+
     /// Who presented `presented`: `Ok(None)` for no credentials, `Err` for wrong ones.
     async fn identify(&self, presented: Presented) -> Result<Option<String>, ()> {
+        let known = self.known();
         match presented {
             Presented::None => Ok(None),
             Presented::Malformed => Err(()),
-            Presented::Bearer(token) => self.tokens.name(&token).map(|name| Some(name.to_owned())).ok_or(()),
+            Presented::Bearer(token) => known.tokens.name(&token).map(|name| Some(name.to_owned())).ok_or(()),
             Presented::Basic { user, password } => {
                 // A token's name and the token, for clients that only speak Basic.
-                if self.tokens.name(&password) == Some(user.as_str()) {
+                if known.tokens.name(&password) == Some(user.as_str()) {
                     return Ok(Some(user));
                 }
-                self.verify_password(user, password).await.map(Some)
+                self.verify_password(&known, user, password).await.map(Some)
             }
         }
     }
 
     /// Check `password` against the user file, remembering a success for `VERIFIED_FOR`.
-    async fn verify_password(&self, user: String, password: String) -> Result<String, ()> {
+    async fn verify_password(&self, known: &Known, user: String, password: String) -> Result<String, ()> {
         let key: [u8; 32] = {
             let mut hasher = sha2::Sha256::new();
             hasher.update(user.as_bytes());
@@ -247,14 +294,15 @@ impl ClientAuth {
         let now = Instant::now();
         {
             let verified = self.verified.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            if let Some((name, until)) = verified.get(&key)
+            if let Some((name, until, generation)) = verified.get(&key)
                 && *until > now
+                && *generation == known.generation
             {
                 return Ok(name.clone());
             }
         }
         let _permit = self.verifying.acquire().await.map_err(|_| ())?;
-        let users = self.users.clone();
+        let users = Arc::clone(&known.users);
         let checked = user.clone();
         let ok =
             tokio::task::spawn_blocking(move || users.verify(&checked, &password)).await.unwrap_or(false);
@@ -262,13 +310,13 @@ impl ClientAuth {
             return Err(());
         }
         let mut verified = self.verified.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        verified.retain(|_, (_, until)| *until > now);
+        verified.retain(|_, (_, until, generation)| *until > now && *generation == known.generation);
         if verified.len() >= MAX_VERIFIED
-            && let Some(oldest) = verified.iter().min_by_key(|(_, (_, until))| *until).map(|(k, _)| *k)
+            && let Some(oldest) = verified.iter().min_by_key(|(_, (_, until, _))| *until).map(|(k, _)| *k)
         {
             verified.remove(&oldest);
         }
-        verified.insert(key, (user.clone(), now + VERIFIED_FOR));
+        verified.insert(key, (user.clone(), now + VERIFIED_FOR, known.generation));
         Ok(user)
     }
 
@@ -381,10 +429,24 @@ mod tests {
         let mut garbage = HeaderMap::new();
         garbage.insert(header::AUTHORIZATION, HeaderValue::from_static("Basic !!!"));
         assert_eq!(who(garbage).await, Err(()));
-        // Remembered: with the user file emptied, the verified pair still passes (and only it).
-        let auth = ClientAuth { users: Htpasswd::default(), ..auth };
-        let who = |headers: HeaderMap| auth.identify(Presented::of(&headers));
+        // Remembered: with the users gone (but no reload), the verified pair still passes, and
+        // only it.
+        let same_generation = Known { users: Arc::default(), tokens: Tokens::default(), generation: 0 };
+        *auth.known.write().unwrap() = Arc::new(same_generation);
         assert_eq!(who(basic("alice", "secret-pass")).await, Ok(Some("alice".to_owned())));
         assert_eq!(who(basic("alice", "secret-pass2")).await, Err(()));
+        // A reload reads the files again and forgets what was verified: alice removed, bob added.
+        std::fs::write(
+            &htpasswd,
+            format!("bob:{}\n", "$2y$05$REhSfycUQ4.X1f6OChDt/.axc..E8YRgOBBfTduMfGo6/4.6Di.VW"),
+        )
+        .unwrap();
+        assert_eq!(auth.reload().unwrap(), (1, 1));
+        assert_eq!(who(basic("alice", "secret-pass")).await, Err(()));
+        assert_eq!(who(basic("bob", "secret-pass")).await, Ok(Some("bob".to_owned())));
+        // A bad file changes nothing.
+        std::fs::write(&htpasswd, "bob:plain\n").unwrap();
+        assert!(auth.reload().is_err());
+        assert_eq!(who(basic("bob", "secret-pass")).await, Ok(Some("bob".to_owned())));
     }
 }
