@@ -189,6 +189,13 @@ async fn clients_log_in_with_htpasswd_users_and_tokens_and_each_area_has_its_gra
 
 const MANIFEST: &[u8] = br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"sha256:44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a","size":2},"layers":[]}"#;
 
+/// A layer only `private/app` has upstream.
+const SECRET_LAYER: &[u8] = b"the private layer's bytes";
+
+fn digest_of(bytes: &[u8]) -> String {
+    format!("sha256:{}", hex::encode(sha2::Sha256::digest(bytes)))
+}
+
 /// base64 of `user:password`, for the upstream's side of Basic auth.
 fn basic(user: &str, password: &str) -> String {
     const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
@@ -250,8 +257,11 @@ async fn private_upstream(bob_checks: Arc<AtomicU64>) -> Origin {
         if head.path.ends_with("/tags/list?n=1") {
             return respond("200 OK", "Content-Type: application/json\r\n", br#"{"name":"x","tags":["v1"]}"#);
         }
-        if head.path.ends_with("/manifests/v1") {
+        if head.path.ends_with("/manifests/v1") || head.path == format!("/v2/private/app/manifests/{}", digest_of(MANIFEST)) {
             return respond("200 OK", "Content-Type: application/vnd.oci.image.manifest.v1+json\r\n", MANIFEST);
+        }
+        if head.path == format!("/v2/private/app/blobs/{}", digest_of(SECRET_LAYER)) {
+            return respond("200 OK", "Content-Type: application/octet-stream\r\n", SECRET_LAYER);
         }
         respond("404 Not Found", "", b"")
     })
@@ -292,6 +302,20 @@ async fn pass_through_serves_the_cache_only_to_clients_the_upstream_lets_pull() 
     // A public repository: anyone the upstream lets in.
     let public = format!("http://{}/v2/public/app/manifests/v1", dunite.addr);
     assert_eq!(curl(&public, &[]).await.status, 200);
+    // The cache is shared by digest, but a digest cached through a private repository is not
+    // served through a public one the upstream does not hold it in.
+    let (manifest, layer) = (digest_of(MANIFEST), digest_of(SECRET_LAYER));
+    let through =
+        |repo: &str, kind: &str, digest: &str| format!("http://{}/v2/{repo}/{kind}/{digest}", dunite.addr);
+    assert_eq!(curl(&through("private/app", "manifests", &manifest), &bob).await.status, 200);
+    assert_eq!(curl(&through("private/app", "blobs", &layer), &bob).await.body, SECRET_LAYER);
+    for (kind, digest) in [("manifests", &manifest), ("blobs", &layer)] {
+        let got = curl(&through("public/app", kind, digest), &[]).await;
+        assert_eq!(got.status, 404, "a private {kind} cached for bob went to an anonymous client");
+        let got = curl(&through("public/app", kind, digest), &["-I"]).await;
+        assert_eq!(got.status, 404, "HEAD of a private {kind} told an anonymous client it is cached");
+    }
+    assert_eq!(curl(&through("private/app", "blobs", &layer), &bob).await.status, 200, "still bob's");
     assert!(!dunite.log_text().contains("bobs-upstream-password"));
 }
 

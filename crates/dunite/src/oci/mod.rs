@@ -200,26 +200,33 @@ async fn route(
     if !mirror.registries.knows(&host) {
         return Err(Error::UnknownRegistry(host));
     }
-    if !matches!(kind, "blobs" | "manifests") {
-        return Err(Error::UnknownEndpoint);
-    }
+    // Read what is asked for before anything is authorised or fetched.
+    let asked = match kind {
+        "blobs" => Asked::Blob(reference.parse().map_err(Error::DigestInvalid)?),
+        "manifests" => Asked::Manifest(Reference::parse(reference)?),
+        _ => return Err(Error::UnknownEndpoint),
+    };
     if let Some(checks) = &mirror.pass_through {
         let anonymous = UpstreamLogin(None);
-        passthrough::authorise(mirror, checks, &host, name, client.login.as_ref().unwrap_or(&anonymous))
-            .await?;
+        let login = client.login.as_ref().unwrap_or(&anonymous);
+        passthrough::authorise(mirror, checks, (&host, name), login, &asked).await?;
     }
     let peer = client.peer;
-    match kind {
-        "blobs" => {
-            let digest: Digest = reference.parse().map_err(Error::DigestInvalid)?;
-            blobs::blob(mirror, method, (&host, name), &digest, peer, headers).await
-        }
-        "manifests" => {
-            let reference = Reference::parse(reference)?;
+    match asked {
+        Asked::Blob(digest) => blobs::blob(mirror, method, (&host, name), &digest, peer, headers).await,
+        Asked::Manifest(reference) => {
             manifests::manifest(mirror, method, (&host, name), reference, peer, headers).await
         }
-        _ => Err(Error::UnknownEndpoint),
     }
+}
+
+/// What a `/v2/` request asks for.
+#[derive(Debug)]
+enum Asked {
+    /// `blobs/<digest>`.
+    Blob(Digest),
+    /// `manifests/<tag or digest>`.
+    Manifest(Reference),
 }
 
 fn set_digest(headers: &mut HeaderMap, digest: &Digest) {
