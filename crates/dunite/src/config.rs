@@ -12,7 +12,7 @@ use std::time::Duration;
 use clap::Parser;
 use serde::Deserialize;
 
-use crate::auth::{Area, AuthConfig};
+use crate::auth::{Area, AuthConfig, Grants};
 use crate::tls::TlsFiles;
 
 /// The `dunite` command line.
@@ -418,12 +418,27 @@ impl Config {
             .access
             .into_iter()
             .flat_map(|(area, who)| who.into_iter().map(move |w| format!("{area}={w}")));
-        let grants: Vec<String> = if args.access.is_empty() { file_grants.collect() } else { args.access };
-        for grant in grants {
+        // Flags (or DUNITE_ACCESS) replace the file's grants of the areas they name, and only
+        // those: adding a metrics grant on the command line keeps the file's pull grants.
+        let mut flagged = Grants::default();
+        for grant in &args.access {
+            flagged.add(grant).map_err(|m| bad("access", m))?;
+        }
+        for grant in file_grants {
             config.auth.grants.add(&grant).map_err(|m| bad("access", m))?;
         }
+        config.auth.grants.replace_with(flagged);
         if config.auth.pass_through && config.auth.grants.names(Area::Pull) {
             return Err(bad("access", "with --pass-through-auth the upstream decides who may pull"));
+        }
+        // Under pass-through a client's Basic credentials for the mirror go to the upstream:
+        // mirror passwords would be sent to Docker Hub and the like.
+        if config.auth.pass_through && config.auth.htpasswd.is_some() {
+            return Err(bad(
+                "pass-through-auth",
+                "cannot be combined with --htpasswd: the Basic credentials clients send the mirror \
+                 would go to the upstream (use --client-token-file for the other areas)",
+            ));
         }
         if let Some(ttl) = args.pass_through_ttl.or(file.pass_through_ttl) {
             config.pass_through_ttl = parse_duration(&ttl).map_err(|m| bad("pass-through-ttl", m))?;
@@ -472,10 +487,19 @@ impl Config {
     #[must_use]
     pub fn exposure_warnings(&self) -> Vec<String> {
         let mut warnings = Vec::new();
-        if !self.listen.ip().is_loopback() && !self.auth.enabled() {
+        if self.listen.ip().is_loopback() {
+            return warnings;
+        }
+        if !self.auth.any() {
             warnings.push(format!(
                 "listening on {} without client authentication: anyone who reaches it may use it \
                  (see --htpasswd, --client-token-file, --pass-through-auth)",
+                self.listen
+            ));
+        } else if self.tls.is_none() {
+            warnings.push(format!(
+                "listening on {} with client authentication but without TLS: credentials cross the \
+                 network in clear text (see --tls-cert)",
                 self.listen
             ));
         }
@@ -631,6 +655,9 @@ mod tests {
             let args = ServeArgs { config: Some(file.path().to_owned()), ..auth };
             assert!(Config::resolve(args).is_ok());
         }
+        let both =
+            ServeArgs { htpasswd: Some("users".into()), pass_through_auth: true, ..ServeArgs::default() };
+        assert_eq!(Config::resolve(both).unwrap_err().setting, "pass-through-auth");
         // Client auth, but pulls granted to anonymous: as open as none.
         let args = ServeArgs {
             config: Some(file.path().to_owned()),
@@ -645,6 +672,15 @@ mod tests {
             Config::resolve(ServeArgs { config: Some(file.path().to_owned()), ..ServeArgs::default() })
                 .unwrap();
         assert!(config.auth.grants.is_anonymous(Area::Metrics, true));
+        // A flag replaces the file's grants of its area only.
+        let args = ServeArgs {
+            config: Some(file.path().to_owned()),
+            access: vec!["pull=ci".into()],
+            ..ServeArgs::default()
+        };
+        let grants = Config::resolve(args).unwrap().auth.grants;
+        assert!(grants.is_anonymous(Area::Metrics, true), "the file's metrics grant stays");
+        assert!(!grants.is_anonymous(Area::Pull, true) && grants.names(Area::Pull));
     }
 
     #[test]
@@ -654,6 +690,9 @@ mod tests {
         config.listen = "0.0.0.0:5080".parse().unwrap();
         assert_eq!(config.exposure_warnings().len(), 1);
         config.auth.token_file = Some("tokens".into());
+        let warnings = config.exposure_warnings();
+        assert!(warnings.len() == 1 && warnings[0].contains("clear text"), "{warnings:?}");
+        config.tls = Some(TlsFiles { cert: "c".into(), key: "k".into() });
         assert!(config.exposure_warnings().is_empty());
     }
 

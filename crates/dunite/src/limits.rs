@@ -74,7 +74,7 @@ impl FillLimits {
     /// [`Busy`] naming the limit reached.
     pub(crate) fn try_start(&self, client: Option<IpAddr>) -> Result<FillPermit, Busy> {
         let global = Arc::clone(&self.global).try_acquire_owned().map_err(|_| Busy::Server)?;
-        let Some(ip) = client else { return Ok(FillPermit { _global: global, client: None }) };
+        let Some(ip) = client.map(client_of) else { return Ok(FillPermit { _global: global, client: None }) };
         let mut clients = self.clients.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let count = clients.entry(ip).or_insert(0);
         if *count >= self.per_client {
@@ -87,6 +87,18 @@ impl FillLimits {
     /// Fills running now.
     pub(crate) fn in_flight(&self) -> usize {
         self.capacity - self.global.available_permits()
+    }
+}
+
+/// The client an address counts as: itself for IPv4, its /64 for IPv6 (one host holds a whole
+/// /64 and may use any address in it).
+fn client_of(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(std::net::Ipv6Addr::from(v6.to_bits() & !u128::from(u64::MAX))),
+        },
     }
 }
 
@@ -121,5 +133,17 @@ mod tests {
         assert_eq!(limits.in_flight(), 2);
         let _again = limits.try_start(Some(a)).unwrap();
         assert_eq!(limits.try_start(None).unwrap_err(), Busy::Server);
+    }
+
+    #[test]
+    fn an_ipv6_client_is_its_64() {
+        let limits = FillLimits::new(10, 1);
+        let _one = limits.try_start(Some("2001:db8:1:2::1".parse().unwrap())).unwrap();
+        let same_64 = limits.try_start(Some("2001:db8:1:2:ffff::9".parse().unwrap()));
+        assert_eq!(same_64.unwrap_err(), Busy::Client);
+        assert!(limits.try_start(Some("2001:db8:1:3::1".parse().unwrap())).is_ok());
+        let _v4 = limits.try_start(Some("192.0.2.1".parse().unwrap())).unwrap();
+        let mapped = limits.try_start(Some("::ffff:192.0.2.1".parse().unwrap()));
+        assert_eq!(mapped.unwrap_err(), Busy::Client, "an IPv4-mapped address is its IPv4 client");
     }
 }

@@ -46,6 +46,7 @@ pub(crate) fn is_public(ip: IpAddr) -> bool {
                 || (a == 100 && (64..128).contains(&b)) // shared address space (CGNAT)
                 || (a == 192 && b == 0 && c == 0) // IETF protocol assignments
                 || (a == 198 && (18..20).contains(&b)) // benchmarking
+                || (a == 192 && b == 88 && c == 99) // 6to4 relay anycast (deprecated)
                 || a >= 240) // reserved
         }
         IpAddr::V6(v6) => {
@@ -58,8 +59,12 @@ pub(crate) fn is_public(ip: IpAddr) -> bool {
             if let Some(v4) = v6.to_ipv4_mapped() {
                 return is_public(IpAddr::V4(v4));
             }
-            // IPv4-compatible (::a.b.c.d, deprecated) and NAT64 (64:ff9b::/96).
-            if segments[..6] == [0; 6] || segments[..6] == [0x64, 0xff9b, 0, 0, 0, 0] {
+            // IPv4-compatible (::a.b.c.d, deprecated), NAT64 (64:ff9b::/96) and SIIT's
+            // IPv4-translated (::ffff:0:a.b.c.d).
+            if segments[..6] == [0; 6]
+                || segments[..6] == [0x64, 0xff9b, 0, 0, 0, 0]
+                || segments[..6] == [0, 0, 0, 0, 0xffff, 0]
+            {
                 return !v6.is_loopback()
                     && !v6.is_unspecified()
                     && is_public(embedded(segments[6], segments[7]));
@@ -67,6 +72,11 @@ pub(crate) fn is_public(ip: IpAddr) -> bool {
             // 6to4 (2002:a.b.c.d::/48).
             if segments[0] == 0x2002 {
                 return is_public(embedded(segments[1], segments[2]));
+            }
+            // The local-use NAT64 prefix (64:ff9b:1::/48) and Teredo (2001::/32) reach IPv4
+            // hosts the mirror cannot judge: never public.
+            if segments[..3] == [0x64, 0xff9b, 1] || segments[..2] == [0x2001, 0] {
+                return false;
             }
             let first = segments[0];
             !(v6.is_multicast()
@@ -244,6 +254,10 @@ mod tests {
             "198.18.0.1",
             "192.0.0.8",
             "240.0.0.1",
+            "192.88.99.1",
+            "64:ff9b:1::a9fe:a9fe",
+            "2001:0:4136:e378:8000:63bf:3fff:fdd2",
+            "::ffff:0:a9fe:a9fe",
             "255.255.255.255",
         ] {
             assert!(!is_public(private.parse().unwrap()), "{private}");

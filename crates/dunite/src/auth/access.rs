@@ -111,6 +111,11 @@ impl Grants {
         self.by_area.entry(area).or_default().insert(who);
     }
 
+    /// Replace the grants of every area `other` names with `other`'s (flags over the file).
+    pub fn replace_with(&mut self, other: Self) {
+        self.by_area.extend(other.by_area);
+    }
+
     /// Whether any grant names `area`.
     #[must_use]
     pub fn names(&self, area: Area) -> bool {

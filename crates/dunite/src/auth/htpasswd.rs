@@ -5,14 +5,18 @@ use std::path::Path;
 
 use super::AuthFileError;
 
-/// A bcrypt hash of no password anyone knows: a user not in the file is checked against it,
-/// so an unknown name costs the same time as a wrong password (no user enumeration by timing).
+/// A bcrypt hash of no password anyone knows, of the lowest cost htpasswd writes (for an
+/// empty file).
 const DECOY: &str = "$2y$05$lfNTHFUVrVyeFEjW6WS.MOZko1pKFQK7fEx/alM4IcDTq0EijkrdK";
 
 /// The users of an htpasswd file: name -> bcrypt hash.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Htpasswd {
     users: HashMap<String, String>,
+    /// A user not in the file is checked against this hash of no known password, made at load
+    /// with the highest cost in the file: an unknown name costs as much time as a known one
+    /// with a wrong password (no user enumeration by timing, and no cheaper path to flood).
+    decoy: Option<String>,
 }
 
 impl Htpasswd {
@@ -25,16 +29,20 @@ impl Htpasswd {
     /// [`AuthFileError`] naming the file and line.
     pub(crate) fn load(path: &Path) -> Result<Self, AuthFileError> {
         let mut users = HashMap::new();
+        let mut highest_cost = None;
         for (line, user, hash) in super::entries(path)? {
             let bad = |message: &str| AuthFileError::line(path, line, message);
-            if hash.parse::<bcrypt::HashParts>().is_err() {
+            let Ok(parts) = hash.parse::<bcrypt::HashParts>() else {
                 return Err(bad("not a bcrypt hash (write entries with `htpasswd -B`)"));
-            }
+            };
+            highest_cost = highest_cost.max(Some(parts.get_cost()));
             if users.insert(user, hash).is_some() {
                 return Err(bad("user listed twice"));
             }
         }
-        Ok(Self { users })
+        // What the decoy hashes does not matter: an unknown user is refused whatever matches.
+        let decoy = highest_cost.and_then(|cost| bcrypt::hash("decoy", cost).ok());
+        Ok(Self { users, decoy })
     }
 
     /// Whether `password` is `user`'s. Slow on purpose (bcrypt): call it off the runtime's
@@ -43,7 +51,7 @@ impl Htpasswd {
         match self.users.get(user) {
             Some(hash) => bcrypt::verify(password, hash).unwrap_or(false),
             None => {
-                let _ = bcrypt::verify(password, DECOY);
+                let _ = bcrypt::verify(password, self.decoy.as_deref().unwrap_or(DECOY));
                 false
             }
         }
@@ -76,6 +84,8 @@ mod tests {
         assert!(!users.verify("alice", "secret-pas"));
         assert!(!users.verify("bob", "secret-pass"));
         assert!(DECOY.parse::<bcrypt::HashParts>().is_ok(), "the decoy must cost a real verification");
+        let decoy = users.decoy.as_deref().unwrap().parse::<bcrypt::HashParts>().unwrap();
+        assert_eq!(decoy.get_cost(), 5, "the decoy costs what the file's dearest entry costs");
     }
 
     #[test]

@@ -44,6 +44,9 @@ use crate::peer::Peer;
 pub(crate) const VERIFIED_FOR: Duration = Duration::from_secs(300);
 /// The most bcrypt verifications running at once.
 pub(crate) const CONCURRENT_VERIFICATIONS: usize = 2;
+/// How long a password check may wait for a turn before the request is answered `429`: a
+/// flood of checks is turned away instead of queueing without bound.
+pub(crate) const VERIFY_WAIT: Duration = Duration::from_secs(2);
 /// The most verified passwords remembered.
 const MAX_VERIFIED: usize = 4096;
 
@@ -174,14 +177,14 @@ impl Known {
 pub(crate) struct ClientAuth {
     config: AuthConfig,
     known: std::sync::RwLock<Arc<Known>>,
-    /// Whether any client authentication is configured (users, tokens or pass-through).
+    /// Whether a user or token file is configured: without one, credentials are not checked.
     enabled: bool,
     /// `/v2/` is authorised by the upstream.
     pass_through: bool,
     rules: HashMap<Area, Rule>,
     /// Verified passwords: digest of the pair -> (user, until, generation of `known`).
     verified: Mutex<HashMap<[u8; 32], (String, Instant, u64)>>,
-    verifying: tokio::sync::Semaphore,
+    verifying: Arc<tokio::sync::Semaphore>,
 }
 
 /// How client authentication is configured (the `Config` fields it reads).
@@ -198,10 +201,18 @@ pub struct AuthConfig {
 }
 
 impl AuthConfig {
-    /// Whether clients authenticate at all (a user file, a token file, or pass-through).
+    /// Whether clients authenticate to dunite itself: a user file or a token file. (Without
+    /// one, credentials a client sends are not checked, and every area keeps its anonymous
+    /// default; `--pass-through-auth` alone authorises pulls only.)
     #[must_use]
     pub fn enabled(&self) -> bool {
-        self.htpasswd.is_some() || self.token_file.is_some() || self.pass_through
+        self.htpasswd.is_some() || self.token_file.is_some()
+    }
+
+    /// Whether anything authenticates clients: dunite's own users or tokens, or the upstream.
+    #[must_use]
+    pub fn any(&self) -> bool {
+        self.enabled() || self.pass_through
     }
 
     /// Whether a client without credentials may pull whatever the mirror holds: `/v2/` is
@@ -236,7 +247,7 @@ impl ClientAuth {
             pass_through: config.pass_through,
             rules,
             verified: Mutex::default(),
-            verifying: tokio::sync::Semaphore::new(CONCURRENT_VERIFICATIONS),
+            verifying: Arc::new(tokio::sync::Semaphore::new(CONCURRENT_VERIFICATIONS)),
         })
     }
 
@@ -253,10 +264,11 @@ impl ClientAuth {
     ///
     /// [`AuthFileError`] if a file cannot be read or has a bad entry.
     pub(crate) fn reload(&self) -> Result<(usize, usize), AuthFileError> {
-        let mut known = self.known.write().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let fresh = Known::load(&self.config, known.generation + 1)?;
+        // Read before the lock is taken: requests never wait on the file system.
+        let fresh = Known::load(&self.config, 0)?;
         let counts = (fresh.users.len(), fresh.tokens.len());
-        *known = Arc::new(fresh);
+        let mut known = self.known.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+        *known = Arc::new(Known { generation: known.generation + 1, ..fresh });
         self.verified.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clear();
         Ok(counts)
     }
@@ -265,13 +277,19 @@ impl ClientAuth {
         Arc::clone(&self.known.read().unwrap_or_else(std::sync::PoisonError::into_inner))
     }
 
-    /// Who presented `presented`: `Ok(None)` for no credentials, `Err` for wrong ones.
-    async fn identify(&self, presented: Presented) -> Result<Option<String>, ()> {
+    /// Who presented `presented`: `Ok(None)` for no credentials (or when no user or token file
+    /// is configured: then nothing is checked), `Err` for wrong ones or no turn to check.
+    async fn identify(&self, presented: Presented) -> Result<Option<String>, Failure> {
+        if !self.enabled {
+            return Ok(None);
+        }
         let known = self.known();
         match presented {
             Presented::None => Ok(None),
-            Presented::Malformed => Err(()),
-            Presented::Bearer(token) => known.tokens.name(&token).map(|name| Some(name.to_owned())).ok_or(()),
+            Presented::Malformed => Err(Failure::Wrong),
+            Presented::Bearer(token) => {
+                known.tokens.name(&token).map(|name| Some(name.to_owned())).ok_or(Failure::Wrong)
+            }
             Presented::Basic { user, password } => {
                 // A token's name and the token, for clients that only speak Basic.
                 if known.tokens.name(&password) == Some(user.as_str()) {
@@ -283,7 +301,12 @@ impl ClientAuth {
     }
 
     /// Check `password` against the user file, remembering a success for `VERIFIED_FOR`.
-    async fn verify_password(&self, known: &Known, user: String, password: String) -> Result<String, ()> {
+    async fn verify_password(
+        &self,
+        known: &Known,
+        user: String,
+        password: String,
+    ) -> Result<String, Failure> {
         let key: [u8; 32] = {
             let mut hasher = sha2::Sha256::new();
             hasher.update(user.as_bytes());
@@ -301,13 +324,21 @@ impl ClientAuth {
                 return Ok(name.clone());
             }
         }
-        let _permit = self.verifying.acquire().await.map_err(|_| ())?;
+        let turn = tokio::time::timeout(VERIFY_WAIT, Arc::clone(&self.verifying).acquire_owned()).await;
+        let Ok(Ok(permit)) = turn else { return Err(Failure::Busy) };
         let users = Arc::clone(&known.users);
         let checked = user.clone();
-        let ok =
-            tokio::task::spawn_blocking(move || users.verify(&checked, &password)).await.unwrap_or(false);
-        if !ok {
-            return Err(());
+        // The permit goes with the check: a client that hangs up does not free its turn
+        // while its bcrypt still runs.
+        let ok = tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            users.verify(&checked, &password)
+        })
+        .await
+        .unwrap_or(false);
+        // Users reloaded meanwhile: what was checked may be gone.
+        if !ok || self.known().generation != known.generation {
+            return Err(Failure::Wrong);
         }
         let mut verified = self.verified.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         verified.retain(|_, (_, until, generation)| *until > now && *generation == known.generation);
@@ -332,9 +363,16 @@ impl ClientAuth {
             request.extensions_mut().insert(UpstreamLogin(login));
             return next.run(request).await;
         }
-        let Ok(name) = self.identify(presented).await else {
-            tracing::info!(%area, "wrong client credentials");
-            return refuse(area, Refusal::Unauthenticated);
+        let name = match self.identify(presented).await {
+            Ok(name) => name,
+            Err(Failure::Wrong) => {
+                tracing::info!(%area, "wrong client credentials");
+                return refuse(area, Refusal::Unauthenticated);
+            }
+            Err(Failure::Busy) => {
+                tracing::warn!(%area, "too many password checks waiting; answered 429");
+                return refuse(area, Refusal::Busy);
+            }
         };
         let rule = &self.rules[&area];
         if rule.permits(name.as_deref(), peer.is_loopback()) {
@@ -347,12 +385,23 @@ impl ClientAuth {
     }
 }
 
+/// Why credentials were not accepted.
+#[derive(Debug, PartialEq, Eq)]
+enum Failure {
+    /// Wrong or unreadable.
+    Wrong,
+    /// Not checked: too many checks waiting (see [`VERIFY_WAIT`]).
+    Busy,
+}
+
 /// Why a request was not let in.
 enum Refusal {
     /// No credentials, or wrong ones: `401` with the challenge.
     Unauthenticated,
     /// Credentials (or an address) without a grant for the area: `403`.
     Denied,
+    /// Password checks are saturated: `429` with `Retry-After`.
+    Busy,
 }
 
 /// The answer to a refused request: for `/v2/`, the distribution spec's error body.
@@ -360,6 +409,9 @@ fn refuse(area: Area, refusal: Refusal) -> Response {
     let (status, code, message) = match refusal {
         Refusal::Unauthenticated => (StatusCode::UNAUTHORIZED, "UNAUTHORIZED", "authentication required"),
         Refusal::Denied => (StatusCode::FORBIDDEN, "DENIED", "requested access to the resource is denied"),
+        Refusal::Busy => {
+            (StatusCode::TOO_MANY_REQUESTS, "TOOMANYREQUESTS", "too many logins at once; retry shortly")
+        }
     };
     let mut response = if area == Area::Pull {
         let body = serde_json::json!({ "errors": [{ "code": code, "message": message }] }).to_string();
@@ -373,6 +425,9 @@ fn refuse(area: Area, refusal: Refusal) -> Response {
     };
     if status == StatusCode::UNAUTHORIZED {
         response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static(CHALLENGE));
+    }
+    if status == StatusCode::TOO_MANY_REQUESTS {
+        response.headers_mut().insert(header::RETRY_AFTER, crate::limits::RETRY_AFTER_SECS.into());
     }
     response
 }
@@ -420,7 +475,7 @@ mod tests {
         let auth = ClientAuth::load(&config).unwrap();
         let who = |headers: HeaderMap| auth.identify(Presented::of(&headers));
         assert_eq!(who(basic("alice", "secret-pass")).await, Ok(Some("alice".to_owned())));
-        assert_eq!(who(basic("alice", "wrong")).await, Err(()));
+        assert_eq!(who(basic("alice", "wrong")).await, Err(Failure::Wrong));
         assert_eq!(who(basic("ci", "0123456789abcdef-ci")).await, Ok(Some("ci".to_owned())));
         let mut bearer = HeaderMap::new();
         bearer.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer 0123456789abcdef-ci"));
@@ -428,13 +483,13 @@ mod tests {
         assert_eq!(who(HeaderMap::new()).await, Ok(None));
         let mut garbage = HeaderMap::new();
         garbage.insert(header::AUTHORIZATION, HeaderValue::from_static("Basic !!!"));
-        assert_eq!(who(garbage).await, Err(()));
+        assert_eq!(who(garbage).await, Err(Failure::Wrong));
         // Remembered: with the users gone (but no reload), the verified pair still passes, and
         // only it.
         let same_generation = Known { users: Arc::default(), tokens: Tokens::default(), generation: 0 };
         *auth.known.write().unwrap() = Arc::new(same_generation);
         assert_eq!(who(basic("alice", "secret-pass")).await, Ok(Some("alice".to_owned())));
-        assert_eq!(who(basic("alice", "secret-pass2")).await, Err(()));
+        assert_eq!(who(basic("alice", "secret-pass2")).await, Err(Failure::Wrong));
         // A reload reads the files again and forgets what was verified: alice removed, bob added.
         std::fs::write(
             &htpasswd,
@@ -442,11 +497,77 @@ mod tests {
         )
         .unwrap();
         assert_eq!(auth.reload().unwrap(), (1, 1));
-        assert_eq!(who(basic("alice", "secret-pass")).await, Err(()));
+        assert_eq!(who(basic("alice", "secret-pass")).await, Err(Failure::Wrong));
         assert_eq!(who(basic("bob", "secret-pass")).await, Ok(Some("bob".to_owned())));
         // A bad file changes nothing.
         std::fs::write(&htpasswd, "bob:plain\n").unwrap();
         assert!(auth.reload().is_err());
         assert_eq!(who(basic("bob", "secret-pass")).await, Ok(Some("bob".to_owned())));
+    }
+
+    fn with_users(dir: &Path, entries: &str) -> ClientAuth {
+        let htpasswd = dir.join("htpasswd");
+        std::fs::write(&htpasswd, entries).unwrap();
+        ClientAuth::load(&AuthConfig { htpasswd: Some(htpasswd), ..AuthConfig::default() }).unwrap()
+    }
+
+    #[tokio::test]
+    async fn without_user_or_token_files_credentials_are_not_checked() {
+        let auth = ClientAuth::load(&AuthConfig::default()).unwrap();
+        assert_eq!(auth.identify(Presented::of(&basic("x", "y"))).await, Ok(None));
+        assert_eq!(auth.verifying.available_permits(), CONCURRENT_VERIFICATIONS, "no bcrypt ran");
+        let pass_through = AuthConfig { pass_through: true, ..AuthConfig::default() };
+        assert!(!pass_through.enabled() && pass_through.any());
+        let rules = ClientAuth::load(&pass_through).unwrap().rules;
+        assert!(rules[&Area::Download].permits(None, false), "pass-through alone leaves downloads open");
+    }
+
+    #[tokio::test]
+    async fn a_check_keeps_its_turn_until_bcrypt_is_done_even_if_the_client_hangs_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let hash = bcrypt::hash("right", 12).unwrap();
+        let auth = with_users(dir.path(), &format!("alice:{hash}\n"));
+        let check = auth.identify(Presented::of(&basic("alice", "wrong")));
+        // Dropped after its first steps: the check has its turn, and bcrypt runs on.
+        assert!(tokio::time::timeout(Duration::from_millis(20), check).await.is_err());
+        assert_eq!(auth.verifying.available_permits(), CONCURRENT_VERIFICATIONS - 1);
+        let auth = &auth;
+        poll_until(async || auth.verifying.available_permits() == CONCURRENT_VERIFICATIONS).await;
+    }
+
+    /// Poll `done` every few milliseconds for up to 30 s (this crate has no test kit).
+    async fn poll_until(mut done: impl AsyncFnMut() -> bool) {
+        let give_up = Instant::now() + Duration::from_secs(30);
+        while !done().await {
+            assert!(Instant::now() < give_up, "not done within 30 s");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn checks_that_cannot_get_a_turn_are_turned_away() {
+        let dir = tempfile::tempdir().unwrap();
+        let auth =
+            with_users(dir.path(), "alice:$2y$05$REhSfycUQ4.X1f6OChDt/.axc..E8YRgOBBfTduMfGo6/4.6Di.VW\n");
+        let _held = Arc::clone(&auth.verifying).acquire_many_owned(CONCURRENT_VERIFICATIONS as u32).await;
+        let started = tokio::time::Instant::now();
+        assert_eq!(auth.identify(Presented::of(&basic("alice", "secret-pass"))).await, Err(Failure::Busy));
+        assert_eq!(started.elapsed(), VERIFY_WAIT);
+    }
+
+    #[tokio::test]
+    async fn a_user_removed_while_their_check_waited_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let alice = "alice:$2y$05$REhSfycUQ4.X1f6OChDt/.axc..E8YRgOBBfTduMfGo6/4.6Di.VW\n";
+        let auth = with_users(dir.path(), alice);
+        let held = Arc::clone(&auth.verifying).acquire_many_owned(CONCURRENT_VERIFICATIONS as u32).await;
+        let check = auth.identify(Presented::of(&basic("alice", "secret-pass")));
+        tokio::pin!(check);
+        // One step: the check has read the users and waits for a turn.
+        assert!(tokio::time::timeout(Duration::ZERO, &mut check).await.is_err());
+        std::fs::write(dir.path().join("htpasswd"), "").unwrap();
+        auth.reload().unwrap();
+        drop(held);
+        assert_eq!(check.await, Err(Failure::Wrong));
     }
 }

@@ -80,6 +80,9 @@ pub(crate) enum Error {
     /// repository; answered `401` with the challenge, so the client logs in.
     #[error("authentication required")]
     LoginRequired,
+    /// A limit on upstream requests in flight (in all or for this client) is reached.
+    #[error(transparent)]
+    Busy(#[from] Busy),
     /// Pass-through authorisation: the upstream refuses this client's credentials for the
     /// repository.
     #[error("requested access to the resource is denied")]
@@ -122,6 +125,7 @@ impl Error {
             }
             Self::Unauthorized | Self::LoginRequired => StatusCode::UNAUTHORIZED,
             Self::Denied => StatusCode::FORBIDDEN,
+            Self::Busy(_) => StatusCode::TOO_MANY_REQUESTS,
             Self::Fill(FillError::Other(source)) if source.downcast_ref::<Busy>().is_some() => {
                 StatusCode::TOO_MANY_REQUESTS
             }

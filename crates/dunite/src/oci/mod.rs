@@ -209,7 +209,7 @@ async fn route(
     if let Some(checks) = &mirror.pass_through {
         let anonymous = UpstreamLogin(None);
         let login = client.login.as_ref().unwrap_or(&anonymous);
-        passthrough::authorise(mirror, checks, (&host, name), login, &asked).await?;
+        passthrough::authorise(mirror, checks, (&host, name), (login, client.peer), &asked).await?;
     }
     let peer = client.peer;
     match asked {

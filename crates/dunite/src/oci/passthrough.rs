@@ -22,6 +22,7 @@ use axum::http::{HeaderValue, Method, StatusCode};
 use super::{Asked, Error, Mirror};
 use crate::auth::UpstreamLogin;
 use crate::config::Credentials;
+use crate::peer::Peer;
 use crate::spec::Reference;
 
 /// The most answers remembered (credentials x repositories, which clients choose), and the
@@ -97,7 +98,7 @@ pub(super) async fn authorise(
     mirror: &Mirror,
     checks: &PassThrough,
     (host, name): (&str, &str),
-    login: &UpstreamLogin,
+    (login, peer): (&UpstreamLogin, Peer),
     asked: &Asked,
 ) -> Result<(), Error> {
     let credentials = login.0.as_ref().map(|(username, password)| Credentials {
@@ -120,6 +121,9 @@ pub(super) async fn authorise(
     let may = match checks.remembered(&key) {
         Some(may) => may,
         None => {
+            // Asking the upstream counts like a fill: a client cannot make the mirror ask it
+            // without bound (each new credential is a check).
+            let _permit = mirror.limits.try_start(peer.ip())?;
             let may = mirror.registries.may_pull(host, &upstream_name, credentials.as_ref()).await?;
             checks.remember(key, may);
             may
@@ -143,6 +147,7 @@ pub(super) async fn authorise(
     let path = format!("{upstream_name}/{kind}/{digest}");
     let every_type = HeaderValue::from_static(super::manifests::EVERY_MANIFEST_TYPE);
     let accept = (kind == "manifests").then_some(&every_type);
+    let _permit = mirror.limits.try_start(peer.ip())?;
     let answer = mirror.registries.send(host, &upstream_name, Method::HEAD, &path, accept).await?;
     match answer.status() {
         status if status.is_success() => {
