@@ -16,7 +16,7 @@ use crate::metrics::{ByteSource, CacheOutcome};
 use crate::peer::Peer;
 
 /// The blob cache's name in `/metrics`.
-const CACHE: &str = "blobs";
+pub(super) const CACHE: &str = "blobs";
 
 pub(super) async fn blob(
     mirror: &Arc<Mirror>,

@@ -26,7 +26,7 @@ const EVERY_MANIFEST_TYPE: &str = "application/vnd.oci.image.index.v1+json, appl
      application/vnd.oci.artifact.manifest.v1+json";
 
 /// The manifest cache's name in `/metrics`.
-const CACHE: &str = "manifests";
+pub(super) const CACHE: &str = "manifests";
 
 pub(super) async fn manifest(
     mirror: &Arc<Mirror>,

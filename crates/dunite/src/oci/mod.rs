@@ -130,15 +130,15 @@ impl Mirror {
     /// The caches, by the name `/metrics` shows.
     pub(crate) fn caches(&self) -> [(&'static str, &EntryCache); 3] {
         [
-            ("blobs", self.blobs.entries()),
-            ("manifests", self.manifests.entries()),
+            (blobs::CACHE, self.blobs.entries()),
+            (manifests::CACHE, self.manifests.entries()),
             ("tags", self.tags.entries()),
         ]
     }
 
     /// Fills running now, for the caches that fill by key (`/metrics`).
     pub(crate) fn fills_in_flight(&self) -> [(&'static str, usize); 2] {
-        [("blobs", self.blobs.fills_in_flight()), ("manifests", self.manifests.fills_in_flight())]
+        [(blobs::CACHE, self.blobs.fills_in_flight()), (manifests::CACHE, self.manifests.fills_in_flight())]
     }
 }
 
