@@ -74,7 +74,7 @@ impl App {
             tracing::warn!("{warning}");
         }
         let auth = Arc::new(ClientAuth::load(&config.auth)?);
-        let metrics = Arc::new(Metrics::default());
+        let metrics = Arc::new(Metrics::new());
         let limits = Arc::new(FillLimits::new(config.max_fills, config.max_fills_per_client));
         let mirror = Mirror::open(&config, &database, Arc::clone(&metrics), Arc::clone(&limits)).await?;
         let proxy = Proxy::open(&config, &database, Arc::clone(&metrics), Arc::clone(&limits)).await?;

@@ -309,6 +309,7 @@ impl Metrics {
     /// The exposition, with `reading` for the per-cache series: OpenMetrics text if `format`
     /// says so, else the Prometheus text format 0.0.4. Returns the content type and the text.
     pub(crate) fn render(&self, reading: Reading, format: Format) -> (&'static str, String) {
+        // Two scrapes at once may each encode the other's reading: both are current.
         self.caches.set(reading);
         let mut text = String::new();
         // Writing to a `String` fails only if an encoder does; the text so far is served.
