@@ -3,14 +3,14 @@
 use std::fmt;
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Duration;
 
 use futures_util::FutureExt as _;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::{Instant, MissedTickBehavior};
 
-use crate::store::{EvictionPass, EvictionStore, Removal};
+use crate::store::{EvictionPass, EvictionStore, Removal, Victim};
 use crate::{Error, EvictionPolicy, Result, StoreOp};
 
 /// Victims removed per `remove_batch` call at most (the time budget is checked between).
@@ -179,7 +179,8 @@ impl<S: EvictionStore> DebouncedEvictor<S> {
         let runtime = tokio::runtime::Handle::try_current().map_err(|_| Error::NoRuntime)?;
         let (pokes, poke_rx) = mpsc::channel(1);
         let (requests, request_rx) = mpsc::channel(EXPLICIT_QUEUE);
-        let shared = Arc::new(Shared { store, policy, stats: StatsCell::default() });
+        let shared =
+            Arc::new(Shared { store, policy, stats: StatsCell::default(), observers: Observers::default() });
         runtime.spawn(run(Arc::clone(&shared), poke_rx, request_rx));
         Ok(Self { shared, pokes, requests })
     }
@@ -230,6 +231,44 @@ impl<S: EvictionStore> DebouncedEvictor<S> {
         }
     }
 
+    /// Call `observer` with each entry a pass of this evictor removes, once its removal has
+    /// committed (its row and payload are gone, its bytes off the accounted total).
+    /// Observers are kept for the evictor's life and called in the order they were added.
+    ///
+    /// What is reported is this evictor's passes only: entries another process sharing the
+    /// store evicts, and removals outside a pass (`EntryCache::remove`), are not.
+    ///
+    /// The observer runs on the eviction task, between removals, while the pass holds its
+    /// connection (and, on a shared store, the eviction lock): it must be quick, and must
+    /// neither block nor panic. A panic ends the pass as a failed one (counted in
+    /// [`EvictorStats::errors`]); the removals before it stay done and accounted. The
+    /// evictor keeps no record of its own: an observer that remembers keys bounds its memory
+    /// itself.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use std::sync::{Arc, Mutex};
+    /// use dunite_core::{DebouncedEvictor, EvictionPolicy, MemoryStore};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), dunite_core::Error> {
+    /// let store = MemoryStore::new();
+    /// let evictor = DebouncedEvictor::spawn(store.clone(), EvictionPolicy::new(1_000))?;
+    /// let evicted = Arc::new(Mutex::new(Vec::new()));
+    /// let record = Arc::clone(&evicted);
+    /// evictor.on_evicted(move |victim| record.lock().unwrap().push(victim.key.clone()));
+    /// store.insert("a", 800);
+    /// store.insert("b", 800);
+    /// evictor.evict_now().await?;
+    /// assert_eq!(*evicted.lock().unwrap(), ["a"]);
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn on_evicted(&self, observer: impl Fn(&Victim) + Send + Sync + 'static) {
+        self.shared.observers.write().unwrap_or_else(PoisonError::into_inner).push(Box::new(observer));
+    }
+
     /// A snapshot of the evictor's counters.
     #[must_use]
     pub fn stats(&self) -> EvictorStats {
@@ -253,7 +292,11 @@ struct Shared<S> {
     store: S,
     policy: EvictionPolicy,
     stats: StatsCell,
+    observers: Observers,
 }
+
+/// What [`DebouncedEvictor::on_evicted`] registered.
+type Observers = RwLock<Vec<Box<dyn Fn(&Victim) + Send + Sync>>>;
 
 #[derive(Default)]
 struct StatsCell {
@@ -491,7 +534,7 @@ async fn run_pass<S: EvictionStore>(shared: &Shared<S>, pokes: &mpsc::Receiver<(
         report.duration = started.elapsed();
         return Ok(report);
     };
-    let driven = drive_pass(&mut pass, policy, pokes, &mut report).await;
+    let driven = drive_pass(&mut pass, policy, (pokes, &shared.observers), &mut report).await;
     // Finish even a failed pass: it releases what the pass took (a shared store's lock).
     let finished = pass.finish().await.map_err(|e| Error::store(StoreOp::FinishPass, None, e));
     driven?;
@@ -500,10 +543,13 @@ async fn run_pass<S: EvictionStore>(shared: &Shared<S>, pokes: &mpsc::Receiver<(
     Ok(report)
 }
 
+/// Where a pass learns that its handles are gone, and whom it tells what it removed.
+type Listeners<'a> = (&'a mpsc::Receiver<()>, &'a Observers);
+
 async fn drive_pass<P: EvictionPass>(
     pass: &mut P,
     policy: &EvictionPolicy,
-    pokes: &mpsc::Receiver<()>,
+    listeners: Listeners<'_>,
     report: &mut PassReport,
 ) -> Result<()> {
     let total_before =
@@ -511,7 +557,7 @@ async fn drive_pass<P: EvictionPass>(
     report.total_before = total_before;
     report.total_after = total_before;
     if total_before > policy.max_bytes() {
-        report.outcome = evict_to_watermark(pass, policy, pokes, report).await?;
+        report.outcome = evict_to_watermark(pass, policy, listeners, report).await?;
     }
     Ok(())
 }
@@ -519,7 +565,7 @@ async fn drive_pass<P: EvictionPass>(
 async fn evict_to_watermark<P: EvictionPass>(
     pass: &mut P,
     policy: &EvictionPolicy,
-    pokes: &mpsc::Receiver<()>,
+    (pokes, observers): Listeners<'_>,
     report: &mut PassReport,
 ) -> Result<PassOutcome> {
     let target = policy.low_watermark();
@@ -563,13 +609,16 @@ async fn evict_to_watermark<P: EvictionPass>(
                 let key = (chunk.len() == 1).then(|| pass.show_key(&chunk[0].key));
                 Error::store(StoreOp::Remove, key.as_deref(), e)
             })?;
-            for removal in removals {
+            for (victim, removal) in chunk.iter().zip(removals) {
                 match removal {
                     Removal::Removed { bytes } => {
                         removed_in_batch += 1;
                         report.entries_evicted += 1;
                         report.bytes_evicted += bytes;
                         report.total_after = report.total_after.saturating_sub(bytes);
+                        for observe in observers.read().unwrap_or_else(PoisonError::into_inner).iter() {
+                            observe(victim);
+                        }
                     }
                     Removal::Skipped => report.entries_skipped += 1,
                 }

@@ -4,13 +4,12 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::extract::connect_info::Connected;
 use axum::extract::{Request, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -22,7 +21,7 @@ use crate::auth::{self, Area, ClientAuth};
 use crate::config::Config;
 use crate::dl::Proxy;
 use crate::limits::FillLimits;
-use crate::metrics::{CacheGauges, CacheOutcome, Metrics};
+use crate::metrics::{CacheOutcome, CacheReading, Format, Metrics, Outcome, Reading, Route};
 use crate::oci::Mirror;
 use crate::peer::{NoDelay, PeerAddr};
 use crate::start::StartError;
@@ -37,7 +36,7 @@ pub struct App {
     mirror: Arc<Mirror>,
     /// The download proxy (`/dl/`).
     proxy: Arc<Proxy>,
-    /// Counters, shared with the features.
+    /// The metrics registry, shared with the features.
     metrics: Arc<Metrics>,
     /// Client authentication and grants per area.
     auth: Arc<ClientAuth>,
@@ -75,10 +74,13 @@ impl App {
             tracing::warn!("{warning}");
         }
         let auth = Arc::new(ClientAuth::load(&config.auth)?);
-        let metrics = Arc::new(Metrics::default());
+        let metrics = Arc::new(Metrics::new());
         let limits = Arc::new(FillLimits::new(config.max_fills, config.max_fills_per_client));
         let mirror = Mirror::open(&config, &database, Arc::clone(&metrics), Arc::clone(&limits)).await?;
         let proxy = Proxy::open(&config, &database, Arc::clone(&metrics), Arc::clone(&limits)).await?;
+        for (name, cache) in mirror.caches().into_iter().chain(proxy.caches()) {
+            metrics.watch_evictions(name, cache);
+        }
         let (mirror, proxy) = (Arc::new(mirror), Arc::new(proxy));
         Ok(Arc::new(Self { config, mirror, proxy, metrics, auth, limits }))
     }
@@ -150,13 +152,16 @@ async fn remove_stale_spools(dir: &std::path::Path, grace: Duration) {
     }
 }
 
-async fn metrics(State(app): State<Arc<App>>) -> Response {
+/// `GET /metrics`: OpenMetrics text if the scraper asks for it (Prometheus does), else the
+/// Prometheus text format 0.0.4.
+async fn metrics(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
+    let fills = app.mirror.fills_in_flight();
     let mut caches = Vec::new();
     for (name, cache) in app.mirror.caches().into_iter().chain(app.proxy.caches()) {
         let stats = cache.stats();
         caches.push((
             name,
-            CacheGauges {
+            CacheReading {
                 bytes: cache.total_bytes().await.unwrap_or(0),
                 max_bytes: cache.evictor().policy().max_bytes(),
                 entries: cache.len().await.unwrap_or(0),
@@ -165,22 +170,27 @@ async fn metrics(State(app): State<Arc<App>>) -> Response {
                 evicted: stats.evictor.entries_evicted,
                 evictor_errors: stats.evictor.errors,
                 passes_elsewhere: stats.evictor.passes_elsewhere,
+                fills_in_flight: fills.iter().find(|(of, _)| *of == name).map(|(_, n)| *n as u64),
             },
         ));
     }
-    ([("content-type", "text/plain; version=0.0.4")], app.metrics.render(&caches, app.limits.in_flight()))
-        .into_response()
+    let reading = Reading { caches, fills_in_flight: app.limits.in_flight() as u64 };
+    let format = Format::accepted(headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()));
+    let (content_type, text) = app.metrics.render(reading, format);
+    ([(header::CONTENT_TYPE, content_type)], text).into_response()
 }
 
-/// One info line per request: method, path, status, bytes, cache outcome, duration.
+/// One info line per request (method, path, status, bytes, cache outcome, duration), and its
+/// time to the response head in `dunite_request_duration_seconds` by route and outcome.
 async fn log_request(State(metrics): State<Arc<Metrics>>, request: Request, next: Next) -> Response {
     let started = Instant::now();
     let method = request.method().clone();
     // The path only: query strings may carry what does not belong in logs.
     let path = request.uri().path().to_owned();
     let response = next.run(request).await;
-    metrics.requests.fetch_add(1, Ordering::Relaxed);
+    let elapsed = started.elapsed();
     let outcome = response.extensions().get::<CacheOutcome>().copied();
+    metrics.request(Route::of(&path), Outcome::of(response.status(), outcome), elapsed);
     let bytes =
         response.headers().get("content-length").and_then(|v| v.to_str().ok()).unwrap_or("-").to_owned();
     tracing::info!(
@@ -193,7 +203,7 @@ async fn log_request(State(metrics): State<Arc<Metrics>>, request: Request, next
             CacheOutcome::Miss => "miss",
             CacheOutcome::Stale => "stale",
         }),
-        duration_ms = started.elapsed().as_millis() as u64,
+        duration_ms = elapsed.as_millis() as u64,
         "request"
     );
     response

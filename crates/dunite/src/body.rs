@@ -18,22 +18,23 @@
 use std::fs::File;
 use std::io;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use axum::body::Body;
 use bytes::Bytes;
 use futures_util::stream;
+
+use crate::metrics::ByteMeter;
 
 /// The size of each read, and so of each chunk handed to the connection.
 pub(crate) const CHUNK: usize = 256 << 10;
 
 /// A body of the `len` bytes of `file` from offset `start`, counting what it yields into
 /// `served` (`dunite_bytes_served_total`).
-pub(crate) fn file_body(file: File, start: u64, len: u64, served: &Arc<AtomicU64>) -> Body {
+pub(crate) fn file_body(file: File, start: u64, len: u64, served: &ByteMeter) -> Body {
     let end = start + len;
-    let served = Arc::clone(served);
+    let served = served.clone();
     let chunks = stream::unfold((Arc::new(file), start), move |(file, pos)| {
-        let served = Arc::clone(&served);
+        let served = served.clone();
         async move {
             if pos >= end {
                 return None;
@@ -41,7 +42,7 @@ pub(crate) fn file_body(file: File, start: u64, len: u64, served: &Arc<AtomicU64
             let want = usize::try_from(end - pos).unwrap_or(CHUNK).min(CHUNK);
             match read_chunk(Arc::clone(&file), pos, want).await {
                 Ok(chunk) => {
-                    served.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+                    served.add(chunk.len() as u64);
                     let next = pos + chunk.len() as u64;
                     Some((Ok(chunk), (file, next)))
                 }
@@ -119,18 +120,20 @@ mod tests {
     #[tokio::test]
     async fn a_body_is_the_range_across_chunk_boundaries_and_is_counted() {
         let bytes: Vec<u8> = (0..3 * CHUNK + 17).map(|i| (i % 251) as u8).collect();
-        let served = Arc::new(AtomicU64::new(0));
+        let metrics = crate::metrics::Metrics::new();
+        let served = metrics.served("blobs", crate::metrics::ByteSource::Cache);
         for (start, len) in [(0, bytes.len()), (5, 2 * CHUNK), (CHUNK - 1, CHUNK + 2), (7, 0)] {
             let body = file_body(file_of(&bytes), start as u64, len as u64, &served);
             let got = axum::body::to_bytes(body, usize::MAX).await.unwrap();
             assert_eq!(&got[..], &bytes[start..start + len], "start {start}, len {len}");
         }
-        assert_eq!(served.load(Ordering::Relaxed), (bytes.len() + 3 * CHUNK + 2) as u64);
+        assert_eq!(served.total(), (bytes.len() + 3 * CHUNK + 2) as u64);
     }
 
     #[tokio::test]
     async fn a_file_shorter_than_its_entry_ends_the_body_in_an_error() {
-        let body = file_body(file_of(&[1; 100]), 0, 200, &Arc::new(AtomicU64::new(0)));
+        let metrics = crate::metrics::Metrics::new();
+        let body = file_body(file_of(&[1; 100]), 0, 200, &metrics.upstream_bytes());
         assert!(axum::body::to_bytes(body, usize::MAX).await.is_err());
     }
 }

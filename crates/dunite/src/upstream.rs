@@ -240,7 +240,7 @@ impl From<reqwest::Error> for UpstreamError {
 /// into `received` (`dunite_upstream_bytes_total`). One for registries and download hosts.
 pub(crate) fn body(
     response: reqwest::Response,
-    received: &Arc<std::sync::atomic::AtomicU64>,
+    received: &crate::metrics::ByteMeter,
 ) -> impl futures_util::Stream<Item = Result<bytes::Bytes, reqwest::Error>> + Send + 'static + use<> {
     use futures_util::TryStreamExt as _;
     crate::metrics::metered(response.bytes_stream().map_err(redact), received)

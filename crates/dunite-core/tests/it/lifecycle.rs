@@ -337,3 +337,28 @@ async fn a_pass_whose_candidates_keep_changing_gives_up() {
     assert_eq!(report.entries_evicted, 0);
     assert_eq!(evictor.stats().passes_stalled, 1);
 }
+
+/// `on_evicted` hears every entry a pass removed, once it is gone, and nothing else: not a
+/// pinned candidate the pass left, not an explicit removal outside a pass.
+#[tokio::test]
+async fn observers_hear_each_eviction_once_it_is_done() {
+    let store = MemoryStore::new();
+    let evictor =
+        DebouncedEvictor::spawn(store.clone(), EvictionPolicy::new(1_000).with_low_watermark(600)).unwrap();
+    let heard = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let (record, seen_by) = (Arc::clone(&heard), store.clone());
+    evictor.on_evicted(move |victim: &Victim| {
+        assert!(!seen_by.contains(&victim.key), "{} reported before its removal", victim.key);
+        record.lock().unwrap().push((victim.key.clone(), victim.bytes));
+    });
+    for key in ["a", "b", "c", "d", "e"] {
+        store.insert(key, 300);
+    }
+    assert!(store.pin("a"));
+    store.remove("e");
+    let report = evictor.evict_now().await.unwrap();
+    let heard = heard.lock().unwrap().clone();
+    assert_eq!(heard, [("b".to_owned(), 300), ("c".to_owned(), 300)], "{report:?}");
+    assert_eq!(report.entries_evicted, heard.len() as u64);
+    assert!(store.contains("a") && store.contains("d"));
+}

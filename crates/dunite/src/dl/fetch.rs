@@ -9,9 +9,10 @@ use axum::http::{StatusCode, header};
 use futures_util::TryStreamExt as _;
 use reqwest::header::{IF_MODIFIED_SINCE, IF_NONE_MATCH};
 
-use crate::limits::{Busy, FillPermit};
 use dunite_download::{FetchError, FetchRequest, Fetched, Fetcher, ResponseMeta, UrlKey};
 
+use crate::limits::{Busy, FillPermit};
+use crate::metrics::Metrics;
 use crate::net::{AllowList, PrivateNetworks, PublicOnly};
 
 /// An upstream answer that is not a body: relayed to the client with its status.
@@ -23,8 +24,8 @@ pub(super) struct UpstreamStatus(pub(super) StatusCode);
 #[derive(Debug, Clone)]
 pub(crate) struct HttpFetcher {
     client: reqwest::Client,
-    /// Body bytes received, for `dunite_upstream_bytes_total`.
-    upstream_bytes: Arc<std::sync::atomic::AtomicU64>,
+    /// The server's metrics: upstream answers and the bytes received.
+    metrics: Arc<Metrics>,
 }
 
 impl HttpFetcher {
@@ -34,7 +35,7 @@ impl HttpFetcher {
         allow: AllowList,
         private: PrivateNetworks,
         timeout: Duration,
-        upstream_bytes: Arc<std::sync::atomic::AtomicU64>,
+        metrics: Arc<Metrics>,
     ) -> Result<Self, reqwest::Error> {
         let allow = Arc::new(allow);
         let policy = reqwest::redirect::Policy::custom(move |attempt| {
@@ -53,7 +54,7 @@ impl HttpFetcher {
             .redirect(policy)
             .dns_resolver(Arc::new(PublicOnly::new(private)))
             .build()?;
-        Ok(Self { client, upstream_bytes })
+        Ok(Self { client, metrics })
     }
 }
 
@@ -73,7 +74,7 @@ impl HttpFetcher {
                 get = get.header(IF_MODIFIED_SINCE, modified);
             }
         }
-        get.send().await.map_err(crate::upstream::redact)
+        self.metrics.upstream(get.send()).await.map_err(crate::upstream::redact)
     }
 }
 
@@ -145,7 +146,8 @@ impl HttpFetcher {
             return Err(Box::new(UpstreamStatus(status)));
         }
         let meta = meta_of(&response);
-        let stream = crate::upstream::body(response, &self.upstream_bytes).map_err(std::io::Error::other);
+        let stream =
+            crate::upstream::body(response, &self.metrics.upstream_bytes()).map_err(std::io::Error::other);
         let reader = match permit {
             Some(permit) => {
                 Box::pin(tokio_util::io::StreamReader::new(crate::limits::holding(stream, permit)))

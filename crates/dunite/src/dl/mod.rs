@@ -13,7 +13,6 @@ mod fetch;
 mod target;
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
 use axum::Router;
 use axum::body::Body;
@@ -27,7 +26,7 @@ use dunite_download::{DownloadCache, DownloadRequest, Lookup, Source};
 
 use crate::config::Config;
 use crate::limits::FillLimits;
-use crate::metrics::{CacheOutcome, Metrics};
+use crate::metrics::{ByteSource, CacheOutcome, Metrics};
 use crate::net::{AllowList, PrivateNetworks};
 use crate::peer::Peer;
 use crate::start::StartError;
@@ -35,6 +34,9 @@ use crate::start::StartError;
 pub(crate) use error::Error;
 pub(crate) use fetch::{HttpFetcher, LimitedFetch};
 pub(crate) use target::Target;
+
+/// The download cache's name in `/metrics`.
+const CACHE: &str = "downloads";
 
 /// The download proxy's state: its cache (with its fills) and its fetcher.
 #[derive(Debug)]
@@ -75,9 +77,8 @@ impl Proxy {
         .await?
         .with_fill_options(FillOptions::new().with_idle_timeout(config.upstream_timeout));
         let private = PrivateNetworks::allowed_if(config.dl_allow_private_networks);
-        let upstream_bytes = Arc::clone(&metrics.upstream_bytes);
         let fetcher =
-            HttpFetcher::new(config.dl_allow.clone(), private, config.upstream_timeout, upstream_bytes)
+            HttpFetcher::new(config.dl_allow.clone(), private, config.upstream_timeout, Arc::clone(&metrics))
                 .map_err(|e| StartError::Upstream(crate::upstream::UpstreamError::Http(e)))?;
         Ok(Self { downloads, fetcher, allow: config.dl_allow.clone(), metrics, limits })
     }
@@ -89,7 +90,7 @@ impl Proxy {
 
     /// The caches, by the name `/metrics` shows.
     pub(crate) fn caches(&self) -> [(&'static str, &EntryCache); 1] {
-        [("downloads", self.downloads.entries())]
+        [(CACHE, self.downloads.entries())]
     }
 }
 
@@ -103,12 +104,7 @@ async fn download(
     match serve(&proxy, peer, &uri, query.as_deref()).await {
         Ok(response) => response,
         Err(error) => {
-            let status = error.status();
-            if status.is_server_error() {
-                proxy.metrics.errors.fetch_add(1, Ordering::Relaxed);
-            } else if status == axum::http::StatusCode::TOO_MANY_REQUESTS {
-                proxy.metrics.fills_refused.fetch_add(1, Ordering::Relaxed);
-            }
+            proxy.metrics.failed(error.status());
             error.into_response()
         }
     }
@@ -136,11 +132,11 @@ async fn serve(proxy: &Arc<Proxy>, peer: Peer, uri: &Uri, query: Option<&str>) -
 
 /// A fresh cached download.
 async fn serve_hit(proxy: &Proxy, download: dunite_download::Download) -> Response {
-    proxy.metrics.download_hits.fetch_add(1, Ordering::Relaxed);
+    proxy.metrics.download_hit();
     let info = download.info().clone();
     let file = download.into_file().into_std().await;
-    let mut response =
-        Response::new(crate::body::file_body(file, 0, info.size(), &proxy.metrics.bytes_served));
+    let served = proxy.metrics.served(CACHE, ByteSource::Cache);
+    let mut response = Response::new(crate::body::file_body(file, 0, info.size(), &served));
     let headers = response.headers_mut();
     headers.insert(header::CONTENT_LENGTH, HeaderValue::from(info.size()));
     put_headers(headers, info.content_type(), info.validators(), Some(info.sha256()));
@@ -163,24 +159,26 @@ async fn stream_fill(
     let mut joined = proxy.downloads.fill(request, seen, &fetcher)?;
     let started = joined.started().await.map_err(|e| dunite_download::Error::from_fill(request.url(), e))?;
     let head = started.head();
-    let outcome = match head.source() {
-        Source::Hit => CacheOutcome::Hit,
-        _ => CacheOutcome::Miss,
+    let (outcome, source) = match head.source() {
+        Source::Hit => (CacheOutcome::Hit, ByteSource::Cache),
+        Source::Revalidated => (CacheOutcome::Miss, ByteSource::Cache),
+        _ => (CacheOutcome::Miss, ByteSource::Upstream),
     };
-    let counter = if outcome == CacheOutcome::Hit {
-        &proxy.metrics.download_hits
-    } else {
-        &proxy.metrics.download_misses
-    };
-    counter.fetch_add(1, Ordering::Relaxed);
+    match outcome {
+        CacheOutcome::Hit => proxy.metrics.download_hit(),
+        _ => proxy.metrics.download_miss(),
+    }
+    if source == ByteSource::Upstream && matches!(seen, Lookup::Missing) {
+        proxy.metrics.refill(CACHE, request.url().as_str());
+    }
     let mut response = Response::new(Body::empty());
     let headers = response.headers_mut();
     if let Some(total) = started.total() {
         headers.insert(header::CONTENT_LENGTH, HeaderValue::from(total));
     }
     put_headers(headers, head.content_type(), head.validators(), head.sha256());
-    *response.body_mut() =
-        Body::from_stream(crate::metrics::metered(joined.body(0, None), &proxy.metrics.bytes_served));
+    let served = proxy.metrics.served(CACHE, source);
+    *response.body_mut() = Body::from_stream(crate::metrics::metered(joined.body(0, None), &served));
     response.extensions_mut().insert(outcome);
     Ok(response)
 }

@@ -3,7 +3,6 @@
 //! range asked for, as it arrives.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
 use axum::body::Body;
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
@@ -13,8 +12,11 @@ use dunite_core::FillError;
 use dunite_oci::Digest;
 
 use super::{Error, Mirror, header_value, set_digest};
-use crate::metrics::CacheOutcome;
+use crate::metrics::{ByteSource, CacheOutcome};
 use crate::peer::Peer;
+
+/// The blob cache's name in `/metrics`.
+pub(super) const CACHE: &str = "blobs";
 
 pub(super) async fn blob(
     mirror: &Arc<Mirror>,
@@ -25,14 +27,15 @@ pub(super) async fn blob(
     headers: &HeaderMap,
 ) -> Result<Response, Error> {
     if let Some(blob) = mirror.blobs.open(digest).await? {
-        mirror.metrics.blob_hits.fetch_add(1, Ordering::Relaxed);
+        mirror.metrics.blob_hit();
         return Ok(serve_file(mirror, method, blob, digest, headers.get(header::RANGE)).await);
     }
-    mirror.metrics.blob_misses.fetch_add(1, Ordering::Relaxed);
+    mirror.metrics.blob_miss();
     let upstream_name = mirror.registries.upstream_name(host, name);
     let path = format!("{upstream_name}/blobs/{digest}");
     if *method == Method::HEAD {
-        let answer = mirror.registries.send(host, &upstream_name, Method::HEAD, &path, None).await?;
+        let head = mirror.registries.send(host, &upstream_name, Method::HEAD, &path, None);
+        let answer = mirror.metrics.upstream(head).await?;
         return match answer.status() {
             s if s.is_success() => {
                 let mut response = StatusCode::OK.into_response();
@@ -45,17 +48,15 @@ pub(super) async fn blob(
             s => Err(Error::UpstreamStatus(s)),
         };
     }
+    mirror.metrics.refill(CACHE, &digest.to_string());
     let (fill_mirror, fill_host) = (Arc::clone(mirror), host.to_owned());
-    let upstream_bytes = Arc::clone(&mirror.metrics.upstream_bytes);
+    let upstream_bytes = mirror.metrics.upstream_bytes();
     // Taken now, used only if this request starts the fill (joining one costs nothing).
     let permit = mirror.limits.try_start(peer.ip());
     let mut joined = mirror.blobs.fill(digest, move || async move {
         let permit = permit.map_err(FillError::other)?;
-        let answer = fill_mirror
-            .registries
-            .send(&fill_host, &upstream_name, Method::GET, &path, None)
-            .await
-            .map_err(FillError::other)?;
+        let get = fill_mirror.registries.send(&fill_host, &upstream_name, Method::GET, &path, None);
+        let answer = fill_mirror.metrics.upstream(get).await.map_err(FillError::other)?;
         if !answer.status().is_success() {
             return Err(FillError::Refused { status: answer.status().as_u16() });
         }
@@ -80,7 +81,8 @@ pub(super) async fn blob(
         Some(((first, last), _)) => (StatusCode::PARTIAL_CONTENT, first, Some(last + 1)),
         None => (StatusCode::OK, 0, None),
     };
-    let stream = crate::metrics::metered(joined.body(start, end), &mirror.metrics.bytes_served);
+    let served = mirror.metrics.served(CACHE, ByteSource::Upstream);
+    let stream = crate::metrics::metered(joined.body(start, end), &served);
     let mut response = Response::new(Body::from_stream(stream));
     *response.status_mut() = status;
     let headers = response.headers_mut();
@@ -125,7 +127,8 @@ async fn serve_file(
     let body = if *method == Method::HEAD {
         Body::empty()
     } else {
-        crate::body::file_body(file.into_std().await, start, len, &mirror.metrics.bytes_served)
+        let served = mirror.metrics.served(CACHE, ByteSource::Cache);
+        crate::body::file_body(file.into_std().await, start, len, &served)
     };
     let mut response = Response::new(body);
     *response.status_mut() = status;

@@ -4,7 +4,6 @@
 //! (`ManifestCache::fill`): verified, bounded and cached as it arrives.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
 use axum::body::Body;
 use axum::http::{HeaderMap, HeaderValue, Method, header};
@@ -26,6 +25,9 @@ pub(super) const EVERY_MANIFEST_TYPE: &str = "application/vnd.oci.image.index.v1
      application/vnd.docker.distribution.manifest.v1+prettyjws, application/vnd.docker.distribution.manifest.v1+json, \
      application/vnd.oci.artifact.manifest.v1+json";
 
+/// The manifest cache's name in `/metrics`.
+pub(super) const CACHE: &str = "manifests";
+
 pub(super) async fn manifest(
     mirror: &Arc<Mirror>,
     method: &Method,
@@ -39,17 +41,18 @@ pub(super) async fn manifest(
     match reference {
         Reference::Digest(digest) => {
             if let Some(manifest) = mirror.manifests.open(&digest).await? {
-                mirror.metrics.manifest_hits.fetch_add(1, Ordering::Relaxed);
-                return Ok(respond(method, manifest, &digest, CacheOutcome::Hit));
+                mirror.metrics.manifest_hit();
+                return Ok(respond(mirror, method, manifest, &digest, CacheOutcome::Hit));
             }
-            mirror.metrics.manifest_misses.fetch_add(1, Ordering::Relaxed);
+            mirror.metrics.manifest_miss();
+            mirror.metrics.refill(CACHE, &digest.to_string());
             // A digest fixes the bytes, and its fill is shared by every client that asks for
             // it: the upstream is asked with every manifest type, not the first client's
             // `Accept` (registries refuse an index to a client that does not accept one).
             let every_type = HeaderValue::from_static(EVERY_MANIFEST_TYPE);
             let asked = (&*digest.to_string(), ManifestRef::Digest(&digest));
             let (manifest, _) = fetch(mirror, (host, &upstream_name), peer, asked, Some(&every_type)).await?;
-            Ok(respond(method, manifest, &digest, CacheOutcome::Miss))
+            Ok(respond(mirror, method, manifest, &digest, CacheOutcome::Miss))
         }
         Reference::Tag(tag) => {
             let key = TagKey::new(host, name, &tag, accepted_types(&accept));
@@ -57,10 +60,10 @@ pub(super) async fn manifest(
             if let Some(record) = known.as_ref().filter(|record| record.is_fresh())
                 && let Some(manifest) = mirror.manifests.open(record.digest()).await?
             {
-                mirror.metrics.manifest_hits.fetch_add(1, Ordering::Relaxed);
-                return Ok(respond(method, manifest, record.digest(), CacheOutcome::Hit));
+                mirror.metrics.manifest_hit();
+                return Ok(respond(mirror, method, manifest, record.digest(), CacheOutcome::Hit));
             }
-            mirror.metrics.manifest_misses.fetch_add(1, Ordering::Relaxed);
+            mirror.metrics.manifest_miss();
             // The upstream is asked for exactly the types the record is keyed on, so what it
             // answers is right for every client that shares the key.
             let asked = upstream_accept(key.types());
@@ -68,7 +71,7 @@ pub(super) async fn manifest(
                 .await
             {
                 // The fill recorded the tag's answer itself (`with_tag_records`).
-                Ok((manifest, digest)) => Ok(respond(method, manifest, &digest, CacheOutcome::Miss)),
+                Ok((manifest, digest)) => Ok(respond(mirror, method, manifest, &digest, CacheOutcome::Miss)),
                 Err(error) if error.is_upstream_fault() => {
                     // The upstream is down: serve this variant's last answer, or else the
                     // tag's last answer to anyone if this client accepts its type.
@@ -77,8 +80,8 @@ pub(super) async fn manifest(
                         return Err(error);
                     };
                     tracing::warn!(tag = key.last(), "upstream unreachable; serving the cached tag");
-                    mirror.metrics.stale_tags_served.fetch_add(1, Ordering::Relaxed);
-                    Ok(respond(method, manifest, record.digest(), CacheOutcome::Stale))
+                    mirror.metrics.stale_tag_served();
+                    Ok(respond(mirror, method, manifest, record.digest(), CacheOutcome::Stale))
                 }
                 Err(error) => Err(error),
             }
@@ -98,16 +101,13 @@ async fn fetch(
 ) -> Result<(Manifest, Digest), Error> {
     let path = format!("{upstream_name}/manifests/{reference}");
     let (fill_mirror, host, upstream_name) = (Arc::clone(mirror), host.to_owned(), upstream_name.to_owned());
-    let (accept, upstream_bytes) = (accept.cloned(), Arc::clone(&mirror.metrics.upstream_bytes));
+    let (accept, upstream_bytes) = (accept.cloned(), mirror.metrics.upstream_bytes());
     // Taken now, used only if this request starts the fill.
     let permit = mirror.limits.try_start(peer.ip());
     let joined = mirror.manifests.fill(asked, move || async move {
         let permit = permit.map_err(FillError::other)?;
-        let answer = fill_mirror
-            .registries
-            .send(&host, &upstream_name, Method::GET, &path, accept.as_ref())
-            .await
-            .map_err(FillError::other)?;
+        let get = fill_mirror.registries.send(&host, &upstream_name, Method::GET, &path, accept.as_ref());
+        let answer = fill_mirror.metrics.upstream(get).await.map_err(FillError::other)?;
         if !answer.status().is_success() {
             return Err(FillError::Refused { status: answer.status().as_u16() });
         }
@@ -151,10 +151,22 @@ struct BadAnnouncement {
     source: DigestError,
 }
 
-fn respond(method: &Method, manifest: Manifest, digest: &Digest, outcome: CacheOutcome) -> Response {
+/// A manifest's response, its body counted as served (`dunite_bytes_served_total`).
+fn respond(
+    mirror: &Mirror,
+    method: &Method,
+    manifest: Manifest,
+    digest: &Digest,
+    outcome: CacheOutcome,
+) -> Response {
     let (bytes, media_type) = manifest.into_parts();
     let len = bytes.len() as u64;
-    let body = if *method == Method::HEAD { Body::empty() } else { Body::from(Bytes::from(bytes)) };
+    let body = if *method == Method::HEAD {
+        Body::empty()
+    } else {
+        mirror.metrics.served(CACHE, outcome.into()).add(len);
+        Body::from(Bytes::from(bytes))
+    };
     let mut response = Response::new(body);
     let headers = response.headers_mut();
     headers.insert(header::CONTENT_TYPE, header_value(&media_type));

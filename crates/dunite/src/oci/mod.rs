@@ -12,7 +12,6 @@ mod manifests;
 mod passthrough;
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
 use axum::Extension;
 use axum::Router;
@@ -131,10 +130,15 @@ impl Mirror {
     /// The caches, by the name `/metrics` shows.
     pub(crate) fn caches(&self) -> [(&'static str, &EntryCache); 3] {
         [
-            ("blobs", self.blobs.entries()),
-            ("manifests", self.manifests.entries()),
+            (blobs::CACHE, self.blobs.entries()),
+            (manifests::CACHE, self.manifests.entries()),
             ("tags", self.tags.entries()),
         ]
+    }
+
+    /// Fills running now, for the caches that fill by key (`/metrics`).
+    pub(crate) fn fills_in_flight(&self) -> [(&'static str, usize); 2] {
+        [(blobs::CACHE, self.blobs.fills_in_flight()), (manifests::CACHE, self.manifests.fills_in_flight())]
     }
 }
 
@@ -158,12 +162,7 @@ async fn dispatch(
     match route(&mirror, &method, &rest, query, &client, &headers).await {
         Ok(response) => response,
         Err(error) => {
-            let status = error.status();
-            if status.is_server_error() {
-                mirror.metrics.errors.fetch_add(1, Ordering::Relaxed);
-            } else if status == axum::http::StatusCode::TOO_MANY_REQUESTS {
-                mirror.metrics.fills_refused.fetch_add(1, Ordering::Relaxed);
-            }
+            mirror.metrics.failed(error.status());
             error.into_response()
         }
     }
