@@ -32,8 +32,12 @@ pub(crate) struct Metrics {
     pub(crate) manifest_hits: AtomicU64,
     /// Manifest requests that went upstream.
     pub(crate) manifest_misses: AtomicU64,
-    /// Tags served stale because the upstream was unreachable.
+    /// Tags served stale because the upstream did not answer (unreachable, 5xx, 429).
     pub(crate) stale_tags_served: AtomicU64,
+    /// Tag lists and referrers lists served stale because the upstream did not answer.
+    pub(crate) stale_listings_served: AtomicU64,
+    /// Stale answers (tags or listings) served because the upstream answered `429`.
+    pub(crate) stale_rate_limited: AtomicU64,
     /// Download requests answered from the cache.
     pub(crate) download_hits: AtomicU64,
     /// Download requests fetched or revalidated upstream.
@@ -76,7 +80,7 @@ impl Metrics {
     #[must_use]
     pub(crate) fn render(&self, caches: &[(&str, CacheGauges)], fills_in_flight: usize) -> String {
         let mut out = String::new();
-        let counters: [(&str, &str, u64); 12] = [
+        let counters: [(&str, &str, u64); 14] = [
             ("dunite_requests_total", "Requests answered.", self.requests.load(Ordering::Relaxed)),
             (
                 "dunite_blob_hits_total",
@@ -102,6 +106,16 @@ impl Metrics {
                 "dunite_stale_tags_served_total",
                 "Tags served stale while the upstream was down.",
                 self.stale_tags_served.load(Ordering::Relaxed),
+            ),
+            (
+                "dunite_stale_listings_served_total",
+                "Tag lists and referrers served stale while the upstream was down.",
+                self.stale_listings_served.load(Ordering::Relaxed),
+            ),
+            (
+                "dunite_stale_rate_limited_total",
+                "Stale answers served because the upstream answered 429.",
+                self.stale_rate_limited.load(Ordering::Relaxed),
             ),
             (
                 "dunite_download_hits_total",

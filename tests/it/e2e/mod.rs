@@ -13,5 +13,6 @@ pub(crate) mod origin;
 mod pg_restart;
 mod pinned_race;
 mod pulls;
+mod stale;
 mod tls;
 mod upstream_redirects;

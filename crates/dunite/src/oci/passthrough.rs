@@ -4,12 +4,11 @@
 //! `--pass-through-ttl`, so a pull of many blobs costs one check. Nobody gets from the cache
 //! what the upstream would refuse them.
 
-use std::collections::HashMap;
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use sha2::Digest as _;
 
+use super::remembered::Remembered;
 use super::{Error, Mirror};
 use crate::auth::UpstreamLogin;
 use crate::config::Credentials;
@@ -20,33 +19,15 @@ const MAX_ANSWERS: usize = 8192;
 /// Whose access to what: (digest of the credentials, registry, repository).
 type Key = ([u8; 32], String, String);
 
-/// Remembered answers: who -> (may pull, until when).
+/// Remembered answers: who -> may pull, for `--pass-through-ttl`.
 #[derive(Debug)]
 pub(super) struct PassThrough {
-    ttl: Duration,
-    answers: Mutex<HashMap<Key, (bool, Instant)>>,
+    answers: Remembered<Key, bool>,
 }
 
 impl PassThrough {
     pub(super) fn new(ttl: Duration) -> Self {
-        Self { ttl, answers: Mutex::default() }
-    }
-
-    fn remembered(&self, key: &Key) -> Option<bool> {
-        let answers = self.answers.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        answers.get(key).filter(|(_, until)| *until > Instant::now()).map(|(may, _)| *may)
-    }
-
-    fn remember(&self, key: Key, may: bool) {
-        let now = Instant::now();
-        let mut answers = self.answers.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        answers.retain(|_, (_, until)| *until > now);
-        if answers.len() >= MAX_ANSWERS
-            && let Some(oldest) = answers.iter().min_by_key(|(_, (_, until))| *until).map(|(k, _)| k.clone())
-        {
-            answers.remove(&oldest);
-        }
-        answers.insert(key, (may, now + self.ttl));
+        Self { answers: Remembered::new(ttl, MAX_ANSWERS) }
     }
 }
 
@@ -77,11 +58,11 @@ pub(super) async fn authorise(
     };
     let upstream_name = mirror.registries.upstream_name(host, name);
     let key = (digest, host.to_owned(), upstream_name.clone());
-    let may = match checks.remembered(&key) {
+    let may = match checks.answers.get(&key) {
         Some(may) => may,
         None => {
             let may = mirror.registries.may_pull(host, &upstream_name, credentials.as_ref()).await?;
-            checks.remember(key, may);
+            checks.answers.insert(key, may);
             may
         }
     };
