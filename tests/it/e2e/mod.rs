@@ -9,6 +9,7 @@ mod faults;
 pub(crate) mod harness;
 mod hostile_upstream;
 mod instances;
+mod listings;
 pub(crate) mod origin;
 mod pg_restart;
 mod pinned_race;
