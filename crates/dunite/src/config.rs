@@ -64,11 +64,13 @@ pub struct ServeArgs {
     /// Registry host used when a request carries no `?ns=` [default: docker.io].
     #[arg(long, env = "DUNITE_DEFAULT_REGISTRY")]
     pub default_registry: Option<String>,
-    /// How long a tag is served from cache before it is revalidated upstream, e.g. 5m [default: 5m].
+    /// How long a tag (or tag list, referrers list, blob size from a `HEAD`) is served from
+    /// cache before it is asked upstream again, e.g. 5m [default: 5m].
     #[arg(long, env = "DUNITE_TAG_TTL")]
     pub tag_ttl: Option<String>,
-    /// Byte cap of the tag records (about 150 bytes each; the least recently used are
-    /// dropped and resolved upstream again when next asked for) [default: 4MiB].
+    /// Byte cap of the tag records (about 150 bytes each) and of the tag lists and referrers
+    /// kept beside them (each at most an eighth of it); the least recently used are dropped
+    /// and asked upstream again when next asked for [default: 4MiB].
     #[arg(long, env = "DUNITE_TAG_MAX_BYTES")]
     pub tag_max_bytes: Option<String>,
     /// Host the download proxy may fetch from, as `HOST` (its scheme's default port: 80 for

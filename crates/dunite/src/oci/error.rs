@@ -154,7 +154,8 @@ impl Error {
             | Self::ManifestUnknown
             | Self::NameUnknown
             | Self::ReferrersUnsupported => StatusCode::NOT_FOUND,
-            Self::UpstreamStatus(StatusCode::TOO_MANY_REQUESTS) => StatusCode::TOO_MANY_REQUESTS,
+            Self::UpstreamStatus(StatusCode::TOO_MANY_REQUESTS)
+            | Self::Fill(FillError::Refused { status: 429 }) => StatusCode::TOO_MANY_REQUESTS,
             Self::Unauthorized | Self::LoginRequired => StatusCode::UNAUTHORIZED,
             Self::Denied => StatusCode::FORBIDDEN,
             Self::Fill(FillError::Other(source)) if source.downcast_ref::<Busy>().is_some() => {
@@ -186,7 +187,11 @@ impl Error {
     /// access) nor for a failure of the mirror's own (its disk, its fill limits).
     pub(crate) fn stale_reason(&self) -> Option<StaleReason> {
         match (self, self.status()) {
-            (Self::UpstreamStatus(StatusCode::TOO_MANY_REQUESTS), _) => Some(StaleReason::RateLimited),
+            (
+                Self::UpstreamStatus(StatusCode::TOO_MANY_REQUESTS)
+                | Self::Fill(FillError::Refused { status: 429 }),
+                _,
+            ) => Some(StaleReason::RateLimited),
             (_, StatusCode::BAD_GATEWAY | StatusCode::GATEWAY_TIMEOUT) => Some(StaleReason::Failed),
             _ => None,
         }
@@ -210,7 +215,8 @@ impl Error {
             Self::NameUnknown => "NAME_UNKNOWN",
             Self::ReferrersUnsupported | Self::QueryTooLong => "UNSUPPORTED",
             Self::PaginationNumberInvalid(_) => "PAGINATION_NUMBER_INVALID",
-            Self::UpstreamStatus(StatusCode::TOO_MANY_REQUESTS) => "TOOMANYREQUESTS",
+            Self::UpstreamStatus(StatusCode::TOO_MANY_REQUESTS)
+            | Self::Fill(FillError::Refused { status: 429 }) => "TOOMANYREQUESTS",
             Self::Unauthorized | Self::LoginRequired => "UNAUTHORIZED",
             Self::Denied => "DENIED",
             Self::Fill(FillError::Other(source)) if source.downcast_ref::<Busy>().is_some() => {
@@ -318,6 +324,8 @@ mod tests {
         );
         assert_eq!(refused(429).stale_reason(), Some(StaleReason::RateLimited));
         assert!(!refused(429).is_fill_limit(), "not the mirror's own limit");
+        let blob = Error::Fill(FillError::Refused { status: 429 });
+        assert_eq!((blob.status(), blob.code()), (StatusCode::TOO_MANY_REQUESTS, "TOOMANYREQUESTS"));
         let busy = Error::Fill(FillError::other(Busy::Server));
         assert!(busy.is_fill_limit());
         assert_eq!((busy.status(), busy.stale_reason()), (StatusCode::TOO_MANY_REQUESTS, None));
