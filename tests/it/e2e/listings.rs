@@ -41,18 +41,49 @@ async fn skopeo_lists_and_inspects_tags_through_the_mirror_and_the_list_outlives
         Ok::<_, String>(sorted_tags(&listed["Tags"]))
     };
     assert_eq!(list_tags().await.unwrap(), ["latest", "v1", "v2"]);
-
     let inspected = skopeo_output(&["inspect", "--tls-verify=false", &format!("{repo}:v1")]).await.unwrap();
     let inspected: serde_json::Value = serde_json::from_str(&inspected).unwrap();
     assert_eq!(sorted_tags(&inspected["RepoTags"]), ["latest", "v1", "v2"]);
     let digest = format!("sha256:{}", hex::encode(sha2::Sha256::digest(&manifest)));
     assert_eq!(inspected["Digest"], digest.as_str());
 
-    let referrers = curl(&format!("http://{}/v2/e2e/listed/referrers/{digest}", dunite.addr), &[]).await;
+    // A signature pushed as a client does to a registry without the referrers API: the
+    // manifest with its `subject`, and an index of it tagged `sha256-<hex>`.
+    let image: serde_json::Value = serde_json::from_slice(&manifest).unwrap();
+    let signature = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2, "mediaType": OCI_MANIFEST, "artifactType": SIGNATURE,
+        "config": image["config"], "layers": [],
+        "subject": {"mediaType": OCI_MANIFEST, "digest": digest, "size": manifest.len()},
+    }))
+    .unwrap();
+    let signature_digest = format!("sha256:{}", hex::encode(sha2::Sha256::digest(&signature)));
+    registry.put_manifest("e2e/listed", &signature_digest, OCI_MANIFEST, signature.clone()).await;
+    let fallback = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2, "mediaType": INDEX,
+        "manifests": [{"mediaType": OCI_MANIFEST, "digest": signature_digest, "size": signature.len(), "artifactType": SIGNATURE}],
+    }))
+    .unwrap();
+    let fallback_tag = digest.replace(':', "-");
+    registry.put_manifest("e2e/listed", &fallback_tag, INDEX, fallback.clone()).await;
+
+    // The upstream has no referrers API: a 404, so the client falls back to the tag, which
+    // it reads through the mirror like any tag.
+    let base = format!("http://{}/v2/e2e/listed", dunite.addr);
+    let referrers = curl(&format!("{base}/referrers/{digest}"), &[]).await;
     assert_eq!(referrers.status, 404, "{}", String::from_utf8_lossy(&referrers.body));
+    let index = curl(&format!("{base}/manifests/{fallback_tag}"), &["-H", &format!("accept: {INDEX}")]).await;
+    assert_eq!((index.status, index.body), (200, fallback));
+    let signed =
+        curl(&format!("{base}/manifests/{signature_digest}"), &["-H", &format!("accept: {OCI_MANIFEST}")])
+            .await;
+    assert_eq!((signed.status, signed.body), (200, signature));
+
+    // Revalidated after the TTL (zero here): the new tag is listed.
+    let tags = ["latest".to_owned(), fallback_tag, "v1".into(), "v2".into()];
+    assert_eq!(list_tags().await.unwrap(), tags);
 
     drop(registry);
-    assert_eq!(list_tags().await.unwrap(), ["latest", "v1", "v2"], "{}", dunite.log_text());
+    assert_eq!(list_tags().await.unwrap(), tags, "{}", dunite.log_text());
     assert!(dunite.metric("dunite_stale_listings_served_total").await >= 1);
     let never = format!("docker://{}/e2e/never-listed", dunite.addr);
     assert!(skopeo_output(&["list-tags", "--tls-verify=false", &never]).await.is_err());

@@ -33,7 +33,7 @@ pub(super) async fn blob(
     let upstream_name = mirror.registries.upstream_name(host, name);
     let path = format!("{upstream_name}/blobs/{digest}");
     if *method == Method::HEAD {
-        return head(mirror, (host, &upstream_name), &path, digest).await;
+        return head(mirror, (host, &upstream_name), &path, digest, peer).await;
     }
     let (fill_mirror, fill_host) = (Arc::clone(mirror), host.to_owned());
     let upstream_bytes = Arc::clone(&mirror.metrics.upstream_bytes);
@@ -96,17 +96,20 @@ pub(super) async fn blob(
 /// A `HEAD` on a blob not cached: the upstream's answer, its size remembered for the tag TTL
 /// (`Mirror::blob_heads`, per registry, repository and digest), so a client that asks again
 /// (containerd checks a layer before it fetches it) costs no upstream request. Only the
-/// blobs found are remembered: a 404 may be pushed over any moment.
+/// blobs found are remembered: a 404 may be pushed over any moment. The upstream request
+/// takes a fill permit, as every upstream request a client starts does.
 async fn head(
     mirror: &Mirror,
     (host, upstream_name): (&str, &str),
     path: &str,
     digest: &Digest,
+    peer: Peer,
 ) -> Result<Response, Error> {
     let key = (host.to_owned(), upstream_name.to_owned(), digest.clone());
     let (size, outcome) = match mirror.blob_heads.get(&key) {
         Some(size) => (size, CacheOutcome::Hit),
         None => {
+            let _permit = mirror.limits.try_start(peer.ip())?;
             let answer = mirror.registries.send(host, upstream_name, Method::HEAD, path, None).await?;
             match answer.status() {
                 s if s.is_success() => {

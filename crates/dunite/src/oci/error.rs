@@ -228,6 +228,13 @@ impl Error {
     }
 }
 
+/// The mirror's own fill limits refused an upstream request (a 429 to retry).
+impl From<Busy> for Error {
+    fn from(busy: Busy) -> Self {
+        Self::Fill(FillError::other(busy))
+    }
+}
+
 impl IntoResponse for Error {
     fn into_response(self) -> Response {
         if matches!(self, Self::LoginRequired) {

@@ -16,7 +16,6 @@ use axum::body::Body;
 use axum::http::{HeaderValue, Method, StatusCode, header};
 use axum::response::Response;
 
-use dunite_core::FillError;
 use dunite_oci::{Digest, Listing, ListingKey, MAX_LISTING_BYTES};
 
 use super::{Error, Mirror, Stale, header_value};
@@ -122,7 +121,7 @@ async fn fetch(
     (kind, path, query): (&Kind, &str, &str),
     peer: Peer,
 ) -> Result<Listing, Error> {
-    let _permit = mirror.limits.try_start(peer.ip()).map_err(|busy| Error::Fill(FillError::other(busy)))?;
+    let _permit = mirror.limits.try_start(peer.ip())?;
     let upstream_name = mirror.registries.upstream_name(host, name);
     let separator = if query.is_empty() { "" } else { "?" };
     let accept = match kind {
