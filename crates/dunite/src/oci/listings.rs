@@ -166,7 +166,7 @@ async fn fetch(
 /// The query of the next page a `Link: <url>; rel="next"` names, if its URL is `path` (the
 /// listing's own, on the upstream), re-encoded without `ns`. A link elsewhere is dropped: the
 /// mirror can only page through what it serves.
-fn next_query(link: &HeaderValue, path: &str) -> Option<String> {
+pub(crate) fn next_query(link: &HeaderValue, path: &str) -> Option<String> {
     let base = url::Url::parse("http://upstream.invalid/").ok()?;
     link.to_str().ok()?.split(',').find_map(|one| {
         let (target, params) = one.trim().strip_prefix('<')?.split_once('>')?;
@@ -186,7 +186,7 @@ fn next_query(link: &HeaderValue, path: &str) -> Option<String> {
 }
 
 /// The `Link` to the next page on the mirror: `</v2/<name>/<path>?<query>[&ns=..]>; rel="next"`.
-fn link(name: &str, path: &str, query: &str, ns: Option<&str>) -> HeaderValue {
+pub(crate) fn link(name: &str, path: &str, query: &str, ns: Option<&str>) -> HeaderValue {
     let mut query = query.to_owned();
     if let Some(ns) = ns {
         query = url::form_urlencoded::Serializer::for_suffix(query, 0).append_pair("ns", ns).finish();

@@ -49,6 +49,8 @@ pub(crate) use accept::{accepted_types, upstream_accept};
 pub(crate) use blobs::parse_range;
 pub(crate) use error::Error;
 use error::StaleReason;
+#[cfg(feature = "fuzzing")]
+pub(crate) use listings::{link, next_query};
 
 /// The pull-through mirror's state: its caches (with their fills) and its upstreams.
 #[derive(Debug)]
