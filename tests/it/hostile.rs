@@ -94,6 +94,23 @@ fn challenge_input() -> impl Strategy<Value = Vec<u8>> {
     })
 }
 
+/// A `Link` header: links to the listing's path or elsewhere, absolute or not, with queries of
+/// hostile characters (raw and encoded) and `rel` parameters.
+fn link_input() -> impl Strategy<Value = Vec<u8>> {
+    let target = prop_oneof![
+        "/v2/a/tags/list",
+        "https://r.example/v2/a/tags/list",
+        "/v2/b/tags/list",
+        "[a-z/:.]{0,12}"
+    ];
+    let query = "([a-z]{1,4}=[a-z<>,;%\\x22 0-9A-F]{0,8}&?){0,4}";
+    let rel = prop_oneof!["; rel=\"next\"", "; rel=next", "; rel=\"prev\"", "", ";rel=\"next\"; title=x"];
+    prop::collection::vec((target, query, rel), 1..3).prop_map(|links| {
+        let links: Vec<String> = links.into_iter().map(|(t, q, r)| format!("<{t}?{q}>{r}")).collect();
+        links.join(", ").into_bytes()
+    })
+}
+
 /// An `Accept` header made of manifest types, other types, `*/*` and `q` parameters.
 fn accept_input() -> impl Strategy<Value = Vec<u8>> {
     let media_type = prop::sample::select(
@@ -185,6 +202,12 @@ proptest! {
     fn bearer_challenges_parse_without_panicking(bytes in hostile_bytes(), challenge in challenge_input()) {
         fuzzing::bearer_challenge(&bytes);
         fuzzing::bearer_challenge(&challenge);
+    }
+
+    #[test]
+    fn upstream_links_come_back_as_one_link_on_the_mirrors_path(bytes in hostile_bytes(), link in link_input()) {
+        fuzzing::next_link(&bytes);
+        fuzzing::next_link(&link);
     }
 }
 
@@ -299,6 +322,10 @@ async fn hostile_requests_get_4xx_never_5xx_and_the_server_keeps_serving() {
     oci(format!("/v2/{}/manifests/v1", "a".repeat(10 * 1024)));
     oci(format!("/v2/a/manifests/{}", "t".repeat(129)));
     oci("/v2/a/tags/list".into());
+    oci("/v2/a/tags/list?n=-1".into());
+    oci(format!("/v2/a/tags/list?last={}", "x".repeat(4096)));
+    oci("/v2/a/referrers/sha256:..%2f..".into());
+    oci(format!("/v2/a/referrers/sha256:{hex}?artifactType=%0d%0aX-Injected:%20yes"));
     // Methods the mirror does not serve: a 4xx (their spec error body is checked by
     // `methods_the_mirror_does_not_serve_get_the_spec_error_body`).
     for method in ["PUT", "DELETE", "POST", "PATCH"] {

@@ -17,7 +17,8 @@
 //! outage-tolerant like blobs: both read through one fallback; misses are single-flight fills
 //! like blobs', by digest or by tag, bounded by [`MAX_MANIFEST_BYTES`]) and [`TagCache`] (tag ->
 //! digest records, one per set of [`AcceptedTypes`], fresh for a TTL, and a stale fallback
-//! for when the upstream is down). This crate knows nothing of HTTP: reading an `Accept`
+//! for when the upstream is down; it keeps a repository's tag list and a manifest's referrers,
+//! as [`Listing`]s, the same way). This crate knows nothing of HTTP: reading an `Accept`
 //! header, asking an upstream and answering clients are the server's.
 //!
 //! Every cache requires a Tokio runtime (each spawns its evictor). Their async methods are
@@ -64,12 +65,14 @@ mod cache;
 mod content;
 mod digest;
 mod error;
+mod listings;
 mod manifests;
 mod tags;
 
 pub use cache::{Blob, BlobCache, NAMESPACE};
 pub use digest::{Digest, DigestError};
 pub use error::{Error, Result};
+pub use listings::{Listing, ListingKey, MAX_LISTING_BYTES};
 pub use manifests::{
     MANIFEST_NAMESPACE, MAX_MANIFEST_BYTES, Manifest, ManifestCache, ManifestHead, ManifestRef,
     declared_media_type, is_header_text,

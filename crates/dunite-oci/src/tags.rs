@@ -1,5 +1,5 @@
 //! `TagCache`: tag -> digest records, one per set of accepted manifest types, with a TTL and
-//! a stale fallback.
+//! a stale fallback (and, in `listings.rs`, the tag lists and referrers kept the same way).
 
 use std::collections::BTreeSet;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -201,7 +201,9 @@ struct Stored {
 }
 
 /// A byte-capped cache of tag -> manifest digest records, keyed by [`TagKey`], fresh for a
-/// TTL. Cheap to clone; clones share the cache.
+/// TTL; and of [listings](crate::Listing) (tag lists, referrers), keyed by
+/// [`ListingKey`](crate::ListingKey), under the same cap and TTL: everything the upstream may
+/// answer differently tomorrow for the same name. Cheap to clone; clones share the cache.
 ///
 /// A record is a hint, never the content: the manifest it names lives in a
 /// [`ManifestCache`](crate::ManifestCache). So when the metadata database fails, a lookup
@@ -241,6 +243,8 @@ struct Stored {
 pub struct TagCache {
     cache: EntryCache,
     ttl: Duration,
+    /// The cap, for the share a listing may take.
+    max_bytes: u64,
 }
 
 impl TagCache {
@@ -261,8 +265,9 @@ impl TagCache {
     /// [`Error::Cache`](crate::Error::Cache) if the directory or database cannot be opened or
     /// the options are inconsistent.
     pub async fn new(options: CacheOptions, ttl: Duration) -> Result<Self> {
+        let max_bytes = options.policy().max_bytes();
         let cache = EntryCache::open(options.with_on_conflict(OnConflict::Replace)).await?;
-        Ok(Self { cache, ttl })
+        Ok(Self { cache, ttl, max_bytes })
     }
 
     /// The record of `key`'s set of accepted types, fresh or not; `None` if there is none
@@ -339,6 +344,17 @@ impl TagCache {
         &self.cache
     }
 
+    /// How long a record or listing is fresh.
+    #[must_use]
+    pub fn ttl(&self) -> Duration {
+        self.ttl
+    }
+
+    /// The byte cap of the records and listings.
+    pub(crate) fn max_bytes(&self) -> u64 {
+        self.max_bytes
+    }
+
     async fn read(&self, record: &str) -> Result<Option<TagRecord>> {
         let info = match self.cache.info(record).await {
             Ok(Some(info)) => info,
@@ -357,7 +373,7 @@ impl TagCache {
 }
 
 /// The time since `stored_at_ms` (milliseconds since the Unix epoch), zero if in the future.
-fn age_of(stored_at_ms: i64) -> Duration {
+pub(crate) fn age_of(stored_at_ms: i64) -> Duration {
     let now_ms = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));

@@ -64,11 +64,13 @@ pub struct ServeArgs {
     /// Registry host used when a request carries no `?ns=` [default: docker.io].
     #[arg(long, env = "DUNITE_DEFAULT_REGISTRY")]
     pub default_registry: Option<String>,
-    /// How long a tag is served from cache before it is revalidated upstream, e.g. 5m [default: 5m].
+    /// How long a tag (or tag list, referrers list, blob size from a `HEAD`) is served from
+    /// cache before it is asked upstream again, e.g. 5m [default: 5m].
     #[arg(long, env = "DUNITE_TAG_TTL")]
     pub tag_ttl: Option<String>,
-    /// Byte cap of the tag records (about 150 bytes each; the least recently used are
-    /// dropped and resolved upstream again when next asked for) [default: 4MiB].
+    /// Byte cap of the tag records (about 150 bytes each) and of the tag lists and referrers
+    /// kept beside them (each at most an eighth of it); the least recently used are dropped
+    /// and asked upstream again when next asked for [default: 4MiB].
     #[arg(long, env = "DUNITE_TAG_MAX_BYTES")]
     pub tag_max_bytes: Option<String>,
     /// Host the download proxy may fetch from, as `HOST` (its scheme's default port: 80 for
@@ -132,6 +134,11 @@ pub struct ServeArgs {
     /// The private key of --tls-cert (PEM: PKCS#8, RSA or EC). Re-read on SIGHUP.
     #[arg(long, env = "DUNITE_TLS_KEY", value_name = "FILE")]
     pub tls_key: Option<PathBuf>,
+    /// How long past its last upstream answer a tag (or tag list, or referrers list) may still
+    /// be served while the upstream is unreachable, failing (5xx) or rate limiting (429),
+    /// e.g. 12h; older, the upstream's error is relayed [default: 24h].
+    #[arg(long, env = "DUNITE_TAG_MAX_STALE")]
+    pub tag_max_stale: Option<String>,
 }
 
 /// The config file: the same settings as the flags, plus credentials.
@@ -174,6 +181,7 @@ struct FileConfig {
     max_fills_per_client: Option<usize>,
     tls_cert: Option<PathBuf>,
     tls_key: Option<PathBuf>,
+    tag_max_stale: Option<String>,
 }
 
 /// Credentials for one upstream registry (`[credentials.HOST]` in the config file).
@@ -306,6 +314,8 @@ pub struct Config {
     /// The certificate and key to serve HTTPS with; plain HTTP without. Only the paths:
     /// [`ServerTls::load`](crate::tls::ServerTls::load) reads them.
     pub tls: Option<TlsFiles>,
+    /// The oldest a tag record may be and still stand in for an upstream that does not answer.
+    pub tag_max_stale: Duration,
 }
 
 impl Config {
@@ -339,6 +349,7 @@ impl Config {
             max_fills_per_client: 64,
             upstream_allow_private: false,
             tls: None,
+            tag_max_stale: Duration::from_secs(24 * 3600),
         }
     }
 
@@ -467,6 +478,9 @@ impl Config {
             (Some(_), None) => return Err(bad("tls-key", "--tls-cert needs --tls-key (both or neither)")),
             (None, Some(_)) => return Err(bad("tls-cert", "--tls-key needs --tls-cert (both or neither)")),
         };
+        if let Some(age) = args.tag_max_stale.or(file.tag_max_stale) {
+            config.tag_max_stale = parse_duration(&age).map_err(|m| bad("tag-max-stale", m))?;
+        }
         for (setting, cap) in [
             ("oci-max-bytes", config.oci_max_bytes),
             ("dl-max-bytes", config.dl_max_bytes),
@@ -717,6 +731,23 @@ mod tests {
         std::fs::write(&path, "tls_key = \"file-k.pem\"\n").unwrap();
         let args = ServeArgs { config: Some(path), ..ServeArgs::default() };
         assert_eq!(Config::resolve(args).unwrap_err().setting, "tls-cert");
+    }
+
+    #[test]
+    fn tag_max_stale_comes_from_the_flag_or_the_file() {
+        assert_eq!(Config::resolve(ServeArgs::default()).unwrap().tag_max_stale, Duration::from_secs(86_400));
+        let file = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(file.path(), "tag_max_stale = \"2h\"\n").unwrap();
+        let args = ServeArgs { config: Some(file.path().to_owned()), ..ServeArgs::default() };
+        assert_eq!(Config::resolve(args).unwrap().tag_max_stale, Duration::from_secs(7200));
+        let args = ServeArgs {
+            config: Some(file.path().to_owned()),
+            tag_max_stale: Some("30m".into()),
+            ..ServeArgs::default()
+        };
+        assert_eq!(Config::resolve(args).unwrap().tag_max_stale, Duration::from_secs(1800));
+        let args = ServeArgs { tag_max_stale: Some("a while".into()), ..ServeArgs::default() };
+        assert_eq!(Config::resolve(args).unwrap_err().setting, "tag-max-stale");
     }
 
     #[test]

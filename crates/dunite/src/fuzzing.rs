@@ -223,6 +223,26 @@ pub fn bearer_challenge(data: &[u8]) {
     }
 }
 
+/// An upstream's `Link` header, as the mirror pages through a tag list: the next page is read
+/// only from a `rel="next"` link to the listing's own path, and the link written back to the
+/// client is one link on the mirror's path (the query encoded, so it cannot close the `<..>`
+/// or add a link or a header), with `ns` exactly once, the client's.
+pub fn next_link(data: &[u8]) {
+    let Ok(value) = HeaderValue::from_bytes(data) else { return };
+    let Some(query) = crate::oci::next_query(&value, "/v2/a/tags/list") else { return };
+    assert!(!query.is_empty());
+    let written = crate::oci::link("a", "tags/list", &query, Some("r.example"));
+    let text = written.to_str().unwrap_or_else(|_| panic!("link {written:?} is not text"));
+    let inner = text
+        .strip_prefix("</v2/a/tags/list?")
+        .and_then(|rest| rest.strip_suffix(">; rel=\"next\""))
+        .unwrap_or_else(|| panic!("link {text:?} is not on the mirror's path"));
+    assert!(!inner.contains(['<', '>', ',', ';', '"', ' ', '\r', '\n']), "link {text:?} escapes its query");
+    let ns: Vec<_> = url::form_urlencoded::parse(inner.as_bytes()).filter(|(k, _)| k == "ns").collect();
+    assert_eq!(ns.len(), 1, "link {text:?}");
+    assert_eq!(ns[0].1, "r.example");
+}
+
 /// A property check: panics when its parser breaks a property on `data`.
 pub type Check = fn(data: &[u8]);
 
@@ -238,4 +258,5 @@ pub const CHECKS: &[(&str, Check)] = &[
     ("manifest_media_type", manifest_media_type),
     ("bearer_challenge", bearer_challenge),
     ("tag_keys", tag_keys),
+    ("next_link", next_link),
 ];

@@ -10,46 +10,12 @@ use std::time::Duration;
 use sha2::Digest as _;
 use tokio::io::AsyncWriteExt as _;
 
-use super::harness::{Dunite, Image, Pki, Registry, TlsFiles, assert_same_copy, skopeo, tool};
+use super::harness::{Dunite, Image, Pki, Registry, TlsFiles, assert_same_copy, curl, curl_with, skopeo};
 use super::origin::{Head, Origin};
 
 const ALICE: (&str, &str) = ("alice", "secret-pass");
 const CI_TOKEN: &str = "ci-token-0123456789abcdef";
 const PROMETHEUS_TOKEN: &str = "prom-token-fedcba9876543210";
-
-/// What curl got: status, headers (lower-cased names), body.
-struct Got {
-    status: u16,
-    headers: String,
-    body: Vec<u8>,
-}
-
-/// `curl -s URL` with `args` (credentials), keeping the status, headers and body.
-async fn curl(url: &str, args: &[&str]) -> Got {
-    curl_with(None, url, args).await
-}
-
-/// As [`curl`], trusting the CA certificate file `ca` (for a TLS mirror) if given.
-async fn curl_with(ca: Option<&Path>, url: &str, args: &[&str]) -> Got {
-    let dir = tempfile::tempdir().unwrap();
-    let (head, body) = (dir.path().join("head"), dir.path().join("body"));
-    let run = tokio::process::Command::new(tool("curl"))
-        .args(["-s", "--max-time", "60", "-D"])
-        .arg(&head)
-        .arg("-o")
-        .arg(&body)
-        .args(["-w", "%{http_code}"])
-        .args(ca.map(|ca| ["--cacert".as_ref(), ca.as_os_str()]).into_iter().flatten())
-        .args(args)
-        .arg(url)
-        .output();
-    let output = tokio::time::timeout(Duration::from_secs(90), run).await.unwrap().unwrap();
-    Got {
-        status: String::from_utf8_lossy(&output.stdout).trim().parse().unwrap(),
-        headers: std::fs::read_to_string(&head).unwrap_or_default().to_ascii_lowercase(),
-        body: std::fs::read(&body).unwrap_or_default(),
-    }
-}
 
 /// An htpasswd file written by Apache's own tool (`htpasswd -B`), with alice and bob.
 fn htpasswd(dir: &Path) -> String {
@@ -295,6 +261,11 @@ async fn pass_through_serves_the_cache_only_to_clients_the_upstream_lets_pull() 
     // Cached now, with the mirror's own account: still nobody else's.
     assert_eq!(curl(&private, &[]).await.status, 401);
     assert_eq!(curl(&private, &["-u", "carol:guess"]).await.status, 403);
+    // Its tag list and referrers are pulls of it too.
+    for listing in ["tags/list".to_owned(), format!("referrers/sha256:{}", "0".repeat(64))] {
+        let url = format!("http://{}/v2/private/app/{listing}", dunite.addr);
+        assert_eq!(curl(&url, &[]).await.status, 401, "{listing}");
+    }
     for _ in 0..3 {
         assert_eq!(curl(&private, &bob).await.status, 200);
     }

@@ -416,14 +416,53 @@ pub fn assert_same_copy(expected: &Path, actual: &Path) -> u64 {
 
 /// Run skopeo with a timeout; Err carries its output.
 pub async fn skopeo(args: &[&str]) -> Result<(), String> {
+    skopeo_output(args).await.map(drop)
+}
+
+/// As [`skopeo`], returning what it printed.
+pub async fn skopeo_output(args: &[&str]) -> Result<String, String> {
     let run = Command::new(tool("skopeo")).args(args).kill_on_drop(true).output();
     let output =
         tokio::time::timeout(COMMAND_TIMEOUT, run).await.map_err(|_| "skopeo timed out".to_owned())?;
     let output = output.map_err(|e| e.to_string())?;
     if output.status.success() {
-        Ok(())
+        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
     } else {
         Err(format!("skopeo {args:?} failed:\n{}", String::from_utf8_lossy(&output.stderr)))
+    }
+}
+
+/// What curl got: status, headers (lower-cased names), body.
+pub struct Got {
+    pub status: u16,
+    pub headers: String,
+    pub body: Vec<u8>,
+}
+
+/// `curl -s URL` with `args` (credentials), keeping the status, headers and body.
+pub async fn curl(url: &str, args: &[&str]) -> Got {
+    curl_with(None, url, args).await
+}
+
+/// As [`curl`], trusting the CA certificate file `ca` (for a TLS mirror) if given.
+pub async fn curl_with(ca: Option<&Path>, url: &str, args: &[&str]) -> Got {
+    let dir = tempfile::tempdir().unwrap();
+    let (head, body) = (dir.path().join("head"), dir.path().join("body"));
+    let run = Command::new(tool("curl"))
+        .args(["-s", "--max-time", "60", "-D"])
+        .arg(&head)
+        .arg("-o")
+        .arg(&body)
+        .args(["-w", "%{http_code}"])
+        .args(ca.map(|ca| ["--cacert".as_ref(), ca.as_os_str()]).into_iter().flatten())
+        .args(args)
+        .arg(url)
+        .output();
+    let output = tokio::time::timeout(Duration::from_secs(90), run).await.unwrap().unwrap();
+    Got {
+        status: String::from_utf8_lossy(&output.stdout).trim().parse().unwrap(),
+        headers: std::fs::read_to_string(&head).unwrap_or_default().to_ascii_lowercase(),
+        body: std::fs::read(&body).unwrap_or_default(),
     }
 }
 

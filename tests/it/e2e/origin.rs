@@ -29,8 +29,10 @@ impl Drop for Origin {
     }
 }
 
-/// A request as the handler sees it: the request line's path and the headers, lower-cased.
+/// A request as the handler sees it: the request line's method and path, and the headers,
+/// lower-cased.
 pub struct Head {
+    pub method: String,
     pub path: String,
     pub headers: HashMap<String, String>,
 }
@@ -48,12 +50,14 @@ impl Head {
         }
         let text = String::from_utf8_lossy(&head).to_string();
         let mut lines = text.lines();
-        let path = lines.next().and_then(|l| l.split_whitespace().nth(1)).unwrap_or("/").to_owned();
+        let mut request_line = lines.next().unwrap_or("").split_whitespace();
+        let method = request_line.next().unwrap_or("GET").to_owned();
+        let path = request_line.next().unwrap_or("/").to_owned();
         let headers = lines
             .filter_map(|l| l.split_once(':'))
             .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
             .collect();
-        Some(Self { path, headers })
+        Some(Self { method, path, headers })
     }
 }
 

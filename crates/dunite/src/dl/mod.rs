@@ -104,7 +104,8 @@ async fn download(
     match serve(&proxy, peer, &uri, query.as_deref()).await {
         Ok(response) => response,
         Err(error) => {
-            proxy.metrics.failed(error.status());
+            let status = error.status();
+            proxy.metrics.failed(status, status == axum::http::StatusCode::TOO_MANY_REQUESTS);
             error.into_response()
         }
     }

@@ -94,6 +94,8 @@ pub(crate) struct Metrics {
     manifest_hits: Counter,
     manifest_misses: Counter,
     stale_tags_served: Counter,
+    stale_listings_served: Counter,
+    stale_rate_limited: Counter,
     download_hits: Counter,
     download_misses: Counter,
     bytes_served: Counter,
@@ -130,8 +132,16 @@ impl Metrics {
         let blob_misses = counter("dunite_blob_misses", "Blob requests that went upstream");
         let manifest_hits = counter("dunite_manifest_hits", "Manifest requests served from the cache");
         let manifest_misses = counter("dunite_manifest_misses", "Manifest requests that went upstream");
-        let stale_tags_served =
-            counter("dunite_stale_tags_served", "Tags served stale while the upstream was down");
+        let stale_tags_served = counter(
+            "dunite_stale_tags_served",
+            "Tags served stale while the upstream did not answer (unreachable, 5xx, 429)",
+        );
+        let stale_listings_served = counter(
+            "dunite_stale_listings_served",
+            "Tag lists and referrers served stale while the upstream did not answer",
+        );
+        let stale_rate_limited =
+            counter("dunite_stale_rate_limited", "Stale answers served because the upstream answered 429");
         let download_hits = counter("dunite_download_hits", "Downloads served from the cache");
         let download_misses = counter("dunite_download_misses", "Downloads fetched or revalidated upstream");
         let bytes_served = counter("dunite_bytes_served", "Body bytes sent to clients");
@@ -191,6 +201,8 @@ impl Metrics {
             manifest_hits,
             manifest_misses,
             stale_tags_served,
+            stale_listings_served,
+            stale_rate_limited,
             download_hits,
             download_misses,
             bytes_served,
@@ -227,9 +239,19 @@ impl Metrics {
         self.manifest_misses.inc();
     }
 
-    /// A tag served stale because the upstream was down.
+    /// A tag served stale because the upstream did not answer.
     pub(crate) fn stale_tag_served(&self) {
         self.stale_tags_served.inc();
+    }
+
+    /// A tag list or referrers list served stale because the upstream did not answer.
+    pub(crate) fn stale_listing_served(&self) {
+        self.stale_listings_served.inc();
+    }
+
+    /// A stale answer (tag or listing) served because the upstream answered `429`.
+    pub(crate) fn stale_rate_limited(&self) {
+        self.stale_rate_limited.inc();
     }
 
     /// A download served from the cache.
@@ -242,12 +264,13 @@ impl Metrics {
         self.download_misses.inc();
     }
 
-    /// A feature answered a request with the error status `status`: a server error, or a
-    /// `429` at a fill limit, is counted.
-    pub(crate) fn failed(&self, status: StatusCode) {
+    /// A feature answered a request with the error status `status`: a server error is
+    /// counted, and so is a refusal at one of the mirror's own fill limits (`fill_limit`; an
+    /// upstream's `429` relayed is not one).
+    pub(crate) fn failed(&self, status: StatusCode, fill_limit: bool) {
         if status.is_server_error() {
             self.errors.inc();
-        } else if status == StatusCode::TOO_MANY_REQUESTS {
+        } else if fill_limit {
             self.fills_refused.inc();
         }
     }

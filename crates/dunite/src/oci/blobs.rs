@@ -1,6 +1,7 @@
 //! `GET|HEAD /v2/<name>/blobs/<digest>`: a hit streams the cached file (with `Range`); a miss
 //! joins the one upstream fill of the digest (`BlobCache::fill`) and streams it, or the
-//! range asked for, as it arrives.
+//! range asked for, as it arrives. A `HEAD` on a miss asks the upstream once and remembers
+//! the size.
 
 use std::sync::Arc;
 
@@ -34,19 +35,7 @@ pub(super) async fn blob(
     let upstream_name = mirror.registries.upstream_name(host, name);
     let path = format!("{upstream_name}/blobs/{digest}");
     if *method == Method::HEAD {
-        let head = mirror.registries.send(host, &upstream_name, Method::HEAD, &path, None);
-        let answer = mirror.metrics.upstream(head).await?;
-        return match answer.status() {
-            s if s.is_success() => {
-                let mut response = StatusCode::OK.into_response();
-                copy_header(answer.headers(), response.headers_mut(), header::CONTENT_LENGTH);
-                set_digest(response.headers_mut(), digest);
-                response.extensions_mut().insert(CacheOutcome::Miss);
-                Ok(response)
-            }
-            StatusCode::NOT_FOUND => Err(Error::BlobUnknown),
-            s => Err(Error::UpstreamStatus(s)),
-        };
+        return head(mirror, (host, &upstream_name), &path, digest, peer).await;
     }
     mirror.metrics.refill(CACHE, &digest.to_string());
     let (fill_mirror, fill_host) = (Arc::clone(mirror), host.to_owned());
@@ -102,6 +91,49 @@ pub(super) async fn blob(
     }
     set_digest(headers, digest);
     response.extensions_mut().insert(CacheOutcome::Miss);
+    Ok(response)
+}
+
+/// A `HEAD` on a blob not cached: the upstream's answer, its size remembered for the tag TTL
+/// (`Mirror::blob_heads`, per registry, repository and digest), so a client that asks again
+/// (containerd checks a layer before it fetches it) costs no upstream request. Only the
+/// blobs found are remembered: a 404 may be pushed over any moment. The upstream request
+/// takes a fill permit, as every upstream request a client starts does.
+async fn head(
+    mirror: &Mirror,
+    (host, upstream_name): (&str, &str),
+    path: &str,
+    digest: &Digest,
+    peer: Peer,
+) -> Result<Response, Error> {
+    let key = (host.to_owned(), upstream_name.to_owned(), digest.clone());
+    let (size, outcome) = match mirror.blob_heads.get(&key) {
+        Some(size) => (size, CacheOutcome::Hit),
+        None => {
+            let _permit = mirror.limits.try_start(peer.ip())?;
+            let head = mirror.registries.send(host, upstream_name, Method::HEAD, path, None);
+            let answer = mirror.metrics.upstream(head).await?;
+            match answer.status() {
+                s if s.is_success() => {
+                    // The header, not `content_length()`: a HEAD's body is empty.
+                    let size = answer
+                        .headers()
+                        .get(header::CONTENT_LENGTH)
+                        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+                    mirror.blob_heads.insert(key, size);
+                    (size, CacheOutcome::Miss)
+                }
+                StatusCode::NOT_FOUND => return Err(Error::BlobUnknown),
+                s => return Err(Error::UpstreamStatus(s)),
+            }
+        }
+    };
+    let mut response = StatusCode::OK.into_response();
+    if let Some(size) = size {
+        response.headers_mut().insert(header::CONTENT_LENGTH, HeaderValue::from(size));
+    }
+    set_digest(response.headers_mut(), digest);
+    response.extensions_mut().insert(outcome);
     Ok(response)
 }
 
@@ -163,12 +195,6 @@ pub(crate) fn parse_range(value: &HeaderValue, size: u64) -> Option<(u64, u64)> 
         (a, b) => (a.parse().ok()?, b.parse::<u64>().ok()?.min(size - 1)),
     };
     (start <= end && start < size).then_some((start, end))
-}
-
-fn copy_header(from: &HeaderMap, to: &mut HeaderMap, name: header::HeaderName) {
-    if let Some(value) = from.get(&name).and_then(|v| HeaderValue::from_bytes(v.as_bytes()).ok()) {
-        to.insert(name, value);
-    }
 }
 
 #[cfg(test)]

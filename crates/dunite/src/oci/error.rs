@@ -14,7 +14,8 @@ use crate::upstream::UpstreamError;
 /// Why a `/v2/` request failed. Answered with the spec's JSON error body
 /// (`{"errors":[{"code",..}]}`): a client's mistake is a 4xx, a missing blob or manifest a
 /// 404 with its spec code, a local failure a 500, a busy metadata pool a 503 (retry), an
-/// upstream fault a 502, an upstream timeout a 504.
+/// upstream's rate limit a 429 (back off), any other upstream fault a 502, an upstream
+/// timeout a 504.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub(crate) enum Error {
@@ -42,13 +43,30 @@ pub(crate) enum Error {
     /// The upstream has no such manifest.
     #[error("manifest unknown")]
     ManifestUnknown,
+    /// The upstream has no such repository (its tag list is a 404).
+    #[error("repository name not known to registry")]
+    NameUnknown,
+    /// The upstream answered the referrers API with a 404: it does not support it (or has no
+    /// such repository); the client falls back to the `sha256-<hex>` tag.
+    #[error("the upstream does not serve referrers for this repository")]
+    ReferrersUnsupported,
+    /// A listing's `n` that is no number.
+    #[error("invalid page size {0:?}")]
+    PaginationNumberInvalid(String),
+    /// A listing's query over the length the mirror passes on.
+    #[error("query over {max} bytes", max = super::listings::MAX_QUERY_BYTES)]
+    QueryTooLong,
+    /// The upstream's listing is over the size the mirror reads.
+    #[error("listing over {} bytes; ask for pages (n)", dunite_oci::MAX_LISTING_BYTES)]
+    ListingTooLarge,
     /// The upstream refused access (401 or 403).
     #[error("upstream refused access")]
     Unauthorized,
     /// The upstream request failed before an answer.
     #[error(transparent)]
     Upstream(#[from] UpstreamError),
-    /// The upstream answered with a status the mirror does not relay.
+    /// The upstream answered with a status the mirror does not relay as such (`429` aside,
+    /// relayed so the client backs off).
     #[error("upstream answered {0}")]
     UpstreamStatus(StatusCode),
     /// The upstream's manifest is over the size the mirror reads.
@@ -80,13 +98,19 @@ pub(crate) enum Error {
     /// repository; answered `401` with the challenge, so the client logs in.
     #[error("authentication required")]
     LoginRequired,
-    /// A limit on upstream requests in flight (in all or for this client) is reached.
-    #[error(transparent)]
-    Busy(#[from] Busy),
     /// Pass-through authorisation: the upstream refuses this client's credentials for the
     /// repository.
     #[error("requested access to the resource is denied")]
     Denied,
+}
+
+/// Why a stale answer was served instead of the upstream's ([`Error::stale_reason`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum StaleReason {
+    /// The upstream answered `429 Too Many Requests`.
+    RateLimited,
+    /// The upstream was unreachable, timed out, or answered a 5xx or something unusable.
+    Failed,
 }
 
 impl Error {
@@ -119,13 +143,21 @@ impl Error {
     pub(crate) fn status(&self) -> StatusCode {
         match self {
             Self::NotAPull => StatusCode::METHOD_NOT_ALLOWED,
-            Self::NameInvalid | Self::DigestInvalid(_) | Self::InvalidReference(_) => StatusCode::BAD_REQUEST,
-            Self::UnknownEndpoint | Self::UnknownRegistry(_) | Self::BlobUnknown | Self::ManifestUnknown => {
-                StatusCode::NOT_FOUND
-            }
+            Self::NameInvalid
+            | Self::DigestInvalid(_)
+            | Self::InvalidReference(_)
+            | Self::PaginationNumberInvalid(_)
+            | Self::QueryTooLong => StatusCode::BAD_REQUEST,
+            Self::UnknownEndpoint
+            | Self::UnknownRegistry(_)
+            | Self::BlobUnknown
+            | Self::ManifestUnknown
+            | Self::NameUnknown
+            | Self::ReferrersUnsupported => StatusCode::NOT_FOUND,
+            Self::UpstreamStatus(StatusCode::TOO_MANY_REQUESTS)
+            | Self::Fill(FillError::Refused { status: 429 }) => StatusCode::TOO_MANY_REQUESTS,
             Self::Unauthorized | Self::LoginRequired => StatusCode::UNAUTHORIZED,
             Self::Denied => StatusCode::FORBIDDEN,
-            Self::Busy(_) => StatusCode::TOO_MANY_REQUESTS,
             Self::Fill(FillError::Other(source)) if source.downcast_ref::<Busy>().is_some() => {
                 StatusCode::TOO_MANY_REQUESTS
             }
@@ -140,6 +172,7 @@ impl Error {
             Self::Upstream(_)
             | Self::UpstreamStatus(_)
             | Self::ManifestTooLarge
+            | Self::ListingTooLarge
             | Self::ManifestMismatch { .. }
             | Self::AnnouncedMismatch { .. }
             | Self::Fill(_) => StatusCode::BAD_GATEWAY,
@@ -148,10 +181,25 @@ impl Error {
         }
     }
 
-    /// Whether the upstream failed (unreachable, timed out, or answered with something
-    /// unusable): what a stale tag may stand in for.
-    pub(crate) fn is_upstream_fault(&self) -> bool {
-        matches!(self.status(), StatusCode::BAD_GATEWAY | StatusCode::GATEWAY_TIMEOUT)
+    /// Why a stale tag or listing may stand in for the upstream's answer, if it may: the
+    /// upstream rate limits (`429`, Docker Hub's limit), or failed (unreachable, timed out, a
+    /// 5xx or another answer the mirror cannot use). Not for an answer (a 404, a refusal of
+    /// access) nor for a failure of the mirror's own (its disk, its fill limits).
+    pub(crate) fn stale_reason(&self) -> Option<StaleReason> {
+        match (self, self.status()) {
+            (
+                Self::UpstreamStatus(StatusCode::TOO_MANY_REQUESTS)
+                | Self::Fill(FillError::Refused { status: 429 }),
+                _,
+            ) => Some(StaleReason::RateLimited),
+            (_, StatusCode::BAD_GATEWAY | StatusCode::GATEWAY_TIMEOUT) => Some(StaleReason::Failed),
+            _ => None,
+        }
+    }
+
+    /// Whether the mirror's own fill limits refused the request (`--max-fills`).
+    pub(crate) fn is_fill_limit(&self) -> bool {
+        matches!(self, Self::Fill(FillError::Other(source)) if source.downcast_ref::<Busy>().is_some())
     }
 
     /// The spec's error code.
@@ -164,6 +212,11 @@ impl Error {
             Self::UnknownRegistry(_) => "NAME_UNKNOWN",
             Self::BlobUnknown => "BLOB_UNKNOWN",
             Self::ManifestUnknown => "MANIFEST_UNKNOWN",
+            Self::NameUnknown => "NAME_UNKNOWN",
+            Self::ReferrersUnsupported | Self::QueryTooLong => "UNSUPPORTED",
+            Self::PaginationNumberInvalid(_) => "PAGINATION_NUMBER_INVALID",
+            Self::UpstreamStatus(StatusCode::TOO_MANY_REQUESTS)
+            | Self::Fill(FillError::Refused { status: 429 }) => "TOOMANYREQUESTS",
             Self::Unauthorized | Self::LoginRequired => "UNAUTHORIZED",
             Self::Denied => "DENIED",
             Self::Fill(FillError::Other(source)) if source.downcast_ref::<Busy>().is_some() => {
@@ -172,6 +225,13 @@ impl Error {
             Self::ManifestTooLarge => "MANIFEST_INVALID",
             _ => "UNKNOWN",
         }
+    }
+}
+
+/// The mirror's own fill limits refused an upstream request (a 429 to retry).
+impl From<Busy> for Error {
+    fn from(busy: Busy) -> Self {
+        Self::Fill(FillError::other(busy))
     }
 }
 
@@ -247,23 +307,35 @@ mod tests {
             [Error::UpstreamStatus(StatusCode::INTERNAL_SERVER_ERROR), Error::Fill(FillError::Ended)]
         {
             assert_eq!(upstream.status(), StatusCode::BAD_GATEWAY);
-            assert!(upstream.is_upstream_fault());
+            assert_eq!(upstream.stale_reason(), Some(StaleReason::Failed));
         }
         assert_eq!(
             (Error::BlobUnknown.status(), Error::BlobUnknown.code()),
             (StatusCode::NOT_FOUND, "BLOB_UNKNOWN")
         );
-        assert!(!Error::ManifestUnknown.is_upstream_fault(), "a 404 is an answer, not a fault");
+        assert_eq!(Error::ManifestUnknown.stale_reason(), None, "a 404 is an answer, not a fault");
     }
 
     #[test]
     fn a_failed_manifest_fill_is_answered_as_the_manifest_fetch_was() {
         let refused = |status| Error::from_manifest_fill(FillError::Refused { status }, None);
         assert_eq!((refused(404).status(), refused(404).code()), (StatusCode::NOT_FOUND, "MANIFEST_UNKNOWN"));
-        assert!(!refused(404).is_upstream_fault());
+        assert_eq!(refused(404).stale_reason(), None);
         assert_eq!(refused(403).status(), StatusCode::UNAUTHORIZED);
         assert!(matches!(refused(503), Error::UpstreamStatus(StatusCode::SERVICE_UNAVAILABLE)));
-        assert!(refused(503).is_upstream_fault(), "a stale tag may stand in");
+        assert_eq!(refused(503).stale_reason(), Some(StaleReason::Failed), "a stale tag may stand in");
+        // Docker Hub's rate limit: relayed (the client backs off), and an outage to stand in for.
+        assert_eq!(
+            (refused(429).status(), refused(429).code()),
+            (StatusCode::TOO_MANY_REQUESTS, "TOOMANYREQUESTS")
+        );
+        assert_eq!(refused(429).stale_reason(), Some(StaleReason::RateLimited));
+        assert!(!refused(429).is_fill_limit(), "not the mirror's own limit");
+        let blob = Error::Fill(FillError::Refused { status: 429 });
+        assert_eq!((blob.status(), blob.code()), (StatusCode::TOO_MANY_REQUESTS, "TOOMANYREQUESTS"));
+        let busy = Error::Fill(FillError::other(Busy::Server));
+        assert!(busy.is_fill_limit());
+        assert_eq!((busy.status(), busy.stale_reason()), (StatusCode::TOO_MANY_REQUESTS, None));
 
         let invalid = |error| FillError::Invalid(Arc::new(error));
         let large = invalid(dunite_core::Error::TooLarge { size: 5 << 20, max_bytes: 4 << 20 });
@@ -284,9 +356,9 @@ mod tests {
         let announced = Error::from_manifest_fill(mismatch(), None);
         assert!(matches!(&announced, Error::AnnouncedMismatch { announced, computed }
             if *announced == asked.to_string() && *computed == got));
-        assert!(announced.is_upstream_fault());
+        assert!(announced.stale_reason().is_some());
         let ended = Error::from_manifest_fill(FillError::Ended, None);
-        assert!(matches!(ended, Error::Fill(FillError::Ended)) && ended.is_upstream_fault());
+        assert!(matches!(ended, Error::Fill(FillError::Ended)) && ended.stale_reason().is_some());
     }
 
     #[tokio::test]
@@ -295,6 +367,10 @@ mod tests {
         assert!(timeout.is_timeout(), "{timeout}");
         let error = Error::Upstream(UpstreamError::Http(timeout));
         assert_eq!(error.status(), StatusCode::GATEWAY_TIMEOUT);
-        assert!(error.is_upstream_fault(), "a stale tag may stand in for a timed-out upstream");
+        assert_eq!(
+            error.stale_reason(),
+            Some(StaleReason::Failed),
+            "a stale tag may stand in for a timed-out upstream"
+        );
     }
 }

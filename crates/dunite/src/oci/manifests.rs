@@ -1,5 +1,6 @@
 //! `GET|HEAD /v2/<name>/manifests/<reference>`: by digest from the manifest cache, by tag
-//! through the tag cache (fresh for the tag TTL, stale while the upstream is down), else
+//! through the tag cache (fresh for the tag TTL, stale while the upstream does not answer, for
+//! at most `--tag-max-stale`), else
 //! fetched upstream through the one fill of the digest or tag variant
 //! (`ManifestCache::fill`): verified, bounded and cached as it arrives.
 
@@ -14,7 +15,7 @@ use dunite_core::FillError;
 use dunite_oci::{Digest, DigestError, Manifest, ManifestHead, ManifestRef, TagKey};
 
 use super::accept::{accept_header, accepted_types, upstream_accept};
-use super::{Error, Mirror, header_value, set_digest};
+use super::{Error, Mirror, Stale, header_value, set_digest};
 use crate::metrics::CacheOutcome;
 use crate::peer::Peer;
 use crate::spec::Reference;
@@ -72,15 +73,16 @@ pub(super) async fn manifest(
             {
                 // The fill recorded the tag's answer itself (`with_tag_records`).
                 Ok((manifest, digest)) => Ok(respond(mirror, method, manifest, &digest, CacheOutcome::Miss)),
-                Err(error) if error.is_upstream_fault() => {
-                    // The upstream is down: serve this variant's last answer, or else the
-                    // tag's last answer to anyone if this client accepts its type.
+                Err(error) if error.stale_reason().is_some() => {
+                    // The upstream does not answer: serve this variant's last answer, or else
+                    // the tag's last answer to anyone if this client accepts its type, if it
+                    // is within `--tag-max-stale`.
                     let Some(record) = mirror.tags.stale(&key, known).await? else { return Err(error) };
+                    let Some(reason) = mirror.may_stand_in(&error, record.age()) else { return Err(error) };
                     let Some(manifest) = mirror.manifests.open(record.digest()).await? else {
                         return Err(error);
                     };
-                    tracing::warn!(tag = key.last(), "upstream unreachable; serving the cached tag");
-                    mirror.metrics.stale_tag_served();
+                    mirror.served_stale(reason, Stale::Tag, key.last(), &error);
                     Ok(respond(mirror, method, manifest, record.digest(), CacheOutcome::Stale))
                 }
                 Err(error) => Err(error),

@@ -1,25 +1,33 @@
 //! The OCI distribution pull API, as a pull-through mirror: [`Mirror`] owns the blob,
 //! manifest and tag caches, the upstream registries and their fills, and serves `/v2/`.
 //!
-//! One concept per file: `blobs.rs` (hits, ranges, streamed fills), `manifests.rs` (by digest
-//! and by tag, with the stale fallback), `accept.rs` (a client's `Accept` as the tag cache
-//! keys it), `error.rs` (every failure and its one mapping to the spec's JSON errors).
+//! One concept per file: `blobs.rs` (hits, ranges, streamed fills, remembered `HEAD`s),
+//! `manifests.rs` (by digest and by tag, with the stale fallback), `listings.rs` (tag lists
+//! and referrers), `accept.rs` (a client's `Accept` as the tag cache keys it), `error.rs`
+//! (every failure and its one mapping to the spec's JSON errors), `passthrough.rs`
+//! (`--pass-through-auth`), `remembered.rs` (upstream answers kept in memory, bounded).
+//!
+//! A stale answer (a tag's, a listing's) stands in for the upstream's when the upstream does
+//! not answer usefully (`Error::stale_reason`: unreachable, timed out, a 5xx, a 429) and the
+//! answer is no older than `--tag-max-stale` (`Mirror::may_stand_in`).
 
 mod accept;
 mod blobs;
 mod error;
+mod listings;
 mod manifests;
 mod passthrough;
+mod remembered;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Extension;
 use axum::Router;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, RawQuery, State};
 use axum::http::{HeaderMap, HeaderValue, Method};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get};
-use serde::Deserialize;
 
 use dunite_core::{Database, EntryCache, EvictionPolicy, FillOptions};
 use dunite_oci::{BlobCache, Digest, ManifestCache, TagCache};
@@ -39,6 +47,9 @@ pub(crate) use accept::{accepted_types, upstream_accept};
 #[cfg(feature = "fuzzing")]
 pub(crate) use blobs::parse_range;
 pub(crate) use error::Error;
+use error::StaleReason;
+#[cfg(feature = "fuzzing")]
+pub(crate) use listings::{link, next_query};
 
 /// The pull-through mirror's state: its caches (with their fills) and its upstreams.
 #[derive(Debug)]
@@ -59,12 +70,22 @@ pub(crate) struct Mirror {
     limits: Arc<FillLimits>,
     /// With `--pass-through-auth`: the upstream's remembered answers.
     pass_through: Option<passthrough::PassThrough>,
+    /// The oldest answer that may stand in for an upstream that does not answer.
+    tag_max_stale: Duration,
+    /// Sizes of blobs not cached, from the upstream's answers to `HEAD`, for the tag TTL.
+    blob_heads: remembered::Remembered<(String, String, Digest), Option<u64>>,
 }
 
-/// `?ns=<registry host>`, as containerd sends it to a mirror.
-#[derive(Debug, Deserialize)]
-struct NsQuery {
-    ns: Option<String>,
+/// The most blob `HEAD` answers remembered (about 200 bytes each).
+const MAX_BLOB_HEADS: usize = 16_384;
+
+/// What a stale answer stood in for, for the counters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stale {
+    /// A tag's manifest.
+    Tag,
+    /// A tag list or referrers list.
+    Listing,
 }
 
 impl Mirror {
@@ -114,7 +135,29 @@ impl Mirror {
                 .auth
                 .pass_through
                 .then(|| passthrough::PassThrough::new(config.pass_through_ttl)),
+            tag_max_stale: config.tag_max_stale,
+            blob_heads: remembered::Remembered::new(config.tag_ttl, MAX_BLOB_HEADS),
         })
+    }
+
+    /// Why an answer `age` old may be served instead of the upstream's, which failed with
+    /// `error`: if the error is an outage of the upstream's ([`Error::stale_reason`]) and the
+    /// answer is no older than `--tag-max-stale`.
+    fn may_stand_in(&self, error: &Error, age: Duration) -> Option<StaleReason> {
+        error.stale_reason().filter(|_| age <= self.tag_max_stale)
+    }
+
+    /// Count (and log) a stale answer served for `what` because of `error`.
+    fn served_stale(&self, reason: StaleReason, stale: Stale, what: &str, error: &Error) {
+        let message = crate::error_chain(error);
+        tracing::warn!(what, error = %message, "upstream did not answer; serving the cached answer");
+        match stale {
+            Stale::Tag => self.metrics.stale_tag_served(),
+            Stale::Listing => self.metrics.stale_listing_served(),
+        }
+        if reason == StaleReason::RateLimited {
+            self.metrics.stale_rate_limited();
+        }
     }
 
     /// `/v2/` and everything under it, with the mirror as state.
@@ -148,21 +191,23 @@ async fn root() -> Response {
         .into_response()
 }
 
-/// `GET|HEAD /v2/<name>/manifests/<reference>` and `/v2/<name>/blobs/<digest>`.
+/// `GET|HEAD /v2/<name>/manifests/<reference>`, `/v2/<name>/blobs/<digest>`,
+/// `/v2/<name>/tags/list` and `/v2/<name>/referrers/<digest>`.
 async fn dispatch(
     State(mirror): State<Arc<Mirror>>,
     method: Method,
     Path(rest): Path<String>,
-    Query(query): Query<NsQuery>,
+    RawQuery(query): RawQuery,
     peer: Peer,
     login: Option<Extension<UpstreamLogin>>,
     headers: HeaderMap,
 ) -> Response {
     let client = Client { peer, login: login.map(|Extension(login)| login) };
-    match route(&mirror, &method, &rest, query, &client, &headers).await {
+    let query = query.unwrap_or_default();
+    match route(&mirror, &method, &rest, &query, &client, &headers).await {
         Ok(response) => response,
         Err(error) => {
-            mirror.metrics.failed(error.status());
+            mirror.metrics.failed(error.status(), error.is_fill_limit());
             error.into_response()
         }
     }
@@ -180,7 +225,7 @@ async fn route(
     mirror: &Arc<Mirror>,
     method: &Method,
     rest: &str,
-    query: NsQuery,
+    query: &str,
     client: &Client,
     headers: &HeaderMap,
 ) -> Result<Response, Error> {
@@ -195,14 +240,21 @@ async fn route(
     if !is_valid_name(name) {
         return Err(Error::NameInvalid);
     }
-    let host = query.ns.unwrap_or_else(|| mirror.default_registry.clone());
+    let pairs: Vec<(String, String)> = url::form_urlencoded::parse(query.as_bytes()).into_owned().collect();
+    // `?ns=<registry host>`, as containerd sends it to a mirror.
+    let ns = pairs.iter().find(|(key, _)| key == "ns").map(|(_, host)| host.as_str());
+    let host = ns.map_or_else(|| mirror.default_registry.clone(), str::to_owned);
     if !mirror.registries.knows(&host) {
         return Err(Error::UnknownRegistry(host));
     }
     // Read what is asked for before anything is authorised or fetched.
-    let asked = match kind {
-        "blobs" => Asked::Blob(reference.parse().map_err(Error::DigestInvalid)?),
-        "manifests" => Asked::Manifest(Reference::parse(reference)?),
+    let asked = match (kind, reference) {
+        ("blobs", digest) => Asked::Blob(digest.parse().map_err(Error::DigestInvalid)?),
+        ("manifests", reference) => Asked::Manifest(Reference::parse(reference)?),
+        ("tags", "list") => Asked::Listing(listings::Kind::Tags),
+        ("referrers", digest) => {
+            Asked::Listing(listings::Kind::Referrers(digest.parse().map_err(Error::DigestInvalid)?))
+        }
         _ => return Err(Error::UnknownEndpoint),
     };
     if let Some(checks) = &mirror.pass_through {
@@ -212,6 +264,10 @@ async fn route(
     }
     let peer = client.peer;
     match asked {
+        Asked::Listing(listing) => {
+            let query = listings::upstream_query(pairs.iter().map(|(k, v)| (k.as_str(), v.as_str())))?;
+            listings::listing(mirror, method, (&host, name), (listing, &query), ns, peer).await
+        }
         Asked::Blob(digest) => blobs::blob(mirror, method, (&host, name), &digest, peer, headers).await,
         Asked::Manifest(reference) => {
             manifests::manifest(mirror, method, (&host, name), reference, peer, headers).await
@@ -226,6 +282,8 @@ enum Asked {
     Blob(Digest),
     /// `manifests/<tag or digest>`.
     Manifest(Reference),
+    /// `tags/list` or `referrers/<digest>`.
+    Listing(listings::Kind),
 }
 
 fn set_digest(headers: &mut HeaderMap, digest: &Digest) {

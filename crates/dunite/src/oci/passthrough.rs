@@ -11,14 +11,13 @@
 //! for [`MEMBERSHIP_TTL`]: a client allowed to pull `public/app` cannot read a layer cached
 //! through `private/app` by naming its digest.
 
-use std::collections::HashMap;
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use sha2::Digest as _;
 
 use axum::http::{HeaderValue, Method, StatusCode};
 
+use super::remembered::Remembered;
 use super::{Asked, Error, Mirror};
 use crate::auth::UpstreamLogin;
 use crate::config::Credentials;
@@ -36,58 +35,21 @@ pub(super) const MEMBERSHIP_TTL: Duration = Duration::from_secs(24 * 3600);
 /// Whose access to what: (digest of the credentials, registry, repository).
 type Key = ([u8; 32], String, String);
 
-/// Remembered answers: who -> (may pull, until when).
+/// Remembered answers: who -> may pull, for `--pass-through-ttl`.
 #[derive(Debug)]
 pub(super) struct PassThrough {
-    ttl: Duration,
-    answers: Mutex<HashMap<Key, (bool, Instant)>>,
-    /// (registry, repository as upstream names it, digest) -> until when it is known to be
-    /// the repository's.
-    members: Mutex<HashMap<(String, String, String), Instant>>,
+    answers: Remembered<Key, bool>,
+    /// (registry, repository as upstream names it, digest) known to be the repository's.
+    members: Remembered<(String, String, String), ()>,
 }
 
 impl PassThrough {
     pub(super) fn new(ttl: Duration) -> Self {
-        Self { ttl, answers: Mutex::default(), members: Mutex::default() }
+        Self {
+            answers: Remembered::new(ttl, MAX_ANSWERS),
+            members: Remembered::new(MEMBERSHIP_TTL, MAX_MEMBERS),
+        }
     }
-
-    fn remembered(&self, key: &Key) -> Option<bool> {
-        let answers = self.answers.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        answers.get(key).filter(|(_, until)| *until > Instant::now()).map(|(may, _)| *may)
-    }
-
-    fn remember(&self, key: Key, may: bool) {
-        let mut answers = self.answers.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        insert_bounded(&mut answers, key, (may, Instant::now() + self.ttl), MAX_ANSWERS, |(_, until)| *until);
-    }
-
-    fn is_member(&self, key: &(String, String, String)) -> bool {
-        let members = self.members.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        members.get(key).is_some_and(|until| *until > Instant::now())
-    }
-
-    fn remember_member(&self, key: (String, String, String)) {
-        let mut members = self.members.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        insert_bounded(&mut members, key, Instant::now() + MEMBERSHIP_TTL, MAX_MEMBERS, |until| *until);
-    }
-}
-
-/// Insert into a map of answers that expire: expired ones are dropped first when it is full,
-/// then the one expiring soonest.
-fn insert_bounded<K, V>(map: &mut HashMap<K, V>, key: K, value: V, max: usize, until: impl Fn(&V) -> Instant)
-where
-    K: std::hash::Hash + Eq + Clone,
-{
-    if map.len() >= max {
-        let now = Instant::now();
-        map.retain(|_, v| until(v) > now);
-    }
-    if map.len() >= max
-        && let Some(soonest) = map.iter().min_by_key(|(_, v)| until(v)).map(|(k, _)| k.clone())
-    {
-        map.remove(&soonest);
-    }
-    map.insert(key, value);
 }
 
 /// Let `login` pull `asked` from `name` on `host`, or say why not: [`Error::LoginRequired`]
@@ -118,14 +80,14 @@ pub(super) async fn authorise(
     };
     let upstream_name = mirror.registries.upstream_name(host, name);
     let key = (digest, host.to_owned(), upstream_name.clone());
-    let may = match checks.remembered(&key) {
+    let may = match checks.answers.get(&key) {
         Some(may) => may,
         None => {
             // Asking the upstream counts like a fill: a client cannot make the mirror ask it
             // without bound (each new credential is a check).
             let _permit = mirror.limits.try_start(peer.ip())?;
             let may = mirror.registries.may_pull(host, &upstream_name, credentials.as_ref()).await?;
-            checks.remember(key, may);
+            checks.answers.insert(key, may);
             may
         }
     };
@@ -138,20 +100,21 @@ pub(super) async fn authorise(
         Asked::Blob(digest) => ("blobs", digest, Error::BlobUnknown),
         Asked::Manifest(Reference::Digest(digest)) => ("manifests", digest, Error::ManifestUnknown),
         // A tag is resolved in this repository, upstream or in its own records.
-        Asked::Manifest(Reference::Tag(_)) => return Ok(()),
+        Asked::Manifest(Reference::Tag(_)) | Asked::Listing(_) => return Ok(()),
     };
     let member = (host.to_owned(), upstream_name.clone(), digest.to_string());
-    if checks.is_member(&member) {
+    if checks.members.get(&member).is_some() {
         return Ok(());
     }
     let path = format!("{upstream_name}/{kind}/{digest}");
     let every_type = HeaderValue::from_static(super::manifests::EVERY_MANIFEST_TYPE);
     let accept = (kind == "manifests").then_some(&every_type);
     let _permit = mirror.limits.try_start(peer.ip())?;
-    let answer = mirror.registries.send(host, &upstream_name, Method::HEAD, &path, accept).await?;
+    let head = mirror.registries.send(host, &upstream_name, Method::HEAD, &path, accept);
+    let answer = mirror.metrics.upstream(head).await?;
     match answer.status() {
         status if status.is_success() => {
-            checks.remember_member(member);
+            checks.members.insert(member, ());
             Ok(())
         }
         StatusCode::NOT_FOUND => Err(unknown),
