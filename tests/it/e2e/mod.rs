@@ -4,6 +4,7 @@
 
 mod auth;
 mod client_auth;
+mod counting_proxy;
 mod downloads;
 mod faults;
 pub(crate) mod harness;
@@ -13,5 +14,6 @@ pub(crate) mod origin;
 mod pg_restart;
 mod pinned_race;
 mod pulls;
+mod shared_fills;
 mod tls;
 mod upstream_redirects;

@@ -99,6 +99,14 @@ impl<K, H: Send + Sync + 'static> Shared<K, H> {
                     return result;
                 }
                 Ok(Acquired::Held(row)) => row,
+                Ok(Acquired::Cached) => {
+                    let head = (self.decode)("").map(Arc::new);
+                    match self.serve_entry(&key, filling.store(), filling.state(), head).await {
+                        Some(()) => return Ok(()),
+                        // Gone again (evicted), or no head to serve it with: round again.
+                        None => continue,
+                    }
+                }
                 Err(error) => {
                     tracing::warn!(%error, "no fill lease; filling without one");
                     return run(filling).await;
@@ -206,28 +214,39 @@ impl<K, H: Send + Sync + 'static> Shared<K, H> {
         state: &watch::Sender<State<H>>,
         reading: Option<&Reading<H>>,
     ) -> Result<Followed, FillError> {
-        let entry = match store.open_entry(key).await {
-            Ok(entry) => entry,
-            Err(error) => {
-                tracing::debug!(%error, "cannot look up a followed fill's entry");
-                None
-            }
-        };
-        let Some(entry) = entry else { return self.abandon(reading) };
         // The head the clients were told, or the row's (an owner that served an entry it
         // found names no spool).
         let head = match reading {
-            Some(reading) => Arc::clone(&reading.source.head),
-            None => match (self.decode)(&row.head) {
-                Some(head) => Arc::new(head),
-                None => return Ok(Followed::Restart),
-            },
+            Some(reading) => Some(Arc::clone(&reading.source.head)),
+            None => (self.decode)(&row.head).map(Arc::new),
+        };
+        match self.serve_entry(key, store, state, head).await {
+            Some(()) => Ok(Followed::Done),
+            None => self.abandon(reading),
+        }
+    }
+
+    /// Serve the cache's entry of `key` with `head`, if it holds one (and there is a head).
+    async fn serve_entry(
+        &self,
+        key: &str,
+        store: &EntryStore,
+        state: &watch::Sender<State<H>>,
+        head: Option<Arc<H>>,
+    ) -> Option<()> {
+        let head = head?;
+        let entry = match store.open_entry(key).await {
+            Ok(entry) => entry?,
+            Err(error) => {
+                tracing::debug!(%error, "cannot look up a shared fill's entry");
+                return None;
+            }
         };
         let size = entry.info.size;
         let file = entry.file.into_std().await;
         let source = Arc::new(Source { head, total: Some(size), file: Arc::new(file) });
         state.send_replace(State::Landed { source, written: size, landing: Arc::default() });
-        Ok(Followed::Done)
+        Some(())
     }
 
     /// The followed fill ended without a verified body: start over if no client was sent a

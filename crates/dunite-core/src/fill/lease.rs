@@ -91,6 +91,9 @@ pub(super) enum Acquired {
     Owner(OwnerLease),
     /// Another instance's live lease.
     Held(LeaseRow),
+    /// No lease, and the cache holds a live entry of the key: a fill of another instance
+    /// landed since the caller looked.
+    Cached,
 }
 
 impl Leases {
@@ -113,10 +116,13 @@ impl Leases {
     pub(super) async fn acquire(&self, key: &str) -> Result<Acquired> {
         for _ in 0..ACQUIRE_ROUNDS {
             let lease = next_lease();
+            // Only while the cache does not hold the key: a fill that landed (and released
+            // its lease) between the caller's look-up and this insert is not fetched again.
             let inserted = self
                 .update(
                     "take a fill lease",
-                    "INSERT INTO fill_leases (namespace, key, owner, lease) VALUES ($1, $2, $3, $4) \
+                    "INSERT INTO fill_leases (namespace, key, owner, lease) SELECT $1, $2, $3, $4 \
+                     WHERE NOT EXISTS (SELECT 1 FROM entries WHERE namespace = $1 AND key = $2 AND state = 0) \
                      ON CONFLICT DO NOTHING",
                     key,
                     lease,
@@ -127,7 +133,8 @@ impl Leases {
                 return Ok(Acquired::Owner(OwnerLease::start(self.clone(), key, lease)));
             }
             let Some(row) = self.read(key).await? else {
-                continue; // Released meanwhile.
+                // Not leased: held by the cache, or released between the insert and the read.
+                return Ok(Acquired::Cached);
             };
             if !row.stale {
                 return Ok(Acquired::Held(row));

@@ -137,6 +137,27 @@ async fn an_instance_that_misses_a_key_another_fills_follows_its_spool_and_fetch
     assert!(a_store.contains(&fresh_key).await.unwrap());
 }
 
+/// A fill that landed on another instance after the caller looked (and missed) is served from
+/// the cache, not fetched again: the lease is taken only while the cache does not hold the key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_that_landed_elsewhere_since_the_caller_looked_is_not_fetched_again() {
+    let Some(db) = pg::fresh_database().await else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let (_, a) = instance(db.url(), dir.path(), Duration::from_secs(15)).await;
+    let (_, b) = instance(db.url(), dir.path(), Duration::from_secs(15)).await;
+    let body = b"a layer that A fetched a moment ago".to_vec();
+    let key = key_of(&body);
+    let fetches = Arc::new(AtomicU32::new(0));
+    let mut first = a.join(key.clone(), expecting(&body), fetch_counted(&key, &body, &fetches)).unwrap();
+    first.finished().await.unwrap();
+    poll_until(LIMIT, "A's lease released", async || lease_rows(db.url()).await == 0).await;
+
+    // B's client looked before A's fill landed, missed, and joins now.
+    let late = b.join(key.clone(), expecting(&body), fetch_counted(&key, &body, &fetches)).unwrap();
+    assert_eq!(read_all(late.body(0, None)).await, (body, None));
+    assert_eq!(fetches.load(Ordering::SeqCst), 1, "B fetched a blob the cache held");
+}
+
 /// The follower hashes what it reads: bytes the owner fails (a digest mismatch) are never
 /// completed on the follower; its clients' streams end in an error short of the body.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
