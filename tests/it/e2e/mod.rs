@@ -14,6 +14,7 @@ pub(crate) mod origin;
 mod pg_restart;
 mod pinned_race;
 mod pulls;
+mod readyz;
 mod shared_fills;
 mod tls;
 mod upstream_redirects;
