@@ -585,6 +585,20 @@ mod tests {
     }
 
     #[test]
+    fn the_fill_lease_timeout_defaults_to_15s_and_refuses_a_tiny_one() {
+        let resolve = |timeout: Option<&str>| {
+            Config::resolve(ServeArgs {
+                fill_lease_timeout: timeout.map(str::to_owned),
+                ..ServeArgs::default()
+            })
+        };
+        assert_eq!(resolve(None).unwrap().fill_lease_timeout, Duration::from_secs(15));
+        assert_eq!(resolve(Some("2s")).unwrap().fill_lease_timeout, Duration::from_secs(2));
+        assert_eq!(resolve(Some("100ms")).unwrap_err().setting, "fill-lease-timeout");
+        assert_eq!(resolve(Some("soon")).unwrap_err().setting, "fill-lease-timeout");
+    }
+
+    #[test]
     fn upstream_allow_private_comes_from_the_flag_or_the_file() {
         assert!(!Config::resolve(ServeArgs::default()).unwrap().upstream_allow_private);
         let args = ServeArgs { upstream_allow_private: true, ..ServeArgs::default() };
