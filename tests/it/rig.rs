@@ -214,19 +214,32 @@ pub struct Checked {
 /// for removal; every row's payload exists; `tmp/` and `spool/` are empty; every blob's
 /// bytes hash to its digest and every download's to the SHA-256 its row records.
 pub async fn check_data_dir(data: &Path) -> Checked {
+    check_data_dir_with(data, &format!("sqlite://{}", data.join("metadata.db").display())).await
+}
+
+/// As [`check_data_dir`], with the metadata in the database at `url` (`sqlite://...` or
+/// `postgres://...`, where no process holds a fill lease either).
+pub async fn check_data_dir_with(data: &Path, url: &str) -> Checked {
     let mut violations = Vec::new();
     let (mut blobs_verified, mut downloads_verified) = (0, 0);
-    let options = sqlx::sqlite::SqliteConnectOptions::new().filename(data.join("metadata.db"));
-    let mut db = sqlx::SqliteConnection::connect_with(&options).await.unwrap();
+    sqlx::any::install_default_drivers();
+    let mut db = sqlx::AnyConnection::connect(url).await.unwrap();
+    if url.starts_with("postgres") {
+        let (leases,): (i64,) =
+            sqlx::query_as("SELECT count(*) FROM fill_leases").fetch_one(&mut db).await.unwrap();
+        if leases > 0 {
+            violations.push(format!("{leases} fill leases left"));
+        }
+    }
     for (ns, dir) in CACHES {
         let rows: Vec<(String, String, i64, i64, String)> =
-            sqlx::query_as("SELECT key, file, size, state, meta FROM entries WHERE namespace = ?")
+            sqlx::query_as("SELECT key, file, size, state, meta FROM entries WHERE namespace = $1")
                 .bind(ns)
                 .fetch_all(&mut db)
                 .await
                 .unwrap();
         let totals: Option<(i64, i64)> =
-            sqlx::query_as("SELECT bytes, entries FROM totals WHERE namespace = ?")
+            sqlx::query_as("SELECT bytes, entries FROM totals WHERE namespace = $1")
                 .bind(ns)
                 .fetch_optional(&mut db)
                 .await

@@ -41,7 +41,7 @@ const USAGE: &str = "usage: dunite-bench [--quick] [--json PATH] [--only NAME]..
   --quick       smaller sizes and counts (a smoke test, under 2 minutes on 2 cores)
   --json PATH   also write one JSON object per scenario (JSON lines) to PATH
   --only NAME   run only the scenarios whose name starts with NAME (repeatable):
-                burst, large-blob, small-blob, eviction, hits, http
+                burst, large-blob, small-blob, eviction, hits, http, scale
   --dir PATH    where to create the temporary directories (default: the system temp dir)
   --latency-ms N  simulated latency per database statement in the burst scenario (default 1;
                 above 1 the acquire timeout is 10 s, so that stores wait rather than fail)";

@@ -95,6 +95,7 @@ impl fmt::Debug for ContentDigest {
     }
 }
 
+#[derive(Clone)]
 pub(crate) enum Hasher {
     Sha256(sha2::Sha256),
     Sha512(sha2::Sha512),

@@ -65,7 +65,9 @@ pub use entries::{
 };
 pub use error::{BoxError, Error, Result, StoreOp};
 pub use evictor::{DebouncedEvictor, EvictorStats, PassOutcome, PassReport};
-pub use fill::{FillError, FillOptions, Filling, Fills, Finished, Joined, Started};
+pub use fill::{
+    DEFAULT_LEASE_TIMEOUT, FillError, FillOptions, Filling, Fills, Finished, Joined, LeaseHead, Started,
+};
 pub use hash::{ContentDigest, DigestAlgorithm};
 pub use memory::{MemoryPass, MemoryStore, MemoryStoreError};
 pub use policy::EvictionPolicy;

@@ -75,7 +75,8 @@ impl BlobCache {
     /// the options are inconsistent.
     pub async fn new(options: CacheOptions) -> Result<Self> {
         let cache = EntryCache::open(options.with_on_conflict(OnConflict::KeepExisting)).await?;
-        let fills = Fills::new(cache.entries().clone(), FillOptions::new());
+        // One upstream fetch per blob across the instances sharing a PostgreSQL database.
+        let fills = Fills::shared(cache.entries().clone(), FillOptions::new());
         Ok(Self { cache, fills })
     }
 
@@ -83,7 +84,7 @@ impl BlobCache {
     /// the first [`fill`](Self::fill).
     #[must_use]
     pub fn with_fill_options(mut self, options: FillOptions) -> Self {
-        self.fills = Fills::new(self.cache.entries().clone(), options);
+        self.fills = Fills::shared(self.cache.entries().clone(), options);
         self
     }
 

@@ -1,5 +1,5 @@
-//! The server: the features' routes merged, request logging, `/metrics`, `/healthz` and
-//! graceful shutdown, over plain HTTP or TLS. Each feature (`oci::Mirror`, `dl::Proxy`) owns its state; this file
+//! The server: the features' routes merged, request logging, `/metrics`, `/healthz`, `/readyz`
+//! and graceful shutdown, over plain HTTP or TLS. Each feature (`oci::Mirror`, `dl::Proxy`) owns its state; this file
 //! only opens them on one database and serves them.
 
 use std::net::SocketAddr;
@@ -42,7 +42,12 @@ pub struct App {
     auth: Arc<ClientAuth>,
     /// The fill limits (shared with the features).
     limits: Arc<FillLimits>,
+    /// The metadata database, for `/readyz`.
+    database: Database,
 }
+
+/// How long each of `/readyz`'s checks may take before the instance is reported not ready.
+const READY_TIMEOUT: Duration = Duration::from_secs(2);
 
 impl App {
     /// Open the caches (one metadata database for all of them) and the upstream client.
@@ -82,7 +87,7 @@ impl App {
             metrics.watch_evictions(name, cache);
         }
         let (mirror, proxy) = (Arc::new(mirror), Arc::new(proxy));
-        Ok(Arc::new(Self { config, mirror, proxy, metrics, auth, limits }))
+        Ok(Arc::new(Self { config, mirror, proxy, metrics, auth, limits, database }))
     }
 
     /// On every SIGHUP, read the client user and token files again (`--htpasswd`,
@@ -120,7 +125,7 @@ impl App {
     }
 
     /// The routes: each feature's and `/metrics`, each behind its area's access check, and
-    /// `/healthz` (open to all), all behind the request log.
+    /// `/healthz` and `/readyz` (open to all), all behind the request log.
     pub fn router(self: &Arc<Self>) -> Router {
         let guarded = |router: Router, area: Area| {
             router.route_layer(middleware::from_fn_with_state((Arc::clone(&self.auth), area), auth::guard))
@@ -128,11 +133,54 @@ impl App {
         let metrics_route = Router::new().route("/metrics", get(metrics)).with_state(Arc::clone(self));
         Router::new()
             .route("/healthz", get(|| async { "ok\n" }))
+            .route("/readyz", get(readyz).with_state(Arc::clone(self)))
             .merge(guarded(metrics_route, Area::Metrics))
             .merge(guarded(self.mirror.routes(), Area::Pull))
             .merge(guarded(self.proxy.routes(), Area::Download))
             .fallback(|| async { (StatusCode::NOT_FOUND, "not found\n") })
             .layer(middleware::from_fn_with_state(Arc::clone(&self.metrics), log_request))
+    }
+}
+
+/// `GET /readyz`: whether this instance can serve now (for a load balancer's readiness
+/// check; `/healthz` only says the process answers). `200 ready` when the metadata database
+/// answers a `SELECT 1` and a file can be created and removed in the blob cache's `tmp/` (where
+/// fills spool), each within [`READY_TIMEOUT`]; else `503` naming what failed.
+async fn readyz(State(app): State<Arc<App>>) -> Response {
+    let tmp = app.config.data_dir.join("blobs").join("tmp");
+    let (database, disk) = tokio::join!(database_ready(&app.database), disk_ready(&tmp));
+    let failures: Vec<String> = [database.err(), disk.err()].into_iter().flatten().collect();
+    if failures.is_empty() {
+        return "ready\n".into_response();
+    }
+    tracing::warn!(failures = failures.join("; "), "not ready");
+    (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {}\n", failures.join("; "))).into_response()
+}
+
+/// The database answers a trivial query within [`READY_TIMEOUT`].
+async fn database_ready(database: &Database) -> Result<(), String> {
+    match tokio::time::timeout(READY_TIMEOUT, database.ping()).await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(error)) => Err(format!("database: {error}")),
+        Err(_) => Err(format!("database: no answer within {READY_TIMEOUT:?}")),
+    }
+}
+
+/// A file can be created, written, synced and removed in `dir` within [`READY_TIMEOUT`].
+async fn disk_ready(dir: &std::path::Path) -> Result<(), String> {
+    let dir = dir.to_path_buf();
+    let shown = dir.display().to_string();
+    let probe = tokio::task::spawn_blocking(move || {
+        let mut file = tempfile::Builder::new().prefix("readyz-").tempfile_in(&dir)?;
+        std::io::Write::write_all(&mut file, b"ready")?;
+        file.as_file().sync_all()?;
+        file.close()
+    });
+    match tokio::time::timeout(READY_TIMEOUT, probe).await {
+        Ok(Ok(Ok(()))) => Ok(()),
+        Ok(Ok(Err(error))) => Err(format!("disk: {shown}: {error}")),
+        Ok(Err(error)) => Err(format!("disk: {error}")),
+        Err(_) => Err(format!("disk: {shown}: no answer within {READY_TIMEOUT:?}")),
     }
 }
 
@@ -328,5 +376,31 @@ pub async fn wait_until_listening(addr: SocketAddr, deadline: Duration) -> std::
             Err(e) if Instant::now() >= give_up => return Err(e),
             Err(_) => tokio::time::sleep(POLL).await,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn the_disk_check_fails_where_no_file_can_be_created() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(disk_ready(dir.path()).await, Ok(()));
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0, "the probe left a file");
+        let not_a_dir = dir.path().join("file");
+        std::fs::write(&not_a_dir, b"x").unwrap();
+        let error = disk_ready(&not_a_dir).await.unwrap_err();
+        assert!(error.starts_with("disk: "), "{error}");
+    }
+
+    #[tokio::test]
+    async fn the_database_check_answers_for_a_live_database() {
+        let dir = tempfile::tempdir().unwrap();
+        let database =
+            Database::open_sqlite(&dir.path().join("m.db"), &DatabaseOptions::new()).await.unwrap();
+        assert_eq!(database_ready(&database).await, Ok(()));
+        database.pool().close().await;
+        assert!(database_ready(&database).await.unwrap_err().starts_with("database: "));
     }
 }

@@ -92,6 +92,11 @@ pub struct ServeArgs {
     /// connection or stay silent mid-answer before the request fails, e.g. 30s [default: 60s].
     #[arg(long, env = "DUNITE_UPSTREAM_TIMEOUT")]
     pub upstream_timeout: Option<String>,
+    /// With a PostgreSQL database shared by several instances: how long an instance's blob
+    /// fill lease lives without a heartbeat (sent every third of it) before another instance
+    /// takes the fill over, e.g. 10s [default: 15s].
+    #[arg(long, env = "DUNITE_FILL_LEASE_TIMEOUT")]
+    pub fill_lease_timeout: Option<String>,
     /// Client users: an htpasswd file of bcrypt entries (`htpasswd -B`), for HTTP Basic auth.
     #[arg(long, env = "DUNITE_HTPASSWD")]
     pub htpasswd: Option<PathBuf>,
@@ -162,6 +167,7 @@ struct FileConfig {
     dl_freshness: Option<String>,
     shutdown_grace: Option<String>,
     upstream_timeout: Option<String>,
+    fill_lease_timeout: Option<String>,
     #[serde(default)]
     upstream_allow_private: bool,
     /// `host -> { username, password, realms }` for upstream token authentication.
@@ -300,6 +306,8 @@ pub struct Config {
     pub shutdown_grace: Duration,
     /// How long an upstream may stay silent (to connect, or mid-answer).
     pub upstream_timeout: Duration,
+    /// How long a fill lease lives without a heartbeat (shared databases only).
+    pub fill_lease_timeout: Duration,
     /// Client authentication and grants.
     pub auth: AuthConfig,
     /// How long a pass-through answer is remembered.
@@ -343,6 +351,7 @@ impl Config {
             credentials: BTreeMap::new(),
             shutdown_grace: Duration::from_secs(30),
             upstream_timeout: Duration::from_secs(60),
+            fill_lease_timeout: dunite_core::DEFAULT_LEASE_TIMEOUT,
             auth: AuthConfig::default(),
             pass_through_ttl: Duration::from_secs(60),
             max_fills: 1024,
@@ -415,6 +424,12 @@ impl Config {
             config.upstream_timeout = parse_duration(&timeout).map_err(|m| bad("upstream-timeout", m))?;
             if config.upstream_timeout.is_zero() {
                 return Err(bad("upstream-timeout", "must be positive"));
+            }
+        }
+        if let Some(timeout) = args.fill_lease_timeout.or(file.fill_lease_timeout) {
+            config.fill_lease_timeout = parse_duration(&timeout).map_err(|m| bad("fill-lease-timeout", m))?;
+            if config.fill_lease_timeout < Duration::from_millis(300) {
+                return Err(bad("fill-lease-timeout", "must be at least 300ms"));
             }
         }
         let dl_allow = if args.dl_allow.is_empty() { file.dl_allow } else { args.dl_allow };
@@ -605,6 +620,20 @@ mod tests {
         let error = Config::resolve(args).unwrap_err();
         assert_eq!(error.setting, "dl-allow");
         assert!(error.to_string().contains("files.example:ssh"), "{error}");
+    }
+
+    #[test]
+    fn the_fill_lease_timeout_defaults_to_15s_and_refuses_a_tiny_one() {
+        let resolve = |timeout: Option<&str>| {
+            Config::resolve(ServeArgs {
+                fill_lease_timeout: timeout.map(str::to_owned),
+                ..ServeArgs::default()
+            })
+        };
+        assert_eq!(resolve(None).unwrap().fill_lease_timeout, Duration::from_secs(15));
+        assert_eq!(resolve(Some("2s")).unwrap().fill_lease_timeout, Duration::from_secs(2));
+        assert_eq!(resolve(Some("100ms")).unwrap_err().setting, "fill-lease-timeout");
+        assert_eq!(resolve(Some("soon")).unwrap_err().setting, "fill-lease-timeout");
     }
 
     #[test]

@@ -272,6 +272,11 @@ impl Dunite {
         metric_from(&self.client, &self.base, series).await
     }
 
+    /// The process's id.
+    pub fn pid(&self) -> u32 {
+        self.child.id().unwrap()
+    }
+
     /// Send `signal` (`HUP`, `TERM`, ...) to the process.
     pub fn signal(&self, signal: &str) {
         let pid = self.child.id().unwrap();

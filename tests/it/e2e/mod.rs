@@ -4,6 +4,7 @@
 
 mod auth;
 mod client_auth;
+mod counting_proxy;
 mod downloads;
 mod faults;
 pub(crate) mod harness;
@@ -15,6 +16,8 @@ pub(crate) mod origin;
 mod pg_restart;
 mod pinned_race;
 mod pulls;
+mod readyz;
+mod shared_fills;
 mod stale;
 mod tls;
 mod upstream_redirects;

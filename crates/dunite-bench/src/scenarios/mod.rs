@@ -5,6 +5,7 @@ pub mod eviction;
 pub mod hits;
 pub mod http;
 pub mod large;
+pub mod scale;
 pub mod small;
 
 use std::future::Future;
@@ -30,4 +31,5 @@ pub const ALL: &[Scenario] = &[
     Scenario { name: "eviction", run: |s| Box::pin(eviction::run(s)) },
     Scenario { name: "hits", run: |s| Box::pin(hits::run(s)) },
     Scenario { name: "http", run: |s| Box::pin(http::run(s)) },
+    Scenario { name: "scale", run: |s| Box::pin(scale::run(s)) },
 ];

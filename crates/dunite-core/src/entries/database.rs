@@ -447,6 +447,18 @@ impl Database {
         }
     }
 
+    /// Whether the server answers now: one trivial query (`SELECT 1`) on a pooled connection,
+    /// for readiness checks. Bound it with a timeout of the caller's: waiting for a connection
+    /// is bounded only by the pool's acquire timeout.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Database`] if no connection can be had or the query fails.
+    pub async fn ping(&self) -> Result<()> {
+        sqlx::query("SELECT 1").execute(&self.pool).await.map_err(Error::db("ping the database"))?;
+        Ok(())
+    }
+
     /// The simulated per-statement latency (see [`DatabaseOptions::with_simulated_latency`]).
     pub(crate) async fn round_trip(&self) {
         if !self.latency.is_zero() {

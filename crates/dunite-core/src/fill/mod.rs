@@ -17,6 +17,8 @@
 //!                                      renamed meanwhile is still read to its end)
 //! ```
 
+mod follow;
+mod lease;
 mod reader;
 mod spool;
 
@@ -28,9 +30,12 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
+pub use lease::LeaseHead;
 pub use reader::{Finished, Joined, Started};
 pub use spool::Filling;
 
+use self::follow::Shared;
+use self::lease::Leases;
 use crate::entries::{EntryStore, Expected};
 use crate::{BoxError, Error, Pin, Stored};
 
@@ -108,7 +113,11 @@ impl FillError {
 pub struct FillOptions {
     idle_timeout: Option<Duration>,
     max_bytes: Option<u64>,
+    lease_timeout: Option<Duration>,
 }
+
+/// How long a fill lease lives without a heartbeat by default ([`FillOptions::lease_timeout`]).
+pub const DEFAULT_LEASE_TIMEOUT: Duration = Duration::from_secs(15);
 
 impl FillOptions {
     /// Default options: no idle timeout (the upstream client's own timeouts apply), fills
@@ -137,6 +146,21 @@ impl FillOptions {
     #[must_use]
     pub fn max_bytes(&self) -> Option<u64> {
         self.max_bytes
+    }
+
+    /// With a shared database (PostgreSQL), how long another instance's fill lease lives
+    /// without a heartbeat before it is judged dead and taken over ([`Fills::shared`]); the
+    /// owner refreshes it every third of this. Default [`DEFAULT_LEASE_TIMEOUT`].
+    #[must_use]
+    pub fn with_lease_timeout(mut self, timeout: Duration) -> Self {
+        self.lease_timeout = Some(timeout);
+        self
+    }
+
+    /// The fill lease timeout (see [`with_lease_timeout`](Self::with_lease_timeout)).
+    #[must_use]
+    pub fn lease_timeout(&self) -> Duration {
+        self.lease_timeout.unwrap_or(DEFAULT_LEASE_TIMEOUT)
     }
 
     /// Fail a fill whose upstream sends no byte of the body for `idle` (a server's upstream
@@ -192,6 +216,9 @@ impl<H> State<H> {
     }
 }
 
+/// A fill's task, as `join` spawns it.
+type FillTask = std::pin::Pin<Box<dyn Future<Output = Result<(), FillError>> + Send>>;
+
 type InFlight<K, H> = Arc<Mutex<HashMap<K, Arc<watch::Sender<State<H>>>>>>;
 
 /// The in-flight fills of one cache, by key: at most one fill per key at a time.
@@ -239,6 +266,8 @@ pub struct Fills<K, H> {
     inflight: InFlight<K, H>,
     store: EntryStore,
     options: FillOptions,
+    /// Set by [`shared`](Self::shared) on a shared database: fills go through leases.
+    shared: Option<Shared<K, H>>,
 }
 
 impl<K, H> Clone for Fills<K, H> {
@@ -247,6 +276,7 @@ impl<K, H> Clone for Fills<K, H> {
             inflight: Arc::clone(&self.inflight),
             store: self.store.clone(),
             options: self.options.clone(),
+            shared: self.shared.clone(),
         }
     }
 }
@@ -256,6 +286,7 @@ impl<K, H> fmt::Debug for Fills<K, H> {
         f.debug_struct("Fills")
             .field("in_flight", &lock(&self.inflight).len())
             .field("options", &self.options)
+            .field("shared", &self.shared.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -273,7 +304,7 @@ where
     /// system as its payloads, so a verified spool is renamed into place).
     #[must_use]
     pub fn new(store: EntryStore, options: FillOptions) -> Self {
-        Self { inflight: Arc::default(), store, options }
+        Self { inflight: Arc::default(), store, options, shared: None }
     }
 
     /// Fills in flight now.
@@ -305,7 +336,7 @@ where
     /// failure reaches clients as [`FillError::Local`].
     pub fn join<F, Fut>(&self, key: K, expected: Expected, run: F) -> crate::Result<Joined<H>>
     where
-        F: FnOnce(Filling<H>) -> Fut,
+        F: FnOnce(Filling<H>) -> Fut + Send + 'static,
         Fut: Future<Output = Result<(), FillError>> + Send + 'static,
     {
         let runtime = tokio::runtime::Handle::try_current().map_err(|_| Error::NoRuntime)?;
@@ -322,14 +353,48 @@ where
         let joined = Joined::new(state.subscribe(), true);
         inflight.insert(key.clone(), Arc::clone(&state));
         drop(inflight);
-        let landed = Landed { inflight: Arc::clone(&self.inflight), key, state: Arc::clone(&state) };
-        let filling = Filling::new(self.store.clone(), expected, state, &self.options);
-        let task = run(filling);
+        let filling = Filling::new(self.store.clone(), expected, Arc::clone(&state), &self.options);
+        let task: FillTask = match &self.shared {
+            Some(shared) => Box::pin(shared.clone().fill((shared.key)(&key), filling, run)),
+            None => Box::pin(run(filling)),
+        };
+        let landed = Landed { inflight: Arc::clone(&self.inflight), key, state };
         runtime.spawn(async move {
             let result = task.await;
             landed.end(result.err());
         });
         Ok(joined)
+    }
+}
+
+impl<K, H> Fills<K, H>
+where
+    K: Eq + Hash + Clone + fmt::Display + Send + Sync + 'static,
+    H: LeaseHead,
+{
+    /// As [`new`](Self::new), and on a shared database (PostgreSQL, where several instances
+    /// use one database and one cache directory) one fill per key across every instance:
+    /// the first to miss takes the key's lease and fills; the others follow its spool in the
+    /// shared directory as it grows, verifying the bytes themselves (the last byte is held
+    /// until they hash to the expected digest), instead of asking the upstream again. An owner
+    /// that stops its heartbeat for [`FillOptions::lease_timeout`] is taken over. On SQLite,
+    /// exactly [`new`](Self::new).
+    ///
+    /// Only fills joined with an expected digest are shared (a follower verifies against
+    /// it); the others run per process. A key's text (its `Display`) must be the name of the
+    /// entry its fill commits: a follower whose owner has finished opens that entry.
+    #[must_use]
+    pub fn shared(store: EntryStore, options: FillOptions) -> Self {
+        let shared = store.database().is_shared().then(|| {
+            let leases = Leases::new(
+                store.database().clone(),
+                store.namespace(),
+                store.tmp_dir(),
+                options.lease_timeout(),
+            );
+            Shared::new(leases, |key: &K| key.to_string())
+        });
+        Self { shared, ..Self::new(store, options) }
     }
 }
 

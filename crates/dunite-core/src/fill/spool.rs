@@ -9,6 +9,7 @@ use futures_util::{FutureExt as _, Stream, StreamExt as _};
 use tempfile::TempPath;
 use tokio::sync::watch;
 
+use super::lease::OwnerLease;
 use super::{FillError, FillOptions, Landing, Source, State};
 use crate::entries::{EntryStore, Expected, OpenEntry, Written, blocking};
 use crate::hash::{ContentDigest, Hasher};
@@ -50,7 +51,13 @@ pub struct Filling<H> {
     temp: Option<TempPath>,
     written: u64,
     digest: Option<ContentDigest>,
+    /// The cross-instance lease this fill owns, if shared: `respond` tells followers where
+    /// the spool is.
+    lease: Option<SpoolLease<H>>,
 }
+
+/// The lease a shared fill owns, and how its head is written into the lease's row.
+type SpoolLease<H> = (Arc<OwnerLease>, fn(&H) -> String);
 
 impl<H> std::fmt::Debug for Filling<H> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -80,7 +87,29 @@ impl<H: Send + Sync + 'static> Filling<H> {
             temp: None,
             written: 0,
             digest: None,
+            lease: None,
         }
+    }
+
+    /// Share this fill through `lease`: `respond` publishes the spool's name, the announced
+    /// size and the head (as `encode` writes it).
+    pub(super) fn set_lease(&mut self, lease: Arc<OwnerLease>, encode: fn(&H) -> String) {
+        self.lease = Some((lease, encode));
+    }
+
+    /// Where the fill publishes its progress to its clients.
+    pub(super) fn state(&self) -> &Arc<watch::Sender<State<H>>> {
+        &self.state
+    }
+
+    /// The bound on the body: the cache's cap, or the fills' own bound below it.
+    pub(super) fn max_bytes(&self) -> u64 {
+        self.max_bytes
+    }
+
+    /// The store the fill commits to.
+    pub(super) fn store(&self) -> &EntryStore {
+        &self.store
     }
 
     /// What the bytes are checked against.
@@ -157,6 +186,10 @@ impl<H: Send + Sync + 'static> Filling<H> {
         })
         .await
         .map_err(|e| FillError::Local(Arc::new(Error::io("create a spool in", tmp)(e))))?;
+        if let Some((lease, encode)) = &self.lease {
+            let name = temp.file_name().map(|name| name.to_string_lossy().into_owned()).unwrap_or_default();
+            lease.publish(&name, total, &encode(&head)).await;
+        }
         let algorithm = self.expected.digest().map_or(DigestAlgorithm::Sha256, ContentDigest::algorithm);
         self.open = Some(Open { file, hasher: algorithm.hasher() });
         self.temp = Some(temp);

@@ -14,14 +14,14 @@ use dunite_core::{
 use futures_util::{Stream, StreamExt as _};
 use tokio::sync::{mpsc, oneshot};
 
-type Chunk = Result<Bytes, std::io::Error>;
+pub(crate) type Chunk = Result<Bytes, std::io::Error>;
 
 async fn cache(dir: &std::path::Path, cap: u64) -> EntryCache {
     EntryCache::open(CacheOptions::new(dir, "fills", EvictionPolicy::new(cap))).await.unwrap()
 }
 
 /// An upstream body the test feeds chunk by chunk.
-fn upstream() -> (mpsc::Sender<Chunk>, impl Stream<Item = Chunk> + Send + 'static) {
+pub(crate) fn upstream() -> (mpsc::Sender<Chunk>, impl Stream<Item = Chunk> + Send + 'static) {
     let (tx, rx) = mpsc::channel(4);
     (tx, futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|c| (c, rx)) }))
 }
@@ -31,7 +31,9 @@ fn sha256(bytes: &[u8]) -> Expected {
 }
 
 /// Everything a client reads, and the error that ended its stream if any.
-async fn read_all(stream: impl Stream<Item = std::io::Result<Bytes>>) -> (Vec<u8>, Option<String>) {
+pub(crate) async fn read_all(
+    stream: impl Stream<Item = std::io::Result<Bytes>>,
+) -> (Vec<u8>, Option<String>) {
     let mut stream = std::pin::pin!(stream);
     let mut got = Vec::new();
     while let Some(chunk) = stream.next().await {

@@ -8,6 +8,7 @@ mod contract;
 mod convergence;
 mod faults;
 mod fill;
+mod leases;
 mod lifecycle;
 mod reads;
 mod simulation;

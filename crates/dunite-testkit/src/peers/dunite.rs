@@ -38,6 +38,16 @@ impl Dunite {
     /// If the binary is missing or it does not answer `GET /healthz` in time (it binds
     /// before it opens its caches, so listening alone is not ready).
     pub async fn start(dir: &Path, options: &DuniteOptions) -> Result<Self> {
+        Self::start_on(dir, &dir.join("data"), options).await
+    }
+
+    /// As [`start`](Self::start), on the data directory `data` (which several instances
+    /// sharing a PostgreSQL database may share); the log stays under `dir`.
+    ///
+    /// # Errors
+    ///
+    /// As [`start`](Self::start).
+    pub async fn start_on(dir: &Path, data: &Path, options: &DuniteOptions) -> Result<Self> {
         if !options.binary.exists() {
             return Err(PeerError::Io {
                 op: "finding",
@@ -54,7 +64,7 @@ impl Dunite {
         command
             .args(["serve", "--listen", &addr.to_string()])
             .arg("--data-dir")
-            .arg(dir.join("data"))
+            .arg(data)
             .args([
                 "--upstream",
                 &format!("local=http://{}", options.upstream),

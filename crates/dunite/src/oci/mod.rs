@@ -107,7 +107,11 @@ impl Mirror {
                 .with_database(database.clone()),
         )
         .await?
-        .with_fill_options(FillOptions::new().with_idle_timeout(config.upstream_timeout));
+        .with_fill_options(
+            FillOptions::new()
+                .with_idle_timeout(config.upstream_timeout)
+                .with_lease_timeout(config.fill_lease_timeout),
+        );
         let manifest_cap = (config.oci_max_bytes / 16).max(64 << 20);
         let tags = TagCache::new(
             TagCache::options(dir.join("tags"), EvictionPolicy::new(config.tag_max_bytes))

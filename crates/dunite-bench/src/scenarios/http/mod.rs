@@ -9,7 +9,7 @@ mod downloads;
 pub mod load;
 mod manifests;
 mod measure;
-mod pulls;
+pub mod pulls;
 pub mod rig;
 
 use dunite_testkit::peers::ProcessUsage;

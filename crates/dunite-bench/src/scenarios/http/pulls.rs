@@ -75,26 +75,37 @@ async fn pull_all(
     let started = Instant::now();
     let mut pulled = 0u64;
     for image in images {
-        let dest = tempfile::Builder::new().prefix("pull-").tempdir_in(scratch)?;
-        let run = tokio::process::Command::new(&skopeo)
-            .args(["copy", "--quiet", "--src-tls-verify=false"])
-            .arg(format!("docker://{registry}/{image}:v1"))
-            .arg(format!("dir:{}", dest.path().display()))
-            .kill_on_drop(true)
-            .output();
-        let output = tokio::time::timeout(PULL_TIMEOUT, run)
-            .await
-            .map_err(|_| format!("skopeo pull of {image} timed out"))??;
-        if !output.status.success() {
-            return Err(format!(
-                "skopeo pull of {registry}/{image} failed: {}",
-                String::from_utf8_lossy(&output.stderr)
-            )
-            .into());
-        }
-        pulled += dir_bytes(dest.path())?;
+        pulled += pull(&skopeo, registry, image, scratch).await?;
     }
     Ok((started.elapsed(), pulled))
+}
+
+/// Pull `image:v1` from `registry` with the `skopeo` binary into a fresh `dir:` copy under
+/// `scratch` (removed again); the bytes received.
+pub async fn pull(
+    skopeo: &std::path::Path,
+    registry: SocketAddr,
+    image: &str,
+    scratch: &std::path::Path,
+) -> Result<u64> {
+    let dest = tempfile::Builder::new().prefix("pull-").tempdir_in(scratch)?;
+    let run = tokio::process::Command::new(skopeo)
+        .args(["copy", "--quiet", "--src-tls-verify=false"])
+        .arg(format!("docker://{registry}/{image}:v1"))
+        .arg(format!("dir:{}", dest.path().display()))
+        .kill_on_drop(true)
+        .output();
+    let output = tokio::time::timeout(PULL_TIMEOUT, run)
+        .await
+        .map_err(|_| format!("skopeo pull of {image} timed out"))??;
+    if !output.status.success() {
+        return Err(format!(
+            "skopeo pull of {registry}/{image} failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        )
+        .into());
+    }
+    dir_bytes(dest.path())
 }
 
 /// The bytes of the files in `dir` (a skopeo `dir:` copy is flat).
