@@ -9,6 +9,7 @@ mod convergence;
 mod faults;
 mod fill;
 mod lifecycle;
+mod operators;
 mod reads;
 mod simulation;
 mod slow_db;
