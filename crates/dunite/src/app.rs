@@ -1,5 +1,6 @@
 //! The server: the features' routes merged, request logging, `/metrics`, `/healthz` and
-//! graceful shutdown, over plain HTTP or TLS. Each feature (`oci::Mirror`, `dl::Proxy`) owns its state; this file
+//! graceful shutdown, over plain HTTP or TLS. Each feature (`oci::Mirror`, `dl::Proxy`,
+//! `admin::Admin`) owns its state; this file
 //! only opens them on one database and serves them.
 
 use std::net::SocketAddr;
@@ -18,6 +19,7 @@ use axum::serve::{IncomingStream, Listener};
 
 use dunite_core::{Database, DatabaseOptions};
 
+use crate::admin::Admin;
 use crate::auth::{self, Area, ClientAuth};
 use crate::config::Config;
 use crate::dl::Proxy;
@@ -43,6 +45,8 @@ pub struct App {
     auth: Arc<ClientAuth>,
     /// The fill limits (shared with the features).
     limits: Arc<FillLimits>,
+    /// The admin API (`/admin/`), over the other features' caches.
+    admin: Arc<Admin>,
 }
 
 impl App {
@@ -80,7 +84,8 @@ impl App {
         let mirror = Mirror::open(&config, &database, Arc::clone(&metrics), Arc::clone(&limits)).await?;
         let proxy = Proxy::open(&config, &database, Arc::clone(&metrics), Arc::clone(&limits)).await?;
         let (mirror, proxy) = (Arc::new(mirror), Arc::new(proxy));
-        Ok(Arc::new(Self { config, mirror, proxy, metrics, auth, limits }))
+        let admin = Arc::new(Admin::new(Arc::clone(&mirror), Arc::clone(&proxy)));
+        Ok(Arc::new(Self { config, mirror, proxy, metrics, auth, limits, admin }))
     }
 
     /// The routes: each feature's and `/metrics`, each behind its area's access check, and
@@ -95,6 +100,7 @@ impl App {
             .merge(guarded(metrics_route, Area::Metrics))
             .merge(guarded(self.mirror.routes(), Area::Pull))
             .merge(guarded(self.proxy.routes(), Area::Download))
+            .merge(guarded(self.admin.routes(), Area::Admin))
             .fallback(|| async { (StatusCode::NOT_FOUND, "not found\n") })
             .layer(middleware::from_fn_with_state(Arc::clone(&self.metrics), log_request))
     }

@@ -1,4 +1,5 @@
-//! The `dunite` command: `dunite serve` runs the mirror and proxy.
+//! The `dunite` command: `dunite serve` runs the mirror and proxy; `dunite admin` steers a
+//! running server's caches; `dunite check` checks a stopped server's data directory.
 
 use std::process::ExitCode;
 
@@ -17,7 +18,11 @@ async fn main() -> ExitCode {
     // start-up then ends in a clean shutdown, not a kill.
     let shutdown = shutdown_signal();
     let cli = Cli::parse();
-    let Command::Serve(args) = cli.command;
+    let args = match cli.command {
+        Command::Serve(args) => args,
+        Command::Admin(args) => return dunite::cli::admin(args).await,
+        Command::Check(args) => return dunite::cli::check(args).await,
+    };
     let config = match Config::resolve(args) {
         Ok(config) => config,
         Err(error) => {

@@ -21,7 +21,7 @@ use crate::peer::Peer;
 use crate::spec::Reference;
 
 /// Every manifest type, for a fetch by digest.
-const EVERY_MANIFEST_TYPE: &str = "application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json, \
+pub(super) const EVERY_MANIFEST_TYPE: &str = "application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json, \
      application/vnd.docker.distribution.manifest.list.v2+json, application/vnd.docker.distribution.manifest.v2+json, \
      application/vnd.docker.distribution.manifest.v1+prettyjws, application/vnd.docker.distribution.manifest.v1+json, \
      application/vnd.oci.artifact.manifest.v1+json";

@@ -10,6 +10,7 @@ mod blobs;
 mod error;
 mod manifests;
 mod passthrough;
+mod prefetch;
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -40,6 +41,7 @@ pub(crate) use accept::{accepted_types, upstream_accept};
 #[cfg(feature = "fuzzing")]
 pub(crate) use blobs::parse_range;
 pub(crate) use error::Error;
+pub(crate) use prefetch::{Platform, PrefetchProgress};
 
 /// The pull-through mirror's state: its caches (with their fills) and its upstreams.
 #[derive(Debug)]
@@ -216,7 +218,15 @@ async fn route(
         }
         "manifests" => {
             let reference = Reference::parse(reference)?;
-            manifests::manifest(mirror, method, (&host, name), reference, peer, headers).await
+            let response =
+                manifests::manifest(mirror, method, (&host, name), reference, peer, headers).await?;
+            // Usage per repository (`/admin/usage`): the manifest served, by its digest.
+            if let Some(digest) =
+                response.headers().get("docker-content-digest").and_then(|v| v.to_str().ok())
+            {
+                mirror.manifests.entries().entries().record_origin(digest, &format!("{host}/{name}"));
+            }
+            Ok(response)
         }
         _ => Err(Error::UnknownEndpoint),
     }
