@@ -219,6 +219,11 @@ async fn check_finds_damage_and_repair_fixes_it() {
     let (code, out) = check(&data, &["--all"]).await;
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("consistent") && out.contains("blobs: 4 entries"), "{out}");
+    // Not a terminal: progress in plain lines, the last one complete.
+    let line = out.lines().rfind(|l| l.starts_with("hashing blobs: ")).unwrap_or_else(|| panic!("{out}"));
+    let (done, total) =
+        line["hashing blobs: ".len()..].trim_end_matches(" bytes").split_once(" of ").unwrap();
+    assert_eq!(done, total, "{out}");
 
     let mut payloads: Vec<_> = walk(&data.join("blobs/data"));
     payloads.sort_by_key(|p| std::fs::metadata(p).unwrap().len());
@@ -266,4 +271,40 @@ fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
         }
     }
     out
+}
+
+/// A multi-platform image: a prefetch of one platform fetches that platform's manifest and
+/// blobs only; `all` fetches the rest; a platform the index lacks fails with the reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prefetch_narrows_an_index_to_one_platform_or_takes_all() {
+    use sha2::Digest as _;
+
+    const MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+    let registry = Registry::start().await;
+    let mut platforms = Vec::new();
+    for (seed, arch) in [(71, "amd64"), (72, "arm64")] {
+        // Each push moves the tag; the manifest before stays, by digest.
+        Image::build(seed, 2, 100_000).push(registry.addr, "e2e/multi").await;
+        let manifest = registry.manifest("e2e/multi", "v1", MANIFEST).await;
+        let digest = format!("sha256:{}", hex::encode(sha2::Sha256::digest(&manifest)));
+        platforms.push(serde_json::json!({
+            "mediaType": MANIFEST, "digest": digest, "size": manifest.len(),
+            "platform": {"os": "linux", "architecture": arch},
+        }));
+    }
+    let index_type = "application/vnd.oci.image.index.v1+json";
+    let index = serde_json::json!({"schemaVersion": 2, "mediaType": index_type, "manifests": platforms});
+    registry.put_manifest("e2e/multi", "both", index_type, serde_json::to_vec(&index).unwrap()).await;
+    let dunite = Dunite::start(registry.addr, "64MiB", &[]).await;
+
+    let arm = admin_ok(dunite.addr, &["prefetch", "e2e/multi:both", "--platform", "linux/arm64"]).await;
+    assert_eq!((arm["manifests"].as_u64(), arm["blobs_done"].as_u64()), (Some(2), Some(3)), "{arm}");
+    assert_eq!(dunite.metric("dunite_cache_entries{cache=\"blobs\"}").await, 3);
+    let all = admin_ok(dunite.addr, &["prefetch", "e2e/multi:both", "--platform", "all"]).await;
+    assert_eq!((all["manifests"].as_u64(), all["blobs_cached"].as_u64()), (Some(3), Some(3)), "{all}");
+    assert_eq!(dunite.metric("dunite_cache_entries{cache=\"blobs\"}").await, 6);
+    let (ok, _, stderr) =
+        admin(dunite.addr, &["prefetch", "e2e/multi:both", "--platform", "linux/s390x"]).await;
+    assert!(!ok && stderr.contains("no manifest for platform linux/s390x"), "{stderr}");
+    assert!(dunite.stop().await.success());
 }

@@ -409,11 +409,8 @@ impl EntryStore {
 }
 
 fn report_finding(findings: &mut Vec<Finding>, problem: Problem, repaired: bool) {
-    if repaired {
-        tracing::info!(%problem, "repaired");
-    } else {
-        tracing::warn!(%problem, "found");
-    }
+    // The report is the caller's to show; the log only traces.
+    tracing::debug!(%problem, repaired, "check finding");
     findings.push(Finding { problem, repaired });
 }
 

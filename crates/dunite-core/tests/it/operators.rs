@@ -290,3 +290,28 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     }
     out
 }
+
+/// A purge (an explicit removal, of a pinned entry too) while the entry is being read: the
+/// reader gets every byte it started with, and the accounting drops the entry at once.
+#[tokio::test]
+async fn a_purge_of_an_entry_being_read_leaves_the_reader_its_bytes() {
+    use tokio::io::AsyncReadExt as _;
+
+    let dir = tempfile::tempdir().unwrap();
+    let (cache, _db) = open(TestBackend::Sqlite, dir.path(), 1 << 30).await.unwrap();
+    let bytes = dunite_testkit::pseudo_random_bytes(7, 3 << 20);
+    cache.store("big", &bytes[..], &Expected::new(), "").await.unwrap();
+    cache.entries().set_pinned("big", Pinning::Pin).await.unwrap();
+    let mut entry = cache.open_entry("big").await.unwrap().unwrap();
+    let mut head = vec![0u8; 1_000];
+    entry.file.read_exact(&mut head).await.unwrap();
+
+    assert_eq!(cache.remove("big").await.unwrap(), Some(bytes.len() as u64));
+    assert_eq!((cache.total_bytes().await.unwrap(), cache.len().await.unwrap()), (0, 0));
+    assert!(cache.open_entry("big").await.unwrap().is_none());
+    let mut rest = Vec::new();
+    entry.file.read_to_end(&mut rest).await.unwrap();
+    head.extend(rest);
+    assert!(head == bytes, "the reader's bytes changed");
+    check_consistency(cache.entries(), dir.path()).await.unwrap();
+}

@@ -9,12 +9,12 @@
 //! AREA=WHO`) are per [`Area`]: `pull` (`/v2/`), `download` (`/dl/`), `metrics`, `admin`.
 //!
 //! bcrypt is slow on purpose: a verified password is remembered (by a digest of the pair, for
-//! [`VERIFIED_FOR`]) and verifications run on blocking threads, at most
-//! [`CONCURRENT_VERIFICATIONS`] at once, so a flood of wrong passwords queues behind itself
+//! `VERIFIED_FOR`) and verifications run on blocking threads, at most
+//! `CONCURRENT_VERIFICATIONS` at once, so a flood of wrong passwords queues behind itself
 //! and cannot starve the runtime.
 //!
 //! With `--pass-through-auth`, `/v2/` is not checked here: the client's Basic credentials are
-//! handed on ([`UpstreamLogin`]) and the mirror asks the upstream whether they may pull the
+//! handed on (`UpstreamLogin`) and the mirror asks the upstream whether they may pull the
 //! repository (`oci::passthrough`).
 
 mod access;
