@@ -1,7 +1,8 @@
 //! Prefetch: pull an image into the cache ahead of its clients, through the same paths a pull
 //! takes. The manifest by tag or digest goes through the manifest handler's own code (tag
 //! cache, manifest fill), an index is narrowed to one platform or kept whole, and every config
-//! and layer joins the blob's one upstream fill (`blobs::join_fill`, as a blob miss does).
+//! and layer joins the blob's one upstream fill (`blobs::join_fill`, as a blob miss does),
+//! a few at a time.
 //! Blobs already cached are counted as done without a transfer.
 
 use std::collections::BTreeMap;
@@ -12,9 +13,14 @@ use axum::http::{HeaderMap, HeaderValue, Method, header};
 
 use dunite_oci::{Digest, MAX_MANIFEST_BYTES};
 
+use futures_util::StreamExt as _;
+
 use super::{Error, Mirror, blobs, manifests};
 use crate::peer::Peer;
 use crate::spec::Reference;
+
+/// Blobs of one prefetch fetched at once.
+const CONCURRENT_BLOBS: usize = 4;
 
 /// Which manifests of an index to prefetch.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -181,26 +187,30 @@ impl Mirror {
         progress.blobs_total.store(blobs.len() as u64, Ordering::Relaxed);
         progress.bytes_total.store(blobs.values().map(|(_, size)| size).sum(), Ordering::Relaxed);
         let upstream_name = self.registries.upstream_name(host, name);
-        for (key, (blob, size)) in blobs {
-            self.blobs.entries().entries().record_origin(&key, &origin);
-            if self
-                .blobs
-                .entries()
-                .contains(&key)
-                .await
-                .map_err(|e| Error::from(dunite_oci::Error::from(e)))?
-            {
-                progress.blobs_cached.fetch_add(1, Ordering::Relaxed);
-            } else {
-                let mut joined = blobs::join_fill(self, (host, upstream_name.clone()), &blob, Peer(None))?;
-                match joined.finished().await {
-                    Ok(_) => {}
-                    Err(error) if error.is_not_found() => return Err(Error::BlobUnknown.into()),
-                    Err(error) => return Err(Error::Fill(error).into()),
+        let fetches = blobs.into_iter().map(|(key, (blob, size))| {
+            let (origin, upstream_name) = (&origin, upstream_name.clone());
+            async move {
+                self.blobs.entries().entries().record_origin(&key, origin);
+                if self.blobs.contains(&blob).await.map_err(Error::from)? {
+                    progress.blobs_cached.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    let mut joined = blobs::join_fill(self, (host, upstream_name), &blob, Peer(None))?;
+                    match joined.finished().await {
+                        Ok(_) => {}
+                        Err(error) if error.is_not_found() => return Err(Error::BlobUnknown),
+                        Err(error) => return Err(Error::Fill(error)),
+                    }
                 }
+                progress.blobs_done.fetch_add(1, Ordering::Relaxed);
+                progress.bytes_done.fetch_add(size, Ordering::Relaxed);
+                Ok(())
             }
-            progress.blobs_done.fetch_add(1, Ordering::Relaxed);
-            progress.bytes_done.fetch_add(size, Ordering::Relaxed);
+        });
+        // A few at a time: a layer's transfer overlaps the next one's round trips, and a
+        // prefetch takes few of the server's fill permits (`--max-fills`).
+        let mut fetching = futures_util::stream::iter(fetches).buffer_unordered(CONCURRENT_BLOBS);
+        while let Some(fetched) = fetching.next().await {
+            fetched?;
         }
         Ok(())
     }
