@@ -308,3 +308,43 @@ async fn prefetch_narrows_an_index_to_one_platform_or_takes_all() {
     assert!(!ok && stderr.contains("no manifest for platform linux/s390x"), "{stderr}");
     assert!(dunite.stop().await.success());
 }
+
+/// Downloads by URL: listed, pinned and unpinned, purged (the next request asks the origin
+/// again); the log shows the URL without its query.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_pins_and_purges_a_download_by_url() {
+    use std::collections::HashMap;
+    use std::sync::atomic::Ordering;
+
+    use super::origin::{Answer, Origin};
+
+    let body = dunite_testkit::pseudo_random_bytes(81, 300_000);
+    let mut answers = HashMap::new();
+    answers
+        .insert("/tool.tar?token=s3cret".to_owned(), Answer::File { body: body.clone(), etag: "v1".into() });
+    let origin = Origin::start(answers).await;
+    let registry = Registry::start().await;
+    let dunite = Dunite::start(registry.addr, "64MiB", &["--dl-allow", &origin.addr.to_string()]).await;
+    let url = format!("http://{}/tool.tar?token=s3cret", origin.addr);
+    let get = async || {
+        let response = reqwest::get(format!("http://{}/dl/{url}", dunite.addr)).await.unwrap();
+        assert_eq!(response.status(), 200);
+        assert!(response.bytes().await.unwrap() == body);
+    };
+    get().await;
+    dunite_testkit::poll_until(Duration::from_secs(30), "the download cached", async || {
+        dunite.metric("dunite_cache_entries{cache=\"downloads\"}").await == 1
+    })
+    .await;
+    assert_eq!(keys(&admin_ok(dunite.addr, &["list", "downloads"]).await), [url.clone()]);
+
+    let pinned = admin_ok(dunite.addr, &["pin", "--url", &url]).await;
+    assert_eq!((pinned["cache"].as_str(), pinned["size"].as_u64()), (Some("downloads"), Some(300_000)));
+    admin_ok(dunite.addr, &["unpin", "--url", &url]).await;
+    let purged = admin_ok(dunite.addr, &["purge", "--url", &url]).await;
+    assert_eq!(purged["removed"][0]["bytes"], 300_000, "{purged}");
+    get().await;
+    assert_eq!(origin.requests.load(Ordering::SeqCst), 2, "fetched again after the purge");
+    let (_, log) = dunite.stop_with_log().await;
+    assert!(log.contains("purged") && !log.contains("s3cret"), "{log}");
+}

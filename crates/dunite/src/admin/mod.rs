@@ -176,7 +176,12 @@ async fn purge(State(admin): State<Arc<Admin>>, Json(target): Json<Target>) -> R
     let mut purged = Purged::default();
     let mut remove = async |cache: &'static str, key: &str| -> Result<(), Error> {
         if let Some(bytes) = admin.cache(cache)?.remove(key).await? {
-            tracing::info!(cache, key, bytes, "purged");
+            // A download's key is its URL, whose query may hold a token: logged without it.
+            let shown = match dunite_download::UrlKey::parse(key) {
+                Ok(url) if cache == "downloads" => url.redacted(),
+                _ => key.to_owned(),
+            };
+            tracing::info!(cache, key = shown, bytes, "purged");
             purged.removed.push(Removed { cache: cache.to_owned(), key: key.to_owned(), bytes });
         }
         Ok(())
