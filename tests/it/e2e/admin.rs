@@ -336,7 +336,7 @@ async fn admin_pins_and_purges_a_download_by_url() {
         dunite.metric("dunite_cache_entries{cache=\"downloads\"}").await == 1
     })
     .await;
-    assert_eq!(keys(&admin_ok(dunite.addr, &["list", "downloads"]).await), [url.clone()]);
+    assert_eq!(keys(&admin_ok(dunite.addr, &["list", "downloads"]).await), std::slice::from_ref(&url));
 
     let pinned = admin_ok(dunite.addr, &["pin", "--url", &url]).await;
     assert_eq!((pinned["cache"].as_str(), pinned["size"].as_u64()), (Some("downloads"), Some(300_000)));
