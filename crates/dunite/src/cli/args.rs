@@ -5,7 +5,8 @@ use std::path::PathBuf;
 /// `dunite admin` flags: where the server is and who is asking.
 #[derive(Debug, clap::Args)]
 pub struct AdminArgs {
-    /// The server's base URL.
+    /// The server's base URL (given before the subcommand: after it, `--url` names a
+    /// download).
     #[arg(long, env = "DUNITE_ADMIN_URL", default_value = "http://127.0.0.1:5080")]
     pub url: String,
     /// User name for Basic authentication (with `--htpasswd` on the server); the password is
@@ -22,7 +23,7 @@ pub struct AdminArgs {
     #[arg(long, env = "DUNITE_ADMIN_CACERT")]
     pub cacert: Option<PathBuf>,
     /// Print the server's JSON answers as they are.
-    #[arg(long)]
+    #[arg(long, global = true)]
     pub json: bool,
     /// What to do.
     #[command(subcommand)]
@@ -94,7 +95,7 @@ pub struct CheckArgs {
     /// The metadata database URL, if not SQLite at `DATA_DIR/metadata.db`.
     #[arg(long, env = "DUNITE_DATABASE_URL", hide_env_values = true)]
     pub database_url: Option<String>,
-    /// Hash this many payloads, chosen at random, against their digests.
+    /// Hash this many payloads per cache, chosen at random, against their digests.
     #[arg(long, conflicts_with = "all")]
     pub sample: Option<u64>,
     /// Hash every payload against its digest.
@@ -104,4 +105,28 @@ pub struct CheckArgs {
     /// file, remove entries whose size or digest is wrong, correct the totals.
     #[arg(long)]
     pub repair: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser as _;
+
+    use super::AdminCommand;
+    use crate::{Cli, Command};
+
+    /// `--url` before the subcommand is the server; after `purge`, `pin` or `unpin` it is the
+    /// download to act on. `--json` goes anywhere.
+    #[test]
+    fn the_server_url_and_a_download_url_are_told_apart() {
+        let argv =
+            ["dunite", "admin", "--url", "http://server:5080", "purge", "--url", "http://origin/x", "--json"];
+        let Command::Admin(args) = Cli::try_parse_from(argv).unwrap().command else { panic!("not admin") };
+        assert_eq!(args.url, "http://server:5080");
+        assert!(args.json);
+        let AdminCommand::Purge(target) = args.command else { panic!("not a purge") };
+        assert_eq!(target.url.as_deref(), Some("http://origin/x"));
+        assert!(target.digest.is_none());
+        let two = ["dunite", "admin", "pin", "--digest", "sha256:00", "--url", "http://origin/x"];
+        assert!(Cli::try_parse_from(two).is_err(), "one target at a time");
+    }
 }
