@@ -303,10 +303,11 @@ impl EntryStore {
                 deleted = inner.delete_marked(&mut conn, &marked).await?;
                 for (_, file, _) in &deleted {
                     inner.layout.unlink(file).await?;
-                    on_disk.remove(file);
                 }
             }
-            for (key, _) in marked {
+            for (key, file) in marked {
+                // Its payload (if still there) belongs to this finding, not to an orphan's.
+                on_disk.remove(&file);
                 let repaired = deleted.iter().any(|(k, _, _)| *k == key);
                 found(Problem::UnfinishedRemoval { key }, repaired);
             }

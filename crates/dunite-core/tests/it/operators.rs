@@ -365,12 +365,18 @@ async fn a_pin_between_selection_and_removal_holds_postgres() {
 #[tokio::test]
 async fn a_store_over_a_purged_pinned_entry_is_not_pinned() {
     let dir = tempfile::tempdir().unwrap();
-    let (cache, _db) = open(TestBackend::Sqlite, dir.path(), 1 << 30).await.unwrap();
+    let (cache, db) = open(TestBackend::Sqlite, dir.path(), 1 << 30).await.unwrap();
     let entries = cache.entries();
     store(&cache, "k", 100).await;
     entries.set_pinned("k", Pinning::Pin).await.unwrap();
     entries.faults().fail_unlinks(1);
     assert!(cache.remove("k").await.is_err(), "the deletion fails after the mark");
+    // The check sees the half-done removal once (not its payload as an orphan too).
+    let checked =
+        dunite_core::EntryStore::open_for_check(db.database().clone(), "ops", dir.path()).await.unwrap();
+    let report = checked.check(&dunite_core::CheckOptions::new()).await.unwrap();
+    let problems: Vec<_> = report.findings.iter().map(|f| f.problem.clone()).collect();
+    assert_eq!(problems, [dunite_core::Problem::UnfinishedRemoval { key: "k".to_owned() }]);
     store(&cache, "k", 100).await;
     assert_eq!(entries.pinned_bytes().await.unwrap(), 0);
     let page = entries.list(&ListQuery::new(ListOrder::Recent, 10)).await.unwrap();
