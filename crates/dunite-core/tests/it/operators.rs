@@ -353,9 +353,11 @@ async fn a_pin_between_selection_and_removal_holds(backend: TestBackend) {
     cache.entries().set_pinned("first", Pinning::Pin).await.unwrap();
     let removals = pass.remove_batch(&victims).await.unwrap();
     pass.finish().await.unwrap();
-    let by_key: Vec<(&str, Removal)> = victims.iter().map(|v| v.key.as_str()).zip(removals).collect();
-    assert_eq!(by_key, [("first", Removal::Skipped), ("second", Removal::Removed { bytes: 100 })]);
+    assert_eq!((victims[0].key.as_str(), removals[0]), ("first", Removal::Skipped));
+    // The other victim is removed, by this pass or (on SQLite, where passes do not exclude
+    // each other) by the evictor's own pass finishing the removal this one marked.
     assert!(cache.contains("first").await.unwrap());
+    assert!(!cache.contains("second").await.unwrap());
     check_consistency(cache.entries(), dir.path()).await.unwrap();
 }
 
