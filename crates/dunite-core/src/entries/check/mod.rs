@@ -3,12 +3,14 @@
 //!
 //! Run it only while no server uses the cache (`dunite check` opens the database and the
 //! directory itself). It reports before it repairs: every finding says whether it was fixed.
+//! `options.rs` says how it runs, `report.rs` what it found; this file is the check.
+
+mod options;
+mod report;
 
 use std::collections::HashMap;
-use std::fmt;
 use std::io::Read as _;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use super::database::Database;
 use super::layout::blocking;
@@ -16,198 +18,8 @@ use super::store::{EntryStore, OnConflict};
 use crate::hash::ContentDigest;
 use crate::{Error, Result};
 
-/// Which payloads [`EntryStore::check`] hashes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-#[non_exhaustive]
-pub enum Verify {
-    /// None: sizes only.
-    #[default]
-    None,
-    /// Up to this many entries, chosen afresh on each run.
-    Sample(u64),
-    /// Every entry whose row says what it must hash to.
-    All,
-}
-
-/// Whether [`EntryStore::check`] repairs what it finds.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-#[non_exhaustive]
-pub enum Repair {
-    /// Report only; change nothing.
-    #[default]
-    No,
-    /// Delete temporary and orphan files, drop rows without their file, remove entries whose
-    /// size or digest is wrong (row and file), finish interrupted removals, correct the total.
-    Yes,
-}
-
-/// What a cache kind's row says its payload must hash to (`key`, `meta`), if anything: for
-/// content-addressed caches the key itself, for downloads a digest in the metadata.
-pub type ExpectedDigest = dyn Fn(&str, &str) -> Option<ContentDigest> + Send + Sync;
-
-/// Progress of the hashing, in bytes: `(done, total)`.
-pub type CheckProgress = dyn Fn(u64, u64) + Send + Sync;
-
-/// How [`EntryStore::check`] runs.
-#[derive(Clone, Default)]
-pub struct CheckOptions {
-    verify: Verify,
-    repair: Repair,
-    expected: Option<Arc<ExpectedDigest>>,
-    progress: Option<Arc<CheckProgress>>,
-}
-
-impl fmt::Debug for CheckOptions {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("CheckOptions")
-            .field("verify", &self.verify)
-            .field("repair", &self.repair)
-            .finish_non_exhaustive()
-    }
-}
-
-impl CheckOptions {
-    /// Sizes and totals only, no repair.
-    #[must_use]
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    /// Hash these payloads, against what `expected` says for each row.
-    #[must_use]
-    pub fn with_verify(mut self, verify: Verify, expected: Arc<ExpectedDigest>) -> Self {
-        self.verify = verify;
-        self.expected = Some(expected);
-        self
-    }
-
-    /// Repair or not.
-    #[must_use]
-    pub fn with_repair(mut self, repair: Repair) -> Self {
-        self.repair = repair;
-        self
-    }
-
-    /// Called as payloads are hashed, with the bytes done and the total to hash.
-    #[must_use]
-    pub fn with_progress(mut self, progress: Arc<CheckProgress>) -> Self {
-        self.progress = Some(progress);
-        self
-    }
-}
-
-/// One disagreement [`EntryStore::check`] found.
-#[derive(Debug, Clone, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum Problem {
-    /// A live row whose payload file is missing.
-    MissingFile {
-        /// The row's key.
-        key: String,
-        /// The payload it names.
-        file: String,
-    },
-    /// A payload whose size is not the row's.
-    WrongSize {
-        /// The row's key.
-        key: String,
-        /// What the row says.
-        row: u64,
-        /// What the file holds.
-        file: u64,
-    },
-    /// A payload that does not hash to what its row says.
-    WrongDigest {
-        /// The row's key.
-        key: String,
-        /// What the row says.
-        expected: String,
-        /// What the payload hashes to.
-        actual: String,
-    },
-    /// A file under `data/` no row names.
-    OrphanFile {
-        /// The file, relative to `data/`.
-        file: String,
-        /// Its size.
-        size: u64,
-    },
-    /// A file left in `tmp/` (an interrupted store or fill).
-    TempFile {
-        /// The file's name.
-        file: String,
-    },
-    /// A row marked for removal whose removal did not finish.
-    UnfinishedRemoval {
-        /// The row's key.
-        key: String,
-    },
-    /// The accounted total disagrees with the rows.
-    WrongTotal {
-        /// Bytes and entries the total says.
-        accounted: (u64, u64),
-        /// Bytes and entries the rows add up to.
-        rows: (u64, u64),
-    },
-}
-
-impl fmt::Display for Problem {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::MissingFile { key, file } => write!(f, "{key}: payload {file} is missing"),
-            Self::WrongSize { key, row, file } => {
-                write!(f, "{key}: payload holds {file} bytes, row says {row}")
-            }
-            Self::WrongDigest { key, expected, actual } => {
-                write!(f, "{key}: payload hashes to {actual}, row says {expected}")
-            }
-            Self::OrphanFile { file, size } => write!(f, "data/{file}: {size} bytes no row names"),
-            Self::TempFile { file } => write!(f, "tmp/{file}: left over"),
-            Self::UnfinishedRemoval { key } => write!(f, "{key}: removal not finished"),
-            Self::WrongTotal { accounted, rows } => write!(
-                f,
-                "accounted total {} bytes in {} entries, rows hold {} bytes in {} entries",
-                accounted.0, accounted.1, rows.0, rows.1
-            ),
-        }
-    }
-}
-
-/// A [`Problem`] and whether the check repaired it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct Finding {
-    /// What was wrong.
-    pub problem: Problem,
-    /// Whether it was fixed.
-    pub repaired: bool,
-}
-
-/// What [`EntryStore::check`] found (and did).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct CheckReport {
-    /// The cache's namespace.
-    pub namespace: String,
-    /// Live rows.
-    pub rows: u64,
-    /// Their bytes.
-    pub row_bytes: u64,
-    /// Files under `data/`.
-    pub files: u64,
-    /// Payloads hashed and found right.
-    pub verified: u64,
-    /// Every disagreement, in the order found.
-    pub findings: Vec<Finding>,
-}
-
-impl CheckReport {
-    /// Whether nothing is wrong, or everything wrong was repaired.
-    #[must_use]
-    pub fn is_consistent(&self) -> bool {
-        self.findings.iter().all(|f| f.repaired)
-    }
-}
+pub use self::options::{CheckOptions, CheckProgress, ExpectedDigest, Repair, Verify};
+pub use self::report::{CheckReport, Finding, Problem};
 
 /// A live row as the check reads it.
 struct Row {
