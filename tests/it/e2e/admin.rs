@@ -348,3 +348,24 @@ async fn admin_pins_and_purges_a_download_by_url() {
     let (_, log) = dunite.stop_with_log().await;
     assert!(log.contains("purged") && !log.contains("s3cret"), "{log}");
 }
+
+/// With client authentication, `dunite admin --token` (or `--user`) is let in when granted
+/// `--access admin=NAME`; another client gets 403, none 401.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dunite_admin_authenticates_with_a_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = dir.path().join("tokens");
+    std::fs::write(&tokens, "ops:ops-token-0123456789abcdef\nbob:bob-token-0123456789abcdef\n").unwrap();
+    let registry = Registry::start().await;
+    let token_file = tokens.display().to_string();
+    let dunite =
+        Dunite::start(registry.addr, "64MiB", &["--client-token-file", &token_file, "--access", "admin=ops"])
+            .await;
+    let caches = admin_ok(dunite.addr, &["--token", "ops-token-0123456789abcdef", "caches"]).await;
+    assert_eq!(caches["caches"].as_array().unwrap().len(), 4, "{caches}");
+    let (ok, _, stderr) = admin(dunite.addr, &["--token", "bob-token-0123456789abcdef", "caches"]).await;
+    assert!(!ok && stderr.contains("403"), "{stderr}");
+    let (ok, _, stderr) = admin(dunite.addr, &["caches"]).await;
+    assert!(!ok && stderr.contains("401"), "{stderr}");
+    assert!(dunite.stop().await.success());
+}
