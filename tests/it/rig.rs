@@ -13,7 +13,6 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
-use sha2::Digest as _;
 use sqlx::Connection as _;
 use tokio::process::{Child, Command};
 
@@ -209,103 +208,45 @@ pub struct Checked {
     pub downloads_verified: usize,
 }
 
-/// Check a data directory no process is using: per namespace, the live rows' bytes and
+/// Check a data directory no process is using, with the check `dunite check --all` runs
+/// (`dunite::check`, the core's `EntryStore::check`): per namespace, the live rows' bytes and
 /// count equal the `totals` row and the files under the cache's `data/`; no row is marked
-/// for removal; every row's payload exists; `tmp/` and `spool/` are empty; every blob's
-/// bytes hash to its digest and every download's to the SHA-256 its row records.
+/// for removal; every row's payload exists with its size; `tmp/` is empty; every blob and
+/// manifest hashes to its digest and every download to the SHA-256 its row records. And
+/// `spool/` is empty.
 pub async fn check_data_dir(data: &Path) -> Checked {
-    check_data_dir_with(data, &format!("sqlite://{}", data.join("metadata.db").display())).await
+    check_data_dir_with(data, None).await
 }
 
-/// As [`check_data_dir`], with the metadata in the database at `url` (`sqlite://...` or
-/// `postgres://...`, where no process holds a fill lease either).
-pub async fn check_data_dir_with(data: &Path, url: &str) -> Checked {
-    let mut violations = Vec::new();
-    let (mut blobs_verified, mut downloads_verified) = (0, 0);
-    sqlx::any::install_default_drivers();
-    let mut db = sqlx::AnyConnection::connect(url).await.unwrap();
-    if url.starts_with("postgres") {
+/// As [`check_data_dir`], with the metadata in the database at `url` (a `postgres://...`
+/// database, where no process may hold a fill lease either) if given.
+pub async fn check_data_dir_with(data: &Path, url: Option<&str>) -> Checked {
+    let run = dunite::check::CheckRun { verify: dunite_core::Verify::All, ..Default::default() };
+    let reports = dunite::check::check_data_dir(data, url, &run).await.unwrap();
+    let mut checked = Checked::default();
+    if let Some(url) = url.filter(|url| url.starts_with("postgres")) {
+        sqlx::any::install_default_drivers();
+        let mut db = sqlx::AnyConnection::connect(url).await.unwrap();
         let (leases,): (i64,) =
             sqlx::query_as("SELECT count(*) FROM fill_leases").fetch_one(&mut db).await.unwrap();
         if leases > 0 {
-            violations.push(format!("{leases} fill leases left"));
+            checked.violations.push(format!("{leases} fill leases left"));
         }
     }
-    for (ns, dir) in CACHES {
-        let rows: Vec<(String, String, i64, i64, String)> =
-            sqlx::query_as("SELECT key, file, size, state, meta FROM entries WHERE namespace = $1")
-                .bind(ns)
-                .fetch_all(&mut db)
-                .await
-                .unwrap();
-        let totals: Option<(i64, i64)> =
-            sqlx::query_as("SELECT bytes, entries FROM totals WHERE namespace = $1")
-                .bind(ns)
-                .fetch_optional(&mut db)
-                .await
-                .unwrap();
-        let (total_bytes, total_entries) = totals.unwrap_or((0, 0));
-        let live: Vec<_> = rows.iter().filter(|row| row.3 == 0).collect();
-        let marked = rows.len() - live.len();
-        if marked > 0 {
-            violations.push(format!("{ns}: {marked} rows not live (state <> 0)"));
-        }
-        let row_bytes: i64 = live.iter().map(|row| row.2).sum();
-        let row_count = live.len() as i64;
-        if (row_bytes, row_count) != (total_bytes, total_entries) {
-            violations.push(format!(
-                "{ns}: rows hold {row_bytes} bytes in {row_count} entries, totals say {total_bytes} in {total_entries}"
-            ));
-        }
-        let files = files_under(&data.join(dir).join("data"));
-        let file_bytes: u64 = files.iter().map(|f| f.1).sum();
-        if (file_bytes, files.len()) != (row_bytes as u64, live.len()) {
-            violations.push(format!(
-                "{ns}: {} files of {file_bytes} bytes under data/, rows say {row_count} of {row_bytes}",
-                files.len()
-            ));
-        }
-        for (key, file, size, _, meta) in &live {
-            let path = data.join(dir).join("data").join(file);
-            let Ok(bytes) = std::fs::read(&path) else {
-                violations.push(format!("{ns}: {key}: payload {} is missing", path.display()));
-                continue;
-            };
-            if bytes.len() as i64 != *size {
-                violations.push(format!("{ns}: {key}: {} bytes on disk, row says {size}", bytes.len()));
-            }
-            if ns == "oci-blobs" {
-                let actual = format!("sha256:{}", hex::encode(sha2::Sha256::digest(&bytes)));
-                if key.starts_with("sha256:") && actual != *key {
-                    violations.push(format!("{ns}: {key}: the payload hashes to {actual}"));
-                } else if !key.starts_with("sha256:") {
-                    violations.push(format!("{ns}: unexpected blob key {key:?}"));
-                } else {
-                    blobs_verified += 1;
-                }
-            }
-            if ns == "downloads" {
-                let recorded = serde_json::from_str::<serde_json::Value>(meta)
-                    .ok()
-                    .and_then(|meta| meta.get("sha256").and_then(|v| v.as_str()).map(str::to_owned));
-                let actual = hex::encode(sha2::Sha256::digest(&bytes));
-                match recorded {
-                    Some(recorded) if recorded == actual => downloads_verified += 1,
-                    Some(recorded) => {
-                        violations.push(format!(
-                            "{ns}: {key}: recorded sha256 {recorded}, payload hashes to {actual}"
-                        ));
-                    }
-                    None => violations.push(format!("{ns}: {key}: no sha256 recorded in {meta:?}")),
-                }
-            }
+    for (name, report) in reports {
+        checked
+            .violations
+            .extend(report.findings.iter().map(|f| format!("{}: {}", report.namespace, f.problem)));
+        match name {
+            "blobs" => checked.blobs_verified += report.verified as usize,
+            "downloads" => checked.downloads_verified += report.verified as usize,
+            _ => {}
         }
     }
-    for path in leftovers(data) {
-        violations.push(format!("left over: {}", path.display()));
+    for (path, _) in files_under(&data.join("spool")) {
+        checked.violations.push(format!("left over: {}", path.display()));
     }
-    db.close().await.unwrap();
-    Checked { violations, blobs_verified, downloads_verified }
+    checked
 }
 
 /// The check must be able to fail: tamper with a healthy directory in three ways.
@@ -337,7 +278,7 @@ async fn the_offline_check_sees_a_corrupt_blob_a_stray_temp_file_and_a_wrong_tot
 
     let found = check_data_dir(&data).await.violations;
     assert_eq!(found.len(), 3, "{found:?}");
-    assert!(found.iter().any(|v| v.contains("hashes to")), "{found:?}");
-    assert!(found.iter().any(|v| v.contains("store-stray")), "{found:?}");
-    assert!(found.iter().any(|v| v.starts_with("oci-tags: rows hold")), "{found:?}");
+    assert!(found.iter().any(|v| v.starts_with("oci-blobs: ") && v.contains("hashes to")), "{found:?}");
+    assert!(found.iter().any(|v| v.starts_with("oci-manifests: tmp/store-stray")), "{found:?}");
+    assert!(found.iter().any(|v| v.starts_with("oci-tags: accounted total")), "{found:?}");
 }

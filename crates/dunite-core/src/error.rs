@@ -102,6 +102,17 @@ pub enum Error {
     /// A configuration value is unusable.
     #[error("invalid configuration: {0}")]
     InvalidConfig(String),
+    /// Pinning the entry would make the pinned entries larger than the cache's cap (pinned
+    /// entries are never evicted and count against the cap); nothing was pinned.
+    #[error("pinning {size} bytes would pin {pinned} bytes, more than the cache cap of {max_bytes} bytes")]
+    PinsExceedCap {
+        /// The entry's size.
+        size: u64,
+        /// What the pinned entries would add up to.
+        pinned: u64,
+        /// The cap.
+        max_bytes: u64,
+    },
 }
 
 /// Which [`EvictionStore`](crate::EvictionStore) or [`EvictionPass`](crate::EvictionPass)

@@ -458,7 +458,7 @@ async fn run<S: EvictionStore>(
                         tracing::warn!(
                             total = report.total_after,
                             max_bytes = policy.max_bytes(),
-                            "eviction pass found nothing removable while over the cap; retrying later"
+                            "eviction pass found nothing removable while over the cap (what is left is pinned or in use); retrying later"
                         );
                         Next::RetryAfterBackoff
                     }

@@ -59,9 +59,10 @@ mod policy;
 mod store;
 
 pub use entries::{
-    Backend, CacheOptions, CacheStats, Database, DatabaseOptions, EntryCache, EntryInfo, EntryPass,
-    EntryStats, EntryStore, Expected, Faults, KeyDisplay, OnConflict, OpenEntry, Pin, ReconcileReport,
-    StoreOutcome, Stored,
+    Backend, CacheOptions, CacheStats, CheckOptions, CheckProgress, CheckReport, Database, DatabaseOptions,
+    EntryCache, EntryInfo, EntryPass, EntryStats, EntryStore, Expected, ExpectedDigest, Faults, Finding,
+    KeyDisplay, ListOrder, ListPage, ListQuery, ListedEntry, OnConflict, OpenEntry, OriginUsage, Pin,
+    Pinning, Problem, ReconcileReport, Repair, StoreOutcome, Stored, Verify,
 };
 pub use error::{BoxError, Error, Result, StoreOp};
 pub use evictor::{DebouncedEvictor, EvictorStats, PassOutcome, PassReport};

@@ -162,8 +162,7 @@ impl DownloadInfo {
     /// entry whose digest is not recorded yet, or foreign metadata).
     pub(crate) fn from_entry(info: &EntryInfo) -> Option<Self> {
         let meta: Meta = serde_json::from_str(&info.meta).ok()?;
-        let bytes = hex::decode(meta.sha256?).ok()?;
-        let sha256 = ContentDigest::from_bytes(DigestAlgorithm::Sha256, bytes)?;
+        let sha256 = sha256_of_hex(meta.sha256.as_deref()?)?;
         let mut validators = Validators::new();
         if let Some(etag) = meta.etag {
             validators = validators.with_etag(etag);
@@ -189,6 +188,23 @@ impl DownloadInfo {
     pub(crate) fn satisfies(&self, request: &DownloadRequest) -> bool {
         request.sha256().is_none_or(|want| *want == self.sha256)
     }
+}
+
+/// The SHA-256 a download's row records (its `meta` column), if any: what its payload must
+/// hash to, for an offline check of the cache.
+///
+/// ```
+/// assert!(dunite_download::recorded_sha256(r#"{"sha256":"00"}"#).is_none(), "too short");
+/// assert!(dunite_download::recorded_sha256("not json").is_none());
+/// ```
+#[must_use]
+pub fn recorded_sha256(meta: &str) -> Option<ContentDigest> {
+    let meta: Meta = serde_json::from_str(meta).ok()?;
+    sha256_of_hex(meta.sha256.as_deref()?)
+}
+
+fn sha256_of_hex(hex: &str) -> Option<ContentDigest> {
+    ContentDigest::from_bytes(DigestAlgorithm::Sha256, hex::decode(hex).ok()?)
 }
 
 /// The download-specific metadata of an entry, as JSON in the core's `meta` column. Size and

@@ -90,6 +90,7 @@ mod key;
 
 pub use cache::{
     Download, DownloadCache, DownloadInfo, DownloadRequest, DownloadStats, Lookup, NAMESPACE, Source,
+    recorded_sha256,
 };
 pub use error::{Error, Result};
 pub use fetch::{

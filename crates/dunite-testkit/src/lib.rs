@@ -164,46 +164,24 @@ pub fn disk_usage(dir: &Path) -> DiskUsage {
 }
 
 /// Check that the accounted total and count equal the sum and count of the live rows, and
-/// that those equal the payload files on disk, with no temporary file and no row being
-/// removed. Returns the total.
+/// that those equal the payload files on disk (each row's file with its size, no file without
+/// a row), with no temporary file and no row being removed: the core's offline check
+/// ([`EntryStore::check`], what `dunite check` runs), without hashing. Returns the total.
+/// Call it once the cache is quiet (no store in flight).
 ///
 /// # Errors
 ///
-/// A description of the first disagreement.
+/// A description of every disagreement.
 pub async fn check_consistency(store: &EntryStore, dir: &Path) -> Result<u64, String> {
-    let pool = store.database().pool();
-    let ns = store.namespace();
-    let (sum, count): (i64, i64) = sqlx::query_as(
-        "SELECT CAST(COALESCE(SUM(size), 0) AS BIGINT), COUNT(*) FROM entries WHERE namespace = $1 AND state = 0",
-    )
-    .bind(ns)
-    .fetch_one(pool)
-    .await
-    .map_err(|e| e.to_string())?;
-    let (marked,): (i64,) =
-        sqlx::query_as("SELECT COUNT(*) FROM entries WHERE namespace = $1 AND state <> 0")
-            .bind(ns)
-            .fetch_one(pool)
-            .await
-            .map_err(|e| e.to_string())?;
-    let accounted = store.total_bytes().await.map_err(|e| e.to_string())?;
-    let entries = store.len().await.map_err(|e| e.to_string())?;
-    let disk = disk_usage(dir);
-    let sum = u64::try_from(sum).map_err(|e| e.to_string())?;
-    let count = u64::try_from(count).map_err(|e| e.to_string())?;
-    if marked != 0 {
-        return Err(format!("{marked} rows left marked for removal"));
+    let checked = EntryStore::open_for_check(store.database().clone(), store.namespace(), dir)
+        .await
+        .map_err(|e| e.to_string())?;
+    let report = checked.check(&dunite_core::CheckOptions::new()).await.map_err(|e| e.to_string())?;
+    if !report.findings.is_empty() {
+        let found: Vec<String> = report.findings.iter().map(|f| f.problem.to_string()).collect();
+        return Err(found.join("; "));
     }
-    if accounted != sum || entries != count {
-        return Err(format!("accounted {accounted} bytes / {entries} entries, rows say {sum} / {count}"));
-    }
-    if disk.payload_bytes != sum || disk.payload_files != count {
-        return Err(format!("rows say {sum} bytes in {count} files, disk has {disk:?}"));
-    }
-    if disk.temp_files != 0 {
-        return Err(format!("{} temporary files left", disk.temp_files));
-    }
-    Ok(sum)
+    Ok(report.row_bytes)
 }
 
 /// Deterministic pseudo-random bytes (xorshift), so tests need no RNG dependency.

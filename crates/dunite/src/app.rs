@@ -1,5 +1,6 @@
 //! The server: the features' routes merged, request logging, `/metrics`, `/healthz`, `/readyz`
-//! and graceful shutdown, over plain HTTP or TLS. Each feature (`oci::Mirror`, `dl::Proxy`) owns its state; this file
+//! and graceful shutdown, over plain HTTP or TLS. Each feature (`oci::Mirror`, `dl::Proxy`,
+//! `admin::Admin`) owns its state; this file
 //! only opens them on one database and serves them.
 
 use std::net::SocketAddr;
@@ -17,6 +18,7 @@ use axum::serve::{IncomingStream, Listener};
 
 use dunite_core::{Database, DatabaseOptions};
 
+use crate::admin::Admin;
 use crate::auth::{self, Area, ClientAuth};
 use crate::config::Config;
 use crate::dl::Proxy;
@@ -44,6 +46,8 @@ pub struct App {
     limits: Arc<FillLimits>,
     /// The metadata database, for `/readyz`.
     database: Database,
+    /// The admin API (`/admin/`), over the other features' caches.
+    admin: Arc<Admin>,
 }
 
 /// How long each of `/readyz`'s checks may take before the instance is reported not ready.
@@ -87,7 +91,8 @@ impl App {
             metrics.watch_evictions(name, cache);
         }
         let (mirror, proxy) = (Arc::new(mirror), Arc::new(proxy));
-        Ok(Arc::new(Self { config, mirror, proxy, metrics, auth, limits, database }))
+        let admin = Arc::new(Admin::new(Arc::clone(&mirror), Arc::clone(&proxy)));
+        Ok(Arc::new(Self { config, mirror, proxy, metrics, auth, limits, database, admin }))
     }
 
     /// On every SIGHUP, read the client user and token files again (`--htpasswd`,
@@ -137,6 +142,7 @@ impl App {
             .merge(guarded(metrics_route, Area::Metrics))
             .merge(guarded(self.mirror.routes(), Area::Pull))
             .merge(guarded(self.proxy.routes(), Area::Download))
+            .merge(guarded(self.admin.routes(), Area::Admin))
             .fallback(|| async { (StatusCode::NOT_FOUND, "not found\n") })
             .layer(middleware::from_fn_with_state(Arc::clone(&self.metrics), log_request))
     }

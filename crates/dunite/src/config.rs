@@ -30,9 +30,15 @@ pub struct Cli {
 
 /// Subcommands.
 #[derive(Debug, clap::Subcommand)]
+#[allow(clippy::large_enum_variant, reason = "parsed once at start-up; boxing buys nothing")]
 pub enum Command {
     /// Serve the registry mirror and the download proxy.
     Serve(ServeArgs),
+    /// Ask a running server about its caches, and steer them (`/admin/`).
+    Admin(crate::cli::AdminArgs),
+    /// Check a stopped server's data directory: rows, totals, files and digests agree
+    /// (exit status 1 if not); `--repair` fixes what it can.
+    Check(crate::cli::CheckArgs),
 }
 
 /// `dunite serve` flags. Each can also be set with the `DUNITE_*` variable shown, or in the

@@ -29,9 +29,12 @@
 
 #![warn(missing_docs, missing_debug_implementations, unreachable_pub)]
 
+pub mod admin;
 mod app;
 pub mod auth;
 mod body;
+pub mod check;
+pub mod cli;
 pub mod config;
 mod dl;
 #[cfg(feature = "fuzzing")]

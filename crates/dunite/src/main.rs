@@ -1,4 +1,5 @@
-//! The `dunite` command: `dunite serve` runs the mirror and proxy.
+//! The `dunite` command: `dunite serve` runs the mirror and proxy; `dunite admin` steers a
+//! running server's caches; `dunite check` checks a stopped server's data directory.
 
 use std::process::ExitCode;
 
@@ -10,14 +11,26 @@ use dunite::{App, Cli, Command, Config, serve, serve_tls, shutdown_signal};
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_from_env("DUNITE_LOG").unwrap_or_else(|_| EnvFilter::new("info")))
-        .init();
     // Registered before anything slow (opening and reconciling the caches): a SIGTERM during
     // start-up then ends in a clean shutdown, not a kill.
     let shutdown = shutdown_signal();
     let cli = Cli::parse();
-    let Command::Serve(args) = cli.command;
+    let filter =
+        |default: &str| EnvFilter::try_from_env("DUNITE_LOG").unwrap_or_else(|_| EnvFilter::new(default));
+    let args = match cli.command {
+        Command::Serve(args) => args,
+        // The other commands print their results on standard output; their log goes to
+        // standard error, warnings only unless DUNITE_LOG says otherwise.
+        Command::Admin(args) => {
+            tracing_subscriber::fmt().with_env_filter(filter("warn")).with_writer(std::io::stderr).init();
+            return dunite::cli::admin(args).await;
+        }
+        Command::Check(args) => {
+            tracing_subscriber::fmt().with_env_filter(filter("warn")).with_writer(std::io::stderr).init();
+            return dunite::cli::check(args).await;
+        }
+    };
+    tracing_subscriber::fmt().with_env_filter(filter("info")).init();
     let config = match Config::resolve(args) {
         Ok(config) => config,
         Err(error) => {

@@ -45,6 +45,14 @@ impl<S: Send + Sync> FromRequestParts<S> for Peer {
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct PeerAddr(SocketAddr);
 
+#[cfg(test)]
+impl From<SocketAddr> for PeerAddr {
+    /// For in-process requests that stand for a connection from `addr`.
+    fn from(addr: SocketAddr) -> Self {
+        Self(addr)
+    }
+}
+
 impl Connected<IncomingStream<'_, NoDelay>> for PeerAddr {
     fn connect_info(stream: IncomingStream<'_, NoDelay>) -> Self {
         Self(*stream.remote_addr())

@@ -2,6 +2,7 @@
 //! as the client, and the real `dunite` binary in between. `.ci/run` installs both tools;
 //! the tests fail (never skip) when they are missing.
 
+mod admin;
 mod auth;
 mod client_auth;
 mod counting_proxy;

@@ -63,7 +63,7 @@ async fn stop_and_check(instances: Vec<Dunite>, data_dir: &Path, url: &str) -> u
         assert!(status.success(), "exit {status}\n{log}");
         assert!(!log.contains(" ERROR "), "errors in a log:\n{log}");
     }
-    let checked = check_data_dir_with(data_dir, url).await;
+    let checked = check_data_dir_with(data_dir, Some(url)).await;
     assert!(checked.violations.is_empty(), "{:#?}", checked.violations);
     checked.blobs_verified
 }

@@ -6,6 +6,7 @@
 //! [`EvictionStore`](crate::EvictionStore) implementation the evictor drives.
 
 mod cache;
+mod check;
 mod database;
 mod faults;
 mod layout;
@@ -13,12 +14,13 @@ mod reconcile;
 mod store;
 
 pub use cache::{CacheOptions, CacheStats, EntryCache};
+pub use check::{CheckOptions, CheckProgress, CheckReport, ExpectedDigest, Finding, Problem, Repair, Verify};
 pub use database::{Backend, Database, DatabaseOptions};
 pub use faults::Faults;
 pub use layout::Expected;
 pub(crate) use layout::{Written, blocking};
 pub use reconcile::ReconcileReport;
 pub use store::{
-    EntryInfo, EntryPass, EntryStats, EntryStore, KeyDisplay, OnConflict, OpenEntry, Pin, StoreOutcome,
-    Stored,
+    EntryInfo, EntryPass, EntryStats, EntryStore, KeyDisplay, ListOrder, ListPage, ListQuery, ListedEntry,
+    OnConflict, OpenEntry, OriginUsage, Pin, Pinning, StoreOutcome, Stored,
 };

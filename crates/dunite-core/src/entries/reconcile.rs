@@ -154,7 +154,7 @@ impl EntryStore {
 
     /// Recompute the accounted total from the rows, under the namespace's write lock (so no
     /// store commits in between); returns the total before and after when it was wrong.
-    async fn recount(&self) -> Result<Option<(u64, u64)>> {
+    pub(super) async fn recount(&self) -> Result<Option<(u64, u64)>> {
         let inner = self.inner();
         let ns = inner.namespace.as_str();
         let mut conn = inner.db.acquire().await?;

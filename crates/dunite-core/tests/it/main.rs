@@ -10,6 +10,7 @@ mod faults;
 mod fill;
 mod leases;
 mod lifecycle;
+mod operators;
 mod reads;
 mod simulation;
 mod slow_db;

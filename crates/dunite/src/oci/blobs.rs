@@ -27,6 +27,7 @@ pub(super) async fn blob(
     peer: Peer,
     headers: &HeaderMap,
 ) -> Result<Response, Error> {
+    mirror.blobs.entries().entries().record_origin(&digest.to_string(), &format!("{host}/{name}"));
     if let Some(blob) = mirror.blobs.open(digest).await? {
         mirror.metrics.blob_hit();
         return Ok(serve_file(mirror, method, blob, digest, headers.get(header::RANGE)).await);
@@ -38,21 +39,7 @@ pub(super) async fn blob(
         return head(mirror, (host, &upstream_name), &path, digest, peer).await;
     }
     mirror.metrics.refill(CACHE, &digest.to_string());
-    let (fill_mirror, fill_host) = (Arc::clone(mirror), host.to_owned());
-    let upstream_bytes = mirror.metrics.upstream_bytes();
-    // Taken now, used only if this request starts the fill (joining one costs nothing).
-    let permit = mirror.limits.try_start(peer.ip());
-    let mut joined = mirror.blobs.fill(digest, move || async move {
-        let permit = permit.map_err(FillError::other)?;
-        let get = fill_mirror.registries.send(&fill_host, &upstream_name, Method::GET, &path, None);
-        let answer = fill_mirror.metrics.upstream(get).await.map_err(FillError::other)?;
-        if !answer.status().is_success() {
-            return Err(FillError::Refused { status: answer.status().as_u16() });
-        }
-        let answer_length = answer.content_length();
-        let body = crate::upstream::body(answer, &upstream_bytes);
-        Ok((answer_length, crate::limits::holding(body, permit)))
-    })?;
+    let mut joined = join_fill(mirror, (host, upstream_name), digest, peer)?;
     let total = match joined.started().await {
         Ok(started) => started.total(),
         Err(error) if error.is_not_found() => return Err(Error::BlobUnknown),
@@ -135,6 +122,32 @@ async fn head(
     set_digest(response.headers_mut(), digest);
     response.extensions_mut().insert(outcome);
     Ok(response)
+}
+
+/// Join the one upstream fill of `digest` (`BlobCache::fill`) from `host`'s repository
+/// `upstream_name`, or start it: the miss path of a blob request, and of a prefetch.
+pub(super) fn join_fill(
+    mirror: &Arc<Mirror>,
+    (host, upstream_name): (&str, String),
+    digest: &Digest,
+    peer: Peer,
+) -> Result<dunite_core::Joined<()>, Error> {
+    let path = format!("{upstream_name}/blobs/{digest}");
+    let (fill_mirror, fill_host) = (Arc::clone(mirror), host.to_owned());
+    let upstream_bytes = mirror.metrics.upstream_bytes();
+    // Taken now, used only if this request starts the fill (joining one costs nothing).
+    let permit = mirror.limits.try_start(peer.ip());
+    Ok(mirror.blobs.fill(digest, move || async move {
+        let permit = permit.map_err(FillError::other)?;
+        let get = fill_mirror.registries.send(&fill_host, &upstream_name, Method::GET, &path, None);
+        let answer = fill_mirror.metrics.upstream(get).await.map_err(FillError::other)?;
+        if !answer.status().is_success() {
+            return Err(FillError::Refused { status: answer.status().as_u16() });
+        }
+        let answer_length = answer.content_length();
+        let body = crate::upstream::body(answer, &upstream_bytes);
+        Ok((answer_length, crate::limits::holding(body, permit)))
+    })?)
 }
 
 /// Serve a cached blob, whole or one `Range`.

@@ -17,6 +17,7 @@ mod error;
 mod listings;
 mod manifests;
 mod passthrough;
+mod prefetch;
 mod remembered;
 
 use std::sync::Arc;
@@ -50,6 +51,7 @@ pub(crate) use error::Error;
 use error::StaleReason;
 #[cfg(feature = "fuzzing")]
 pub(crate) use listings::{link, next_query};
+pub(crate) use prefetch::{Platform, PrefetchProgress};
 
 /// The pull-through mirror's state: its caches (with their fills) and its upstreams.
 #[derive(Debug)]
@@ -274,7 +276,15 @@ async fn route(
         }
         Asked::Blob(digest) => blobs::blob(mirror, method, (&host, name), &digest, peer, headers).await,
         Asked::Manifest(reference) => {
-            manifests::manifest(mirror, method, (&host, name), reference, peer, headers).await
+            let response =
+                manifests::manifest(mirror, method, (&host, name), reference, peer, headers).await?;
+            // Usage per repository (`/admin/usage`): the manifest served, by its digest.
+            if let Some(digest) =
+                response.headers().get("docker-content-digest").and_then(|v| v.to_str().ok())
+            {
+                mirror.manifests.entries().entries().record_origin(digest, &format!("{host}/{name}"));
+            }
+            Ok(response)
         }
     }
 }

@@ -94,7 +94,10 @@ impl EntryStore {
             loop {
                 interval.tick().await;
                 let Some(inner) = weak.upgrade() else { break };
-                if lock(&inner.touches).is_empty() && lock(&inner.unsettled).is_empty() {
+                if lock(&inner.touches).is_empty()
+                    && lock(&inner.unsettled).is_empty()
+                    && !inner.origins.has_pending()
+                {
                     continue;
                 }
                 let result = async {
@@ -102,6 +105,9 @@ impl EntryStore {
                     // A payload that cannot be settled yet must not hold up the stamps.
                     if let Err(error) = inner.settle_unseen_on(&mut conn).await {
                         tracing::warn!(%error, "settling a payload failed; will retry");
+                    }
+                    if let Err(error) = inner.flush_origins_on(&mut conn).await {
+                        tracing::warn!(%error, "recording origins failed; will retry");
                     }
                     inner.flush_accesses_on(&mut conn).await
                 };

@@ -12,10 +12,16 @@
 //! - `removal`: removal (mark, unlink, delete), interrupted removals, and settling stores
 //!   whose COMMIT failed unseen;
 //! - `pass`: `EntryPass`, the [`EvictionStore`](crate::EvictionStore) and
-//!   [`EvictionPass`](crate::EvictionPass) implementations.
+//!   [`EvictionPass`](crate::EvictionPass) implementations;
+//! - `pinning`: operators' pins, kept in the row and skipped by victim selection;
+//! - `listing`: pages of entries for operators;
+//! - `origins`: which origins (repositories) entries were served through.
 
 mod bookkeeping;
+mod listing;
+mod origins;
 mod pass;
+mod pinning;
 mod read;
 mod removal;
 mod rows;
@@ -38,7 +44,10 @@ use super::layout::Layout;
 use crate::{Error, Result};
 
 pub use self::bookkeeping::Pin;
+pub use self::listing::{ListOrder, ListPage, ListQuery, ListedEntry};
+pub use self::origins::OriginUsage;
 pub use self::pass::EntryPass;
+pub use self::pinning::Pinning;
 pub use self::rows::{EntryInfo, EntryStats, OnConflict, OpenEntry, StoreOutcome, Stored};
 pub(crate) use self::write::adjust_totals;
 
@@ -80,6 +89,8 @@ pub(crate) struct Inner {
     marked_after: AtomicI64,
     counters: Counters,
     show_key: KeyDisplay,
+    /// Origins served through, queued for the flusher.
+    origins: origins::Origins,
 }
 
 /// What [`EntryStore::set_commit_hook`] installs.
@@ -184,6 +195,21 @@ impl EntryStore {
         on_conflict: OnConflict,
         show_key: KeyDisplay,
     ) -> Result<Self> {
+        let store = Self::open_unreconciled(db, namespace, dir, max_bytes, on_conflict, show_key).await?;
+        store.reconcile().await?;
+        Ok(store)
+    }
+
+    /// As [`open_with_key_display`](Self::open_with_key_display), without the reconcile (for
+    /// the offline check, which reports before it repairs).
+    pub(crate) async fn open_unreconciled(
+        db: Database,
+        namespace: &str,
+        dir: &std::path::Path,
+        max_bytes: u64,
+        on_conflict: OnConflict,
+        show_key: KeyDisplay,
+    ) -> Result<Self> {
         if namespace.is_empty() {
             return Err(Error::InvalidConfig("cache namespace must not be empty".into()));
         }
@@ -216,9 +242,9 @@ impl EntryStore {
                 pins: Mutex::default(),
                 counters: Counters::default(),
                 show_key,
+                origins: origins::Origins::default(),
             }),
         };
-        store.reconcile().await?;
         Ok(store)
     }
 

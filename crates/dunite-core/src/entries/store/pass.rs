@@ -88,11 +88,14 @@ impl EvictionPass for EntryPass {
         // Selection must see the latest accesses, or it picks entries just read and then has
         // to skip them.
         self.inner.flush_accesses_on(&mut self.conn).await?;
-        // Pinned entries are filtered here; ask for enough rows to still fill the batch.
+        // Entries pinned by an operator (`pinned = 1`) are skipped by the index; those pinned
+        // in this process (a fill, a read) are filtered here: ask for enough rows to still
+        // fill the batch.
         let pinned = lock(&self.inner.pins).len();
         self.inner.db.round_trip().await;
         let rows: Vec<(String, i64, i64)> = sqlx::query_as(
-            "SELECT key, size, version FROM entries WHERE namespace = $1 AND state = 0 ORDER BY version LIMIT $2",
+            "SELECT key, size, version FROM entries WHERE namespace = $1 AND state = 0 AND pinned = 0 \
+             ORDER BY version LIMIT $2",
         )
         .bind(&self.inner.namespace)
         .bind(to_i64((limit + pinned) as u64))

@@ -15,11 +15,12 @@ use crate::{Error, Removal, Result, Victim};
 const MARKED_PER_PASS: usize = 64;
 
 /// The statement that marks `n` selected victims for removal, each only if it still has the
-/// version it was selected at: `$1` the namespace, then (key, version) pairs. It finds each row
-/// by an index lookup, never by walking the namespace (see the plan tests below).
+/// version it was selected at and is not pinned by an operator: `$1` the namespace, then
+/// (key, version) pairs. It finds each row by an index lookup, never by walking the namespace
+/// (see the plan tests below).
 fn mark_victims_sql(n: usize) -> String {
     format!(
-        "UPDATE entries SET state = 1 WHERE namespace = $1 AND state = 0 \
+        "UPDATE entries SET state = 1 WHERE namespace = $1 AND state = 0 AND pinned = 0 \
          AND (key, version) IN (VALUES {}) RETURNING key, file",
         values_list(2, n, 2)
     )

@@ -282,8 +282,11 @@ impl EntryStore {
             }
             Some((old_file, old_size, _)) => {
                 self.inner.db.round_trip().await;
+                // An operator's pin stays with a live entry that is replaced, and goes with one
+                // being removed (a purge) that this store takes over.
                 sqlx::query(
-                    "UPDATE entries SET file = $1, size = $2, version = $3, stored_at = $4, state = 0, meta = $5 \
+                    "UPDATE entries SET file = $1, size = $2, version = $3, stored_at = $4, \
+                     pinned = CASE WHEN state = 0 THEN pinned ELSE 0 END, state = 0, meta = $5 \
                      WHERE namespace = $6 AND key = $7",
                 )
                 .bind(file)
