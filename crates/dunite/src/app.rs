@@ -21,6 +21,7 @@ use dunite_core::{Database, DatabaseOptions};
 use crate::admin::Admin;
 use crate::auth::{self, Area, ClientAuth};
 use crate::config::Config;
+use crate::dirlock::DirLock;
 use crate::dl::Proxy;
 use crate::limits::FillLimits;
 use crate::metrics::{CacheOutcome, CacheReading, Format, Metrics, Outcome, Reading, Route};
@@ -48,6 +49,9 @@ pub struct App {
     database: Database,
     /// The admin API (`/admin/`), over the other features' caches.
     admin: Arc<Admin>,
+    /// The data directory's lock, held shared while this server runs (`dunite check` waits
+    /// for none).
+    _lock: DirLock,
 }
 
 /// How long each of `/readyz`'s checks may take before the instance is reported not ready.
@@ -67,6 +71,9 @@ impl App {
             move |source| StartError::Io { path, source }
         };
         tokio::fs::create_dir_all(dir).await.map_err(io(dir))?;
+        let lock = DirLock::shared(dir)
+            .map_err(io(&crate::dirlock::path(dir)))?
+            .ok_or_else(|| StartError::InUse(crate::dirlock::path(dir)))?;
         // A short acquire timeout: during a database outage the first caller waits it out
         // before the pool fails fast (see `Database`).
         let options =
@@ -92,7 +99,7 @@ impl App {
         }
         let (mirror, proxy) = (Arc::new(mirror), Arc::new(proxy));
         let admin = Arc::new(Admin::new(Arc::clone(&mirror), Arc::clone(&proxy)));
-        Ok(Arc::new(Self { config, mirror, proxy, metrics, auth, limits, database, admin }))
+        Ok(Arc::new(Self { config, mirror, proxy, metrics, auth, limits, database, admin, _lock: lock }))
     }
 
     /// On every SIGHUP, read the client user and token files again (`--htpasswd`,

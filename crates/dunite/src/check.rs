@@ -86,6 +86,12 @@ pub enum CheckError {
     /// The directory holds no database (and no URL was given): nothing to check.
     #[error("no metadata database at {0} (is this a dunite data directory?)")]
     NoDatabase(PathBuf),
+    /// A server (or another check) on this host is using the directory.
+    #[error("{0} is in use by a running dunite (stop it first; the lock is {1})")]
+    InUse(PathBuf, PathBuf),
+    /// The lock file could not be opened.
+    #[error("cannot open the lock file {0}: {1}")]
+    Lock(PathBuf, #[source] std::io::Error),
     /// The database or a cache's directory could not be read, or a repair failed.
     #[error(transparent)]
     Cache(#[from] dunite_core::Error),
@@ -94,16 +100,29 @@ pub enum CheckError {
 /// Check every cache of the data directory `data_dir` (its metadata in `database_url`, or
 /// in `data_dir/metadata.db`), as `run` says; one report per cache, by its name.
 ///
-/// Requires a Tokio runtime, and that no server uses the directory meanwhile.
+/// Requires a Tokio runtime, and that no server uses the directory meanwhile: the check
+/// takes the directory's lock alone and refuses to run while a server on this host holds it
+/// (servers sharing the directory from other hosts must be stopped by the operator).
 ///
 /// # Errors
 ///
-/// [`CheckError`] if the database cannot be opened or a cache cannot be read or repaired.
+/// [`CheckError`] if the directory is in use, the database cannot be opened or a cache
+/// cannot be read or repaired.
 pub async fn check_data_dir(
     data_dir: &Path,
     database_url: Option<&str>,
     run: &CheckRun,
 ) -> Result<Vec<(&'static str, CheckReport)>, CheckError> {
+    let lock_path = crate::dirlock::path(data_dir);
+    let _lock = match crate::dirlock::DirLock::exclusive(data_dir) {
+        Ok(Some(lock)) => lock,
+        Ok(None) => return Err(CheckError::InUse(data_dir.to_owned(), lock_path)),
+        // No directory, or not writable: checked (and reported) below as before.
+        Err(_) if !data_dir.join("metadata.db").exists() && database_url.is_none() => {
+            return Err(CheckError::NoDatabase(data_dir.join("metadata.db")));
+        }
+        Err(error) => return Err(CheckError::Lock(lock_path, error)),
+    };
     let options = DatabaseOptions::new().with_max_connections(2);
     let database = match database_url {
         Some(url) => Database::connect(url, &options).await?,
@@ -132,4 +151,19 @@ pub async fn check_data_dir(
     }
     database.pool().close().await;
     Ok(reports)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_directory_a_server_uses_is_not_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("metadata.db"), b"").unwrap();
+        let server = crate::dirlock::DirLock::shared(dir.path()).unwrap().unwrap();
+        let refused = check_data_dir(dir.path(), None, &CheckRun::default()).await.unwrap_err();
+        assert!(matches!(refused, CheckError::InUse(..)), "{refused}");
+        drop(server);
+    }
 }

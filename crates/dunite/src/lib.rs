@@ -36,6 +36,7 @@ mod body;
 pub mod check;
 pub mod cli;
 pub mod config;
+mod dirlock;
 mod dl;
 #[cfg(feature = "fuzzing")]
 pub mod fuzzing;

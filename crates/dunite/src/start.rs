@@ -21,6 +21,9 @@ pub enum StartError {
     /// A client user or token file could not be used.
     #[error("cannot read the client credentials: {0}")]
     Auth(#[from] crate::auth::AuthFileError),
+    /// `dunite check` holds the data directory's lock.
+    #[error("the data directory is being checked (`dunite check` holds {0}); start when it is done")]
+    InUse(PathBuf),
     /// A directory could not be prepared.
     #[error("cannot prepare {path}: {source}")]
     Io {

@@ -19,6 +19,19 @@ async fn store(cache: &EntryCache, key: &str, size: usize) {
     cache.store(key, &vec![7u8; size][..], &Expected::new(), "").await.unwrap();
 }
 
+/// A store of `cap` bytes without an evictor: the entries may exceed the cap (as they do for a
+/// while before a pass); the pins may not.
+async fn store_without_evictor(
+    backend: TestBackend,
+    dir: &std::path::Path,
+    on_conflict: dunite_core::OnConflict,
+) -> Option<(dunite_core::EntryStore, dunite_testkit::TestDb)> {
+    let db = test_database(backend, dir, &dunite_core::DatabaseOptions::new()).await?;
+    let entries =
+        dunite_core::EntryStore::open(db.database().clone(), "ops", dir, 10_000, on_conflict).await.unwrap();
+    Some((entries, db))
+}
+
 /// A pinned entry, the least recently used of all, survives passes that evict everything else
 /// under sustained pressure; unpinned, it is the next to go.
 async fn a_pinned_entry_survives_eviction_under_pressure(backend: TestBackend) {
@@ -58,20 +71,11 @@ async fn a_pinned_entry_survives_eviction_under_pressure_postgres() {
 /// `None`; an explicit removal takes a pinned entry too and the accounting stays right.
 async fn pins_are_bounded_by_the_cap(backend: TestBackend) {
     let dir = tempfile::tempdir().unwrap();
-    let Some(db) = test_database(backend, dir.path(), &dunite_core::DatabaseOptions::new()).await else {
+    let Some((entries, _db)) =
+        store_without_evictor(backend, dir.path(), dunite_core::OnConflict::KeepExisting).await
+    else {
         return;
     };
-    // A store without an evictor: the entries may exceed the cap (as they do for a while
-    // before a pass), the pins may not.
-    let entries = dunite_core::EntryStore::open(
-        db.database().clone(),
-        "ops",
-        dir.path(),
-        10_000,
-        dunite_core::OnConflict::KeepExisting,
-    )
-    .await
-    .unwrap();
     for key in ["a", "b", "c"] {
         entries.store(key, &vec![7u8; 4_000][..], &Expected::new(), "").await.unwrap();
     }
@@ -394,4 +398,36 @@ async fn a_store_over_a_purged_pinned_entry_is_not_pinned() {
     let page = entries.list(&ListQuery::new(ListOrder::Recent, 10)).await.unwrap();
     assert_eq!(page.entries.len(), 1);
     assert!(!page.entries[0].pinned);
+}
+
+/// A pinned entry replaced by a larger body (a download revalidated) keeps its pin only if
+/// the pins still fit the cap: a replacement that grows drops the pin, so the pins never hold
+/// the cache over its cap.
+async fn a_replacement_that_grows_drops_its_pin(backend: TestBackend) {
+    let dir = tempfile::tempdir().unwrap();
+    let Some((entries, _db)) =
+        store_without_evictor(backend, dir.path(), dunite_core::OnConflict::Replace).await
+    else {
+        return;
+    };
+    entries.store("a", &vec![7u8; 6_000][..], &Expected::new(), "").await.unwrap();
+    entries.store("b", &vec![7u8; 3_000][..], &Expected::new(), "").await.unwrap();
+    entries.set_pinned("a", Pinning::Pin).await.unwrap();
+    entries.set_pinned("b", Pinning::Pin).await.unwrap();
+    entries.store("a", &vec![8u8; 9_000][..], &Expected::new(), "").await.unwrap();
+    assert!(entries.pinned_bytes().await.unwrap() <= 10_000, "the pins hold the cache over its cap");
+    // A replacement that does not grow keeps its pin.
+    entries.store("b", &vec![8u8; 2_000][..], &Expected::new(), "").await.unwrap();
+    assert_eq!(entries.pinned_bytes().await.unwrap(), 2_000);
+    check_consistency(&entries, dir.path()).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_replacement_that_grows_drops_its_pin_sqlite() {
+    a_replacement_that_grows_drops_its_pin(TestBackend::Sqlite).await;
+}
+
+#[tokio::test]
+async fn a_replacement_that_grows_drops_its_pin_postgres() {
+    a_replacement_that_grows_drops_its_pin(TestBackend::Postgres).await;
 }

@@ -114,7 +114,7 @@ async fn entries(
         .entries
         .into_iter()
         .map(|e| Entry {
-            key: e.key,
+            key: shown_key(&e.key),
             size: e.size,
             last_used_ms: e.last_used_us / 1000,
             stored_at_ms: e.stored_at_ms,
@@ -122,6 +122,16 @@ async fn entries(
         })
         .collect();
     Ok(Json(Entries { cache: name, entries, next: page.next }))
+}
+
+/// An entry's key as answers and logs show it: a download's URL without its query or
+/// credentials (`UrlKey::redacted`: pre-signed URLs and tokens stay out of admin output),
+/// anything else as it is. (A page's `next` cursor is the key itself, to be handed back.)
+fn shown_key(key: &str) -> String {
+    match dunite_download::UrlKey::parse(key) {
+        Ok(url) if key.starts_with("http://") || key.starts_with("https://") => url.redacted(),
+        _ => key.to_owned(),
+    }
 }
 
 async fn usage(State(admin): State<Arc<Admin>>) -> Result<Json<Usage>, Error> {
@@ -176,13 +186,10 @@ async fn purge(State(admin): State<Arc<Admin>>, Json(target): Json<Target>) -> R
     let mut purged = Purged::default();
     let mut remove = async |cache: &'static str, key: &str| -> Result<(), Error> {
         if let Some(bytes) = admin.cache(cache)?.remove(key).await? {
-            // A download's key is its URL, whose query may hold a token: logged without it.
-            let shown = match dunite_download::UrlKey::parse(key) {
-                Ok(url) if cache == "downloads" => url.redacted(),
-                _ => key.to_owned(),
-            };
+            // A download's key is its URL, whose query may hold a token: shown without it.
+            let shown = shown_key(key);
             tracing::info!(cache, key = shown, bytes, "purged");
-            purged.removed.push(Removed { cache: cache.to_owned(), key: key.to_owned(), bytes });
+            purged.removed.push(Removed { cache: cache.to_owned(), key: shown, bytes });
         }
         Ok(())
     };
@@ -234,7 +241,7 @@ async fn set_pinned(admin: &Admin, target: Target, pinning: Pinning) -> Result<J
         if let Some(size) = admin.cache(cache)?.entries().set_pinned(&key, pinning).await? {
             let pinned = pinning == Pinning::Pin;
             tracing::info!(cache, key = shown, pinned, "pin changed");
-            return Ok(Json(Pinned { cache: cache.to_owned(), key, size, pinned }));
+            return Ok(Json(Pinned { cache: cache.to_owned(), key: shown, size, pinned }));
         }
     }
     Err(Error::NotFound(format!("nothing cached for {shown}")))
@@ -273,7 +280,19 @@ mod tests {
     use crate::{App, Config};
 
     async fn status(app: &std::sync::Arc<App>, from: Option<SocketAddr>, token: Option<&str>) -> StatusCode {
+        status_with(app, from, token, &[]).await
+    }
+
+    async fn status_with(
+        app: &std::sync::Arc<App>,
+        from: Option<SocketAddr>,
+        token: Option<&str>,
+        headers: &[(&str, &str)],
+    ) -> StatusCode {
         let mut request = Request::get("/admin/caches");
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
         if let Some(token) = token {
             request = request.header(header::AUTHORIZATION, format!("Bearer {token}"));
         }
@@ -295,7 +314,21 @@ mod tests {
             status(&app, Some(SocketAddr::from(([192, 0, 2, 7], 4000))), None).await,
             StatusCode::FORBIDDEN
         );
-        assert_eq!(status(&app, Some(SocketAddr::from(([127, 0, 0, 1], 4000))), None).await, StatusCode::OK);
+        let loopback = Some(SocketAddr::from(([127, 0, 0, 1], 4000)));
+        assert_eq!(status(&app, loopback, None).await, StatusCode::OK);
+        assert_eq!(status_with(&app, loopback, None, &[("host", "127.0.0.1:5080")]).await, StatusCode::OK);
+        assert_eq!(status_with(&app, loopback, None, &[("host", "localhost")]).await, StatusCode::OK);
+        // A reverse proxy on this host relays everyone's requests from loopback; a browser
+        // led by DNS rebinding sends its page's host name.
+        for relayed in
+            [("x-forwarded-for", "203.0.113.9"), ("forwarded", "for=203.0.113.9"), ("host", "evil.example")]
+        {
+            assert_eq!(
+                status_with(&app, loopback, None, &[relayed]).await,
+                StatusCode::FORBIDDEN,
+                "{relayed:?}"
+            );
+        }
     }
 
     /// With client authentication, `--access admin=ops` lets `ops` in from anywhere; another

@@ -375,7 +375,7 @@ impl ClientAuth {
             }
         };
         let rule = &self.rules[&area];
-        if rule.permits(name.as_deref(), peer.is_loopback()) {
+        if rule.permits(name.as_deref(), peer.is_loopback() && is_direct_and_local(request.headers())) {
             return next.run(request).await;
         }
         match (&name, rule) {
@@ -383,6 +383,23 @@ impl ClientAuth {
             _ => refuse(area, Refusal::Denied),
         }
     }
+}
+
+/// Whether a request from a loopback address really comes from this host, for the
+/// loopback-only admin area: not relayed by a reverse proxy on this host (which adds
+/// `Forwarded` or `X-Forwarded-For`, and would otherwise make every client loopback), and
+/// addressed to a loopback name (a browser tricked by DNS rebinding sends its page's host).
+fn is_direct_and_local(headers: &HeaderMap) -> bool {
+    let relayed =
+        ["forwarded", "x-forwarded-for", "x-real-ip"].iter().any(|name| headers.contains_key(*name));
+    let local_host = headers.get(header::HOST).and_then(|v| v.to_str().ok()).is_none_or(|host| {
+        let name = match host.rsplit_once(':') {
+            Some((name, port)) if !name.is_empty() && port.bytes().all(|b| b.is_ascii_digit()) => name,
+            _ => host,
+        };
+        matches!(name.to_ascii_lowercase().as_str(), "localhost" | "127.0.0.1" | "[::1]")
+    });
+    !relayed && local_host
 }
 
 /// Why credentials were not accepted.

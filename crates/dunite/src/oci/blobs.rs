@@ -27,8 +27,12 @@ pub(super) async fn blob(
     peer: Peer,
     headers: &HeaderMap,
 ) -> Result<Response, Error> {
-    mirror.blobs.entries().entries().record_origin(&digest.to_string(), &format!("{host}/{name}"));
+    // Usage per repository (`/admin/usage`): recorded once the blob is known to exist (a hit,
+    // or a fill under way), so requests for digests nobody has add no rows.
+    let record_origin =
+        || mirror.blobs.entries().entries().record_origin(&digest.to_string(), &format!("{host}/{name}"));
     if let Some(blob) = mirror.blobs.open(digest).await? {
+        record_origin();
         mirror.metrics.blob_hit();
         return Ok(serve_file(mirror, method, blob, digest, headers.get(header::RANGE)).await);
     }
@@ -41,7 +45,10 @@ pub(super) async fn blob(
     mirror.metrics.refill(CACHE, &digest.to_string());
     let mut joined = join_fill(mirror, (host, upstream_name), digest, peer)?;
     let total = match joined.started().await {
-        Ok(started) => started.total(),
+        Ok(started) => {
+            record_origin();
+            started.total()
+        }
         Err(error) if error.is_not_found() => return Err(Error::BlobUnknown),
         Err(error) => return Err(Error::Fill(error)),
     };

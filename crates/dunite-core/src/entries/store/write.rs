@@ -282,12 +282,15 @@ impl EntryStore {
             }
             Some((old_file, old_size, _)) => {
                 self.inner.db.round_trip().await;
-                // An operator's pin stays with a live entry that is replaced, and goes with one
-                // being removed (a purge) that this store takes over.
+                // An operator's pin stays with a live entry that is replaced by a body no larger
+                // (the pins were within the cap, and still are), and goes with one that grows
+                // (it might take the pins past the cap: pin it again, which checks) or with one
+                // being removed (a purge) that this store takes over. `size` on the right is the
+                // row's old size.
                 sqlx::query(
                     "UPDATE entries SET file = $1, size = $2, version = $3, stored_at = $4, \
-                     pinned = CASE WHEN state = 0 THEN pinned ELSE 0 END, state = 0, meta = $5 \
-                     WHERE namespace = $6 AND key = $7",
+                     pinned = CASE WHEN state = 0 AND $2 <= size THEN pinned ELSE 0 END, state = 0, \
+                     meta = $5 WHERE namespace = $6 AND key = $7",
                 )
                 .bind(file)
                 .bind(size_i)
