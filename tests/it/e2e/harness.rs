@@ -219,52 +219,75 @@ impl Dunite {
         dir: tempfile::TempDir,
         tls: Option<(&TlsFiles, &[&str])>,
     ) -> Self {
-        let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
-        let log = dir.path().join("dunite.log");
-        let mut command = Command::new(dunite_binary());
-        let (base, client) = match tls {
-            Some((files, roots)) => {
-                command.arg("serve").arg("--tls-cert").arg(&files.cert).arg("--tls-key").arg(&files.key);
-                (format!("https://{addr}"), client_trusting(roots))
+        // `free_port` releases the port it found, and another test may take it before this
+        // process binds it: then it fails with "Address already in use", and another port is
+        // tried (at most three).
+        for attempt in 1.. {
+            let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+            let log = dir.path().join("dunite.log");
+            let mut command = Command::new(dunite_binary());
+            let (base, client) = match tls {
+                Some((files, roots)) => {
+                    command.arg("serve").arg("--tls-cert").arg(&files.cert).arg("--tls-key").arg(&files.key);
+                    (format!("https://{addr}"), client_trusting(roots))
+                }
+                None => {
+                    command.arg("serve");
+                    (format!("http://{addr}"), reqwest::Client::new())
+                }
+            };
+            let mut child = command
+                .args(["--listen", &addr.to_string()])
+                .arg("--data-dir")
+                .arg(data_dir)
+                .args(["--upstream", &format!("local=http://{upstream}"), "--default-registry", "local"])
+                .args(["--oci-max-bytes", oci_max_bytes])
+                .args(extra)
+                .env("DUNITE_LOG", level)
+                .env("NO_COLOR", "1")
+                .stdout(std::fs::File::create(&log).unwrap())
+                .stderr(Stdio::inherit())
+                .kill_on_drop(true)
+                .spawn()
+                .unwrap();
+            wait_listening(addr, "dunite", &log).await;
+            // It binds before it opens the caches: listening is not serving yet, and it may
+            // still fail to start.
+            let give_up = tokio::time::Instant::now() + Duration::from_secs(30);
+            let healthz = format!("{base}/healthz");
+            let ready = || async {
+                let answer = tokio::time::timeout(Duration::from_secs(1), client.get(&healthz).send()).await;
+                answer.is_ok_and(|answer| answer.is_ok_and(|response| response.status().is_success()))
+            };
+            let mut port_taken = false;
+            while !ready().await {
+                let exited = child.try_wait().unwrap();
+                let text = std::fs::read_to_string(&log).unwrap_or_default();
+                if exited.is_some() && attempt < 3 && text.contains("Address already in use") {
+                    port_taken = true;
+                    break;
+                }
+                assert!(
+                    exited.is_none() && tokio::time::Instant::now() < give_up,
+                    "dunite did not start ({exited:?}); its log:\n{text}"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
             }
-            None => {
-                command.arg("serve");
-                (format!("http://{addr}"), reqwest::Client::new())
+            // Another process that took the port may answer `/healthz` itself: this one must
+            // still be running.
+            if !port_taken && let Some(status) = child.try_wait().unwrap() {
+                let text = std::fs::read_to_string(&log).unwrap_or_default();
+                assert!(
+                    attempt < 3 && text.contains("Address already in use"),
+                    "dunite exited ({status}):\n{text}"
+                );
+                port_taken = true;
             }
-        };
-        let mut child = command
-            .args(["--listen", &addr.to_string()])
-            .arg("--data-dir")
-            .arg(data_dir)
-            .args(["--upstream", &format!("local=http://{upstream}"), "--default-registry", "local"])
-            .args(["--oci-max-bytes", oci_max_bytes])
-            .args(extra)
-            .env("DUNITE_LOG", level)
-            .env("NO_COLOR", "1")
-            .stdout(std::fs::File::create(&log).unwrap())
-            .stderr(Stdio::inherit())
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap();
-        wait_listening(addr, "dunite", &log).await;
-        // It binds before it opens the caches: listening is not serving yet, and it may still
-        // fail to start.
-        let give_up = tokio::time::Instant::now() + Duration::from_secs(30);
-        let healthz = format!("{base}/healthz");
-        let ready = || async {
-            let answer = tokio::time::timeout(Duration::from_secs(1), client.get(&healthz).send()).await;
-            answer.is_ok_and(|answer| answer.is_ok_and(|response| response.status().is_success()))
-        };
-        while !ready().await {
-            let exited = child.try_wait().unwrap();
-            assert!(
-                exited.is_none() && tokio::time::Instant::now() < give_up,
-                "dunite did not start ({exited:?}); its log:\n{}",
-                std::fs::read_to_string(&log).unwrap_or_default()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            if !port_taken {
+                return Self { child, addr, _dir: dir, log, base, client };
+            }
         }
-        Self { child, addr, _dir: dir, log, base, client }
+        unreachable!("the attempts above return or panic")
     }
 
     /// One sample from `GET /metrics` (over TLS when it serves TLS); see [`metric`].
