@@ -17,6 +17,8 @@ pub(crate) enum Route {
     /// `/metrics`.
     Metrics,
     /// Anything else (`/v2/`, `/healthz`, other endpoints, unknown paths).
+    /// `GET /v2/<name>/tags/list` and `/v2/<name>/referrers/<digest>`.
+    Listing,
     Other,
 }
 
@@ -35,6 +37,7 @@ impl Route {
         match rest.rsplit('/').nth(1) {
             Some("blobs") => Self::Blob,
             Some("manifests") => Self::Manifest,
+            Some("tags" | "referrers") => Self::Listing,
             _ => Self::Other,
         }
     }
@@ -44,6 +47,7 @@ impl Route {
         match self {
             Self::Blob => "blob",
             Self::Manifest => "manifest",
+            Self::Listing => "listing",
             Self::Download => "download",
             Self::Metrics => "metrics",
             Self::Other => "other",
@@ -192,7 +196,8 @@ mod tests {
         assert_eq!(Route::of("/v2/library/alpine/blobs/sha256:abc"), Route::Blob);
         assert_eq!(Route::of("/v2/a/b/c/manifests/latest"), Route::Manifest);
         assert_eq!(Route::of("/v2/blobs/manifests/blobs"), Route::Manifest);
-        assert_eq!(Route::of("/v2/a/tags/list"), Route::Other);
+        assert_eq!(Route::of("/v2/a/tags/list"), Route::Listing);
+        assert_eq!(Route::of("/v2/a/b/referrers/sha256:abc"), Route::Listing);
         assert_eq!(Route::of("/v2/"), Route::Other);
         assert_eq!(Route::of("/dl/https://example.com/f"), Route::Download);
         assert_eq!(Route::of("/metrics"), Route::Metrics);
