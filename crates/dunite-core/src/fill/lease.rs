@@ -276,7 +276,14 @@ impl OwnerLease {
                         tracing::warn!(namespace = %beat.namespace, lease, "fill lease lost to another instance");
                         return;
                     }
-                    Err(error) => tracing::debug!(%error, "cannot refresh a fill lease"),
+                    // Missed beats past the lease timeout hand this fill to another instance
+                    // (its spool removed): an operator should see them coming.
+                    Err(error) => tracing::warn!(
+                        namespace = %beat.namespace,
+                        lease,
+                        %error,
+                        "cannot refresh a fill lease; past the lease timeout another instance takes it over"
+                    ),
                 }
             }
         });
