@@ -307,13 +307,7 @@ impl ClientAuth {
         user: String,
         password: String,
     ) -> Result<String, Failure> {
-        let key: [u8; 32] = {
-            let mut hasher = sha2::Sha256::new();
-            hasher.update(user.as_bytes());
-            hasher.update([0]);
-            hasher.update(password.as_bytes());
-            hasher.finalize().into()
-        };
+        let key = pair_digest(&user, &password);
         let now = Instant::now();
         {
             let verified = self.verified.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -400,6 +394,17 @@ fn is_direct_and_local(headers: &HeaderMap) -> bool {
         matches!(name.to_ascii_lowercase().as_str(), "localhost" | "127.0.0.1" | "[::1]")
     });
     !relayed && local_host
+}
+
+/// The SHA-256 of a user and password pair: what remembered answers about credentials are
+/// keyed by (verified passwords here, the upstream's pass-through answers), so no password is
+/// kept in memory longer than a request.
+pub(crate) fn pair_digest(user: &str, password: &str) -> [u8; 32] {
+    let mut hasher = sha2::Sha256::new();
+    hasher.update(user.as_bytes());
+    hasher.update([0]);
+    hasher.update(password.as_bytes());
+    hasher.finalize().into()
 }
 
 /// Why credentials were not accepted.

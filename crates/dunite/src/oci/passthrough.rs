@@ -13,8 +13,6 @@
 
 use std::time::Duration;
 
-use sha2::Digest as _;
-
 use axum::http::{HeaderValue, Method, StatusCode};
 
 use super::remembered::Remembered;
@@ -68,16 +66,7 @@ pub(super) async fn authorise(
         password: password.clone(),
         realms: None,
     });
-    let digest: [u8; 32] = match &credentials {
-        Some(c) => {
-            let mut hasher = sha2::Sha256::new();
-            hasher.update(c.username.as_bytes());
-            hasher.update([0]);
-            hasher.update(c.password.as_bytes());
-            hasher.finalize().into()
-        }
-        None => [0; 32],
-    };
+    let digest = credentials.as_ref().map_or([0; 32], |c| crate::auth::pair_digest(&c.username, &c.password));
     let upstream_name = mirror.registries.upstream_name(host, name);
     let key = (digest, host.to_owned(), upstream_name.clone());
     let may = match checks.answers.get(&key) {
